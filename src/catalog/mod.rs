@@ -1,0 +1,283 @@
+//! The catalog: a local RocksDB index over the store. The only module that names `rocksdb`.
+//!
+//! Everything here can be rebuilt from the store (pack footers + manifests); the store is the
+//! truth. Column families:
+//! - `chunks`:    blob id (32 B)        → v1 | pack id (16) | kind | codec | offset u64 | stored u32 | raw u32
+//! - `packs`:     pack id (16 B)        → v1 | created secs u64 | size u64 | entries u32
+//! - `backups`:   vm 0x00 backup id     → v1 | manifest JSON
+//! - `condemned`: pack id (16 B)        → v1 | condemned-at millis u64
+//!
+//! Several holdfast processes may run at once (backups of different VMs, gc beside a backup),
+//! but RocksDB lets one process write. So every process reads through its own *secondary*
+//! instance, and writes by opening the primary briefly (waiting, bounded, while another process
+//! holds it), writing one atomic batch, and closing it again.
+
+mod codec;
+
+pub use codec::{ChunkLoc, PackInfo};
+
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use thiserror::Error;
+
+const CFS: [&str; 4] = ["chunks", "packs", "backups", "condemned"];
+const WRITE_WAIT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Error)]
+pub enum CatalogError {
+    #[error("catalog at {path}: {msg}; if it is damaged, run `holdfast catalog rebuild`")]
+    Db { path: String, msg: String },
+    #[error("damaged catalog value in {cf}: {what}; run `holdfast catalog rebuild`")]
+    Value { cf: &'static str, what: String },
+    #[error("the catalog at {0} is busy: another holdfast process kept it for over 2 minutes; try again")]
+    Busy(String),
+}
+
+pub type CatalogResult<T> = Result<T, CatalogError>;
+
+pub type PackId = [u8; 16];
+
+/// Catalog changes, applied atomically by `Catalog::write`.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+enum Op {
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    Delete(&'static str, Vec<u8>),
+}
+
+impl Batch {
+    pub fn put_chunk(&mut self, id: &[u8; 32], loc: &ChunkLoc) {
+        self.ops.push(Op::Put("chunks", id.to_vec(), loc.encode()));
+    }
+    pub fn delete_chunk(&mut self, id: &[u8; 32]) {
+        self.ops.push(Op::Delete("chunks", id.to_vec()));
+    }
+    pub fn put_pack(&mut self, id: &PackId, info: &PackInfo) {
+        self.ops.push(Op::Put("packs", id.to_vec(), info.encode()));
+    }
+    pub fn delete_pack(&mut self, id: &PackId) {
+        self.ops.push(Op::Delete("packs", id.to_vec()));
+        self.ops.push(Op::Delete("condemned", id.to_vec()));
+    }
+    pub fn put_backup(&mut self, vm: &str, backup: &str, manifest: &[u8]) {
+        let mut v = vec![codec::VERSION];
+        v.extend_from_slice(manifest);
+        self.ops.push(Op::Put("backups", backup_key(vm, backup), v));
+    }
+    pub fn delete_backup(&mut self, vm: &str, backup: &str) {
+        self.ops.push(Op::Delete("backups", backup_key(vm, backup)));
+    }
+    pub fn condemn(&mut self, id: &PackId, at_millis: u64) {
+        let mut v = vec![codec::VERSION];
+        v.extend_from_slice(&at_millis.to_le_bytes());
+        self.ops.push(Op::Put("condemned", id.to_vec(), v));
+    }
+    pub fn uncondemn(&mut self, id: &PackId) {
+        self.ops.push(Op::Delete("condemned", id.to_vec()));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+}
+
+fn backup_key(vm: &str, backup: &str) -> Vec<u8> {
+    let mut k = vm.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(backup.as_bytes());
+    k
+}
+
+pub struct Catalog {
+    path: PathBuf,
+    sec_path: PathBuf,
+    reader: DB,
+    write_lock: Mutex<()>,
+}
+
+fn db_err(path: &Path, e: impl std::fmt::Display) -> CatalogError {
+    CatalogError::Db { path: path.display().to_string(), msg: e.to_string() }
+}
+
+fn options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.create_missing_column_families(true);
+    o.set_max_open_files(-1);
+    o.set_keep_log_file_num(3);
+    o
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, options())).collect()
+}
+
+impl Catalog {
+    /// Create an empty catalog (fails if one exists).
+    pub fn create(path: &Path) -> CatalogResult<()> {
+        if path.join("CURRENT").exists() {
+            return Err(db_err(path, "a catalog already exists here"));
+        }
+        let db = DB::open_cf_descriptors(&options(), path, descriptors()).map_err(|e| db_err(path, e))?;
+        db.flush().map_err(|e| db_err(path, e))?;
+        Ok(())
+    }
+
+    pub fn open(path: &Path) -> CatalogResult<Self> {
+        if !path.join("CURRENT").exists() {
+            return Err(db_err(path, "no catalog here"));
+        }
+        let sec_root = path.with_extension("readers");
+        sweep_readers(&sec_root);
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sec_path = sec_root.join(format!("{}-{}-{n}", std::process::id(), crate::timefmt::now_millis()));
+        std::fs::create_dir_all(&sec_path).map_err(|e| db_err(path, e))?;
+        let mut o = options();
+        o.create_if_missing(false);
+        let reader = DB::open_cf_descriptors_as_secondary(&o, path, &sec_path, descriptors()).map_err(|e| db_err(path, e))?;
+        Ok(Catalog { path: path.to_path_buf(), sec_path, reader, write_lock: Mutex::new(()) })
+    }
+
+    /// See the latest writes of every process.
+    pub fn refresh(&self) -> CatalogResult<()> {
+        self.reader.try_catch_up_with_primary().map_err(|e| db_err(&self.path, e))
+    }
+
+    /// Apply a batch atomically and durably, then refresh this process's view.
+    pub fn write(&self, batch: Batch) -> CatalogResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let db = self.open_primary()?;
+        let mut wb = WriteBatch::default();
+        for op in &batch.ops {
+            match op {
+                Op::Put(cf, k, v) => wb.put_cf(cf_handle(&db, cf, &self.path)?, k, v),
+                Op::Delete(cf, k) => wb.delete_cf(cf_handle(&db, cf, &self.path)?, k),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(wb, &wo).map_err(|e| db_err(&self.path, e))?;
+        drop(db);
+        self.refresh()
+    }
+
+    fn open_primary(&self) -> CatalogResult<DB> {
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(5);
+        loop {
+            match DB::open_cf_descriptors(&options(), &self.path, descriptors()) {
+                Ok(db) => return Ok(db),
+                Err(e) if e.to_string().to_lowercase().contains("lock") => {
+                    if start.elapsed() > WRITE_WAIT {
+                        return Err(CatalogError::Busy(self.path.display().to_string()));
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(Duration::from_millis(200));
+                }
+                Err(e) => return Err(db_err(&self.path, e)),
+            }
+        }
+    }
+
+    fn cf(&self, name: &'static str) -> CatalogResult<&rocksdb::ColumnFamily> {
+        cf_handle(&self.reader, name, &self.path)
+    }
+
+    pub fn chunk(&self, id: &[u8; 32]) -> CatalogResult<Option<ChunkLoc>> {
+        let v = self.reader.get_pinned_cf(self.cf("chunks")?, id).map_err(|e| db_err(&self.path, e))?;
+        v.map(|v| ChunkLoc::decode(&v)).transpose()
+    }
+
+    fn scan(&self, cf: &'static str, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> CatalogResult<bool>) -> CatalogResult<()> {
+        let h = self.cf(cf)?;
+        let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.reader.iterator_cf(h, mode) {
+            let (k, v) = item.map_err(|e| db_err(&self.path, e))?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Visit every blob location; return false from `f` to stop.
+    pub fn for_each_chunk(&self, mut f: impl FnMut([u8; 32], ChunkLoc) -> bool) -> CatalogResult<()> {
+        self.scan("chunks", &[], |k, v| {
+            let id: [u8; 32] = k.try_into().map_err(|_| CatalogError::Value { cf: "chunks", what: "key length".into() })?;
+            Ok(f(id, ChunkLoc::decode(v)?))
+        })
+    }
+
+    pub fn packs(&self) -> CatalogResult<Vec<(PackId, PackInfo)>> {
+        let mut out = Vec::new();
+        self.scan("packs", &[], |k, v| {
+            let id: PackId = k.try_into().map_err(|_| CatalogError::Value { cf: "packs", what: "key length".into() })?;
+            out.push((id, PackInfo::decode(v)?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    pub fn condemned(&self) -> CatalogResult<Vec<(PackId, u64)>> {
+        let mut out = Vec::new();
+        self.scan("condemned", &[], |k, v| {
+            let id: PackId = k.try_into().map_err(|_| CatalogError::Value { cf: "condemned", what: "key length".into() })?;
+            let t = codec::versioned(v, "condemned")?.try_into().map(u64::from_le_bytes);
+            out.push((id, t.map_err(|_| CatalogError::Value { cf: "condemned", what: "value length".into() })?));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    /// Manifests of committed backups as (vm, backup id, manifest bytes), sorted by vm then id.
+    pub fn backups(&self, vm: Option<&str>) -> CatalogResult<Vec<(String, String, Vec<u8>)>> {
+        let prefix = vm.map(|v| backup_key(v, "")).unwrap_or_default();
+        let mut out = Vec::new();
+        self.scan("backups", &prefix, |k, v| {
+            let bad = || CatalogError::Value { cf: "backups", what: "key".into() };
+            let sep = k.iter().position(|&b| b == 0).ok_or_else(bad)?;
+            let vm = String::from_utf8(k[..sep].to_vec()).map_err(|_| bad())?;
+            let id = String::from_utf8(k[sep + 1..].to_vec()).map_err(|_| bad())?;
+            out.push((vm, id, codec::versioned(v, "backups")?.to_vec()));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn cf_handle<'a>(db: &'a DB, name: &'static str, path: &Path) -> CatalogResult<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name).ok_or_else(|| db_err(path, format!("column family {name} missing")))
+}
+
+impl Drop for Catalog {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.sec_path);
+    }
+}
+
+/// Remove secondary-instance directories of processes that are gone.
+fn sweep_readers(root: &Path) {
+    let Ok(rd) = std::fs::read_dir(root) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let pid: u32 = name.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if !crate::store::pid_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}

@@ -1,0 +1,263 @@
+//! The `holdfast` command line: clap commands, progress bars, human and `--json` output.
+
+mod output;
+mod progress;
+
+use crate::jobs::{self, backup::DiskSpec};
+use crate::repo::Repo;
+use crate::source::FileSource;
+use crate::{Error, Result};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "holdfast", version, about = "Back up VM disks into a deduplicating store, and restore them.",
+    long_about = "Back up VM disks into a deduplicating store, and restore them.\n\n\
+Disks are cut into content-defined chunks inside aligned 4 MiB segments, named by a keyed hash,\n\
+compressed with zstd and stored once. Every backup is a complete map of its disks; only new\n\
+chunks take space.\n\n\
+Quick start:\n  holdfast init --repo /srv/backups\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img\n  \
+holdfast backups\n  holdfast restore web-01 --disk root --to /tmp/root.img\n  holdfast verify")]
+pub struct Cli {
+    /// Repository directory [default: /var/lib/holdfast as root, else ~/.local/share/holdfast]
+    #[arg(long, global = true, env = "HOLDFAST_REPO")]
+    repo: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of text
+    #[arg(long, global = true)]
+    json: bool,
+    /// No progress bars
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a repository: store config (chunker, id key, compression) and catalog
+    Init {
+        /// Segment size in bytes; chunks never cross a segment edge
+        #[arg(long, default_value_t = 4 << 20)]
+        segment_size: u32,
+        /// Smallest chunk in bytes
+        #[arg(long, default_value_t = 16 << 10)]
+        chunk_min: u32,
+        /// Average chunk in bytes
+        #[arg(long, default_value_t = 64 << 10)]
+        chunk_avg: u32,
+        /// Largest chunk in bytes
+        #[arg(long, default_value_t = 256 << 10)]
+        chunk_max: u32,
+        /// zstd level (1 is fastest; 3 compresses a little better)
+        #[arg(long, default_value_t = 1)]
+        compression_level: i32,
+    },
+    /// Back up the disks of a VM (raw images or block devices); only allocated extents are read
+    #[command(after_help = "Example: holdfast backup web-01 --disk root=/var/lib/vm/web-01.img --disk data=/dev/vg0/web-01-data")]
+    Backup {
+        /// VM name: letters, digits, '-', '_', '.'
+        vm: String,
+        /// A disk as NAME=PATH; repeat for each disk
+        #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+        disks: Vec<String>,
+    },
+    /// List backups, oldest first
+    Backups {
+        /// Only this VM
+        vm: Option<String>,
+    },
+    /// Show one backup: disks, sizes, what it stored
+    Show {
+        /// VM@ID (an id prefix works; VM alone or VM@latest means the newest)
+        spec: String,
+    },
+    /// Restore one disk to a sparse raw image (every chunk is re-hashed)
+    #[command(after_help = "Example: holdfast restore web-01@20261122-101500 --disk root --to /tmp/root.img")]
+    Restore {
+        /// VM or VM@ID (default: the newest backup)
+        spec: String,
+        /// Disk name (may be left out when the backup has one disk)
+        #[arg(long)]
+        disk: Option<String>,
+        /// Where to write the image (a new file, or a block device)
+        #[arg(long)]
+        to: PathBuf,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Re-read and re-hash what backups reference; name what any damage affects (exit 3)
+    Verify {
+        /// VM or VM@ID (default: every backup)
+        spec: Option<String>,
+        /// Check only this percentage of the chunks (a stable sample)
+        #[arg(long, default_value_t = 100.0)]
+        sample: f64,
+    },
+    /// Remove a backup; `holdfast gc` then frees what nothing else uses
+    Forget {
+        /// VM@ID
+        spec: String,
+    },
+    /// Delete chunks and packs no backup references; safe beside running backups
+    Gc,
+    /// Stored bytes, dedup and compression ratios, and what the storage costs
+    Stats {
+        /// Storage price in dollars per GB-month
+        #[arg(long, default_value_t = 0.05)]
+        price: f64,
+    },
+    /// Catalog maintenance
+    Catalog {
+        #[command(subcommand)]
+        cmd: CatalogCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Throw the catalog away and rebuild it from the store alone (pack footers and manifests)
+    Rebuild,
+}
+
+pub fn default_repo() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/holdfast");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/holdfast")
+}
+
+fn parse_disk(s: &str) -> Result<(String, PathBuf)> {
+    let (name, path) = s.split_once('=').ok_or_else(|| Error::Invalid(format!("--disk {s:?} must be NAME=PATH, e.g. --disk root=/var/lib/vm/web-01.img")))?;
+    crate::names::check("disk", name)?;
+    if path.is_empty() {
+        return Err(Error::Invalid(format!("--disk {s:?} has no path after '='")));
+    }
+    Ok((name.to_string(), PathBuf::from(path)))
+}
+
+/// Run the command line; returns the process exit code.
+pub fn run(cli: Cli) -> Result<i32> {
+    let repo_dir = cli.repo.clone().unwrap_or_else(default_repo);
+    let out = output::Out { json: cli.json };
+    let bar = progress::Bar::new(cli.quiet || cli.json);
+    let open = || Repo::open(&repo_dir);
+    match cli.cmd {
+        Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level } => {
+            let params = crate::chunk::ChunkerParams { segment_size, min_size: chunk_min, avg_size: chunk_avg, max_size: chunk_max };
+            let repo = Repo::init(&repo_dir, params, compression_level)?;
+            out.init(&repo);
+        }
+        Cmd::Backup { vm, disks } => {
+            crate::names::check("VM", &vm)?;
+            let repo = open()?;
+            let mut specs = Vec::new();
+            for d in &disks {
+                let (name, path) = parse_disk(d)?;
+                specs.push(DiskSpec { name, source: Box::new(FileSource::open(&path)?) });
+            }
+            let m = jobs::backup::backup(&repo, &vm, specs, &test_hooks(), &bar)?;
+            out.backup(&m);
+        }
+        Cmd::Backups { vm } => {
+            if let Some(v) = &vm {
+                crate::names::check("VM", v)?;
+            }
+            let repo = open()?;
+            repo.sync()?;
+            let ms = repo.manifests(vm.as_deref())?;
+            if ms.is_empty() {
+                if let Some(v) = &vm {
+                    return Err(Error::NotFound(format!("no backups of VM {v:?}; `holdfast backups` lists every VM's backups")));
+                }
+            }
+            out.backups(&ms);
+        }
+        Cmd::Show { spec } => {
+            let repo = open()?;
+            repo.sync()?;
+            out.show(&repo.resolve(&spec)?);
+        }
+        Cmd::Restore { spec, disk, to, force } => {
+            let repo = open()?;
+            repo.sync()?;
+            let m = repo.resolve(&spec)?;
+            let d = jobs::restore::pick_disk(&m, disk.as_deref())?;
+            let _lock = jobs::lock::VmLock::acquire(&repo.dir, &m.vm, "restore")?;
+            let r = jobs::restore::restore(&repo, &m, d, &to, force, &bar)?;
+            out.restore(&r);
+        }
+        Cmd::Verify { spec, sample } => {
+            if !(sample > 0.0 && sample <= 100.0) {
+                return Err(Error::Invalid(format!("--sample {sample} must be a percentage above 0 and at most 100")));
+            }
+            let repo = open()?;
+            repo.sync()?;
+            let ms = match &spec {
+                Some(s) if s.contains('@') => vec![repo.resolve(s)?],
+                Some(vm) => {
+                    let ms = repo.manifests(Some(vm))?;
+                    if ms.is_empty() {
+                        repo.resolve(vm)?; // the not-found error
+                    }
+                    ms
+                }
+                None => repo.manifests(None)?,
+            };
+            let r = jobs::verify::verify(&repo, &ms, sample, &bar)?;
+            out.verify(&r);
+            if !r.damaged.is_empty() {
+                return Ok(3);
+            }
+        }
+        Cmd::Forget { spec } => {
+            let (vm, id) = spec.split_once('@').ok_or_else(|| Error::Invalid(format!("{spec:?}: give VM@ID (`holdfast backups VM` lists the ids)")))?;
+            let repo = open()?;
+            repo.sync()?;
+            let m = repo.resolve(&spec)?;
+            let _ = (vm, id);
+            jobs::gc::forget(&repo, &m.vm, &m.id)?;
+            out.forget(&m);
+        }
+        Cmd::Gc => {
+            let repo = open()?;
+            let r = jobs::gc::gc(&repo, &bar)?;
+            out.gc(&r);
+        }
+        Cmd::Stats { price } => {
+            let repo = open()?;
+            repo.sync()?;
+            out.stats(&jobs::stats::stats(&repo, price)?);
+        }
+        Cmd::Catalog { cmd: CatalogCmd::Rebuild } => {
+            refuse_if_busy(&repo_dir)?;
+            let r = crate::repo::rebuild_catalog(&repo_dir)?;
+            out.rebuild(&r);
+        }
+    }
+    Ok(0)
+}
+
+/// Test-only: `HOLDFAST_TEST_PAUSE_BEFORE_COMMIT=PATH` makes a backup create `PATH.waiting`
+/// when all its packs are durable, then wait (at most 5 minutes) until `PATH` exists.
+fn test_hooks() -> jobs::backup::Hooks {
+    let Some(flag) = std::env::var_os("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT").map(PathBuf::from) else { return Default::default() };
+    jobs::backup::Hooks {
+        before_commit: Some(Box::new(move || {
+            let _ = std::fs::write(flag.with_extension("waiting"), b"");
+            let start = std::time::Instant::now();
+            while !flag.exists() && start.elapsed().as_secs() < 300 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        })),
+    }
+}
+
+fn refuse_if_busy(dir: &Path) -> Result<()> {
+    if let Some(s) = jobs::lock::running(dir).first() {
+        return Err(Error::Busy(format!("a {} of VM {} (pid {}) is running; rebuild the catalog when no holdfast operation runs", s.op, s.vm, s.pid)));
+    }
+    Ok(())
+}

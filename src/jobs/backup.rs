@@ -1,0 +1,302 @@
+//! Backup: read a disk's allocated segments, cut, hash, dedupe, compress, pack, commit.
+//!
+//! Pipeline (bounded channels, memory flat in disk size):
+//! reader thread → segments → N workers (chunk + keyed hash + lookup + zstd) → this thread
+//! (packs, index). Commit protocol (DESIGN §5): every pack is durable in the store and recorded
+//! in the catalog before the manifest is written; the manifest is the commit.
+
+use super::lock::VmLock;
+use super::Progress;
+use crate::catalog::{Batch, ChunkLoc, PackInfo};
+use crate::chunk::{self, BlobId, BlobKind, Codec};
+use crate::repo::format::{self, SegEntry};
+use crate::repo::{BackupStats, DiskEntry, Manifest, Repo};
+use crate::source::{Extent, Source};
+use crate::store::pack::{self, PackWriter};
+use crate::{Error, Result};
+use crossbeam_channel::bounded;
+use std::collections::HashSet;
+use std::time::Instant;
+
+/// One disk to back up.
+pub struct DiskSpec {
+    pub name: String,
+    pub source: Box<dyn Source>,
+}
+
+#[derive(Default)]
+pub struct Hooks {
+    /// Called after every pack is durable, just before the manifest is written (tests use it to
+    /// interleave gc with a backup).
+    pub before_commit: Option<Box<dyn Fn() + Send + Sync>>,
+}
+
+struct Segment {
+    no: u64,
+    /// None: the segment holds no allocated bytes.
+    data: Option<Vec<u8>>,
+    len: u64,
+}
+
+struct NewBlob {
+    id: BlobId,
+    kind: BlobKind,
+    codec: Codec,
+    stored: Vec<u8>,
+    raw_len: u32,
+}
+
+struct SegResult {
+    no: u64,
+    seglist: Option<BlobId>,
+    blobs: Vec<NewBlob>,
+    read: u64,
+    data_bytes: u64,
+    reused: u64,
+}
+
+/// Writes new blobs into packs; a pack is flushed (store, then catalog) when it is full.
+pub(crate) struct PackSink<'a> {
+    repo: &'a Repo,
+    writer: PackWriter,
+    pending: HashSet<[u8; 32]>,
+    pub stats: BackupStats,
+    crash_after: Option<u64>,
+}
+
+impl<'a> PackSink<'a> {
+    pub(crate) fn new(repo: &'a Repo) -> Self {
+        let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS").ok().and_then(|v| v.parse().ok());
+        PackSink { repo, writer: PackWriter::new(), pending: HashSet::new(), stats: BackupStats::default(), crash_after }
+    }
+
+    /// True when the blob is already stored (or waiting in the open pack).
+    pub(crate) fn known(&self, id: &BlobId) -> Result<bool> {
+        Ok(self.pending.contains(&id.0) || self.repo.catalog.chunk(&id.0)?.is_some())
+    }
+
+    pub(crate) fn add(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
+        if self.known(&b.id)? {
+            return Ok(false);
+        }
+        self.add_unchecked(b)
+    }
+
+    /// Add without the dedup check (gc copies blobs that the catalog still lists elsewhere).
+    pub(crate) fn add_unchecked(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
+        self.writer.add(b.id.0, b.kind as u8, b.codec as u8, b.stored, b.raw_len);
+        self.pending.insert(b.id.0);
+        self.stats.new_raw_bytes += u64::from(b.raw_len);
+        self.stats.new_stored_bytes += b.stored.len() as u64;
+        if b.kind == BlobKind::Chunk {
+            self.stats.new_chunks += 1;
+        }
+        if self.writer.len() >= self.repo.config.pack_target as usize {
+            self.flush()?;
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        if self.writer.is_empty() {
+            return Ok(());
+        }
+        let (bytes, entries) = std::mem::take(&mut self.writer).finish();
+        let pack_id = Repo::new_pack_id()?;
+        self.repo.store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes)?;
+        let mut batch = Batch::default();
+        for e in &entries {
+            let loc = ChunkLoc { pack: pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+            batch.put_chunk(&e.id, &loc);
+        }
+        batch.put_pack(&pack_id, &PackInfo { created: crate::timefmt::now_millis(), size: bytes.len() as u64, entries: entries.len() as u32 });
+        self.repo.catalog.write(batch)?;
+        self.pending.clear();
+        self.stats.packs_written += 1;
+        if self.crash_after.is_some_and(|n| self.stats.packs_written >= n) {
+            eprintln!("holdfast: HOLDFAST_TEST_CRASH_AFTER_PACKS reached, aborting");
+            std::process::abort();
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct NewBlobRef<'b> {
+    pub id: BlobId,
+    pub kind: BlobKind,
+    pub codec: Codec,
+    pub stored: &'b [u8],
+    pub raw_len: u32,
+}
+
+/// Back up `disks` of `vm`. Returns the committed manifest.
+pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
+    crate::names::check("VM", vm)?;
+    let mut seen = HashSet::new();
+    for d in &disks {
+        crate::names::check("disk", &d.name)?;
+        if !seen.insert(d.name.clone()) {
+            return Err(Error::Invalid(format!("disk {} is given twice; each --disk needs its own name", d.name)));
+        }
+    }
+    if disks.is_empty() {
+        return Err(Error::Invalid("no disks to back up; pass --disk NAME=PATH".into()));
+    }
+    let started = Instant::now();
+    let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
+    // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
+    repo.sync()?;
+    let time = lock.started_ms() / 1000;
+    let mut suffix = [0u8; 2];
+    getrandom::fill(&mut suffix).map_err(|e| Error::Invalid(e.to_string()))?;
+    let id = format!("{}-{}", crate::timefmt::compact(time), hex::encode(suffix));
+
+    let extents: Vec<Vec<Extent>> = disks.iter().map(|d| d.source.extents()).collect::<std::result::Result<_, _>>()?;
+    let total: u64 = extents.iter().flatten().map(|(a, b)| b - a).sum();
+    progress.begin("backup", total);
+    let mut sink = PackSink::new(repo);
+    let mut entries = Vec::new();
+    let mut done = 0u64;
+    for (d, ex) in disks.iter().zip(&extents) {
+        let entry = backup_disk(repo, d, ex, &mut sink, &mut |n| {
+            done += n;
+            progress.add(n);
+            lock.progress(done, total);
+        })?;
+        entries.push(entry);
+    }
+    sink.flush()?;
+    progress.end();
+    if let Some(h) = &hooks.before_commit {
+        h();
+    }
+    let mut stats = std::mem::take(&mut sink.stats);
+    stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
+    stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
+    stats.seconds = started.elapsed().as_secs_f64();
+    let manifest = Manifest { version: 1, vm: vm.into(), id: id.clone(), time, disks: entries, stats };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
+    let key = Manifest::key(vm, &id);
+    if repo.store.exists(&key)? {
+        return Err(Error::Invalid(format!("backup id {id} exists already; re-run the backup")));
+    }
+    repo.store.put(&key, &json)?;
+    let mut batch = Batch::default();
+    batch.put_backup(vm, &id, &json);
+    repo.catalog.write(batch)?;
+    Ok(manifest)
+}
+
+fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], sink: &mut PackSink, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
+    let size = d.source.size();
+    let seg = u64::from(repo.config.chunker.segment_size);
+    let n_segs = size.div_ceil(seg);
+    let workers = super::workers();
+    let (seg_tx, seg_rx) = bounded::<Result<Segment>>(workers);
+    let (res_tx, res_rx) = bounded::<Result<SegResult>>(workers);
+    let mut segs: Vec<Option<BlobId>> = vec![None; n_segs as usize];
+    let mut data_bytes = 0;
+    std::thread::scope(|s| -> Result<()> {
+        let source = d.source.as_ref();
+        s.spawn(move || read_segments(source, extents, seg, size, seg_tx));
+        for _ in 0..workers {
+            let (rx, tx) = (seg_rx.clone(), res_tx.clone());
+            s.spawn(move || {
+                for item in rx {
+                    let r = item.and_then(|sg| process_segment(repo, sg));
+                    if tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop((seg_rx, res_tx));
+        for r in res_rx.iter() {
+            let r = r?;
+            for b in &r.blobs {
+                sink.add(NewBlobRef { id: b.id, kind: b.kind, codec: b.codec, stored: &b.stored, raw_len: b.raw_len })?;
+            }
+            sink.stats.read_bytes += r.read;
+            sink.stats.reused_chunks += r.reused;
+            data_bytes += r.data_bytes;
+            segs[r.no as usize] = r.seglist;
+            on_read(r.read);
+        }
+        Ok(())
+    })?;
+    let mut index = Vec::new();
+    for (i, part) in segs.chunks(format::SEGMENTS_PER_INDEX).enumerate() {
+        let bytes = format::encode_index((i * format::SEGMENTS_PER_INDEX) as u64, part);
+        let id = repo.keyer.id(BlobKind::Index, &bytes);
+        let (codec, stored) = chunk::encode(&bytes, repo.config.compression.level);
+        sink.add(NewBlobRef { id, kind: BlobKind::Index, codec, stored: &stored, raw_len: bytes.len() as u32 })?;
+        index.push(id.to_hex());
+    }
+    Ok(DiskEntry { name: d.name.clone(), size, segment_size: seg as u32, index, source: d.source.describe(), data_bytes })
+}
+
+/// Read every segment that holds allocated bytes; the rest are sent as empty.
+fn read_segments(src: &dyn Source, extents: &[Extent], seg: u64, size: u64, tx: crossbeam_channel::Sender<Result<Segment>>) {
+    let mut ei = 0;
+    let mut no = 0;
+    while no * seg < size {
+        let (start, end) = (no * seg, ((no + 1) * seg).min(size));
+        while ei < extents.len() && extents[ei].1 <= start {
+            ei += 1;
+        }
+        let mut data = None;
+        let mut j = ei;
+        while j < extents.len() && extents[j].0 < end {
+            let buf = data.get_or_insert_with(|| vec![0u8; (end - start) as usize]);
+            let (a, b) = (extents[j].0.max(start), extents[j].1.min(end));
+            if let Err(e) = src.read_at(&mut buf[(a - start) as usize..(b - start) as usize], a) {
+                let _ = tx.send(Err(e.into()));
+                return;
+            }
+            j += 1;
+        }
+        if tx.send(Ok(Segment { no, data, len: end - start })).is_err() {
+            return;
+        }
+        no += 1;
+    }
+}
+
+fn process_segment(repo: &Repo, sg: Segment) -> Result<SegResult> {
+    let mut r = SegResult { no: sg.no, seglist: None, blobs: Vec::new(), read: 0, data_bytes: 0, reused: 0 };
+    let Some(data) = sg.data else { return Ok(r) };
+    r.read = sg.len;
+    if chunk::is_zero(&data) {
+        return Ok(r);
+    }
+    let level = repo.config.compression.level;
+    let mut entries: Vec<SegEntry> = Vec::new();
+    let mut local = HashSet::new();
+    for (off, len) in repo.config.chunker.cut(&data) {
+        let bytes = &data[off..off + len];
+        if chunk::is_zero(bytes) {
+            match entries.last_mut() {
+                Some(SegEntry::Hole(l)) => *l += len as u32,
+                _ => entries.push(SegEntry::Hole(len as u32)),
+            }
+            continue;
+        }
+        r.data_bytes += len as u64;
+        let id = repo.keyer.id(BlobKind::Chunk, bytes);
+        entries.push(SegEntry::Chunk(id, len as u32));
+        if !local.insert(id) || repo.catalog.chunk(&id.0)?.is_some() {
+            r.reused += 1;
+            continue;
+        }
+        let (codec, stored) = chunk::encode(bytes, level);
+        r.blobs.push(NewBlob { id, kind: BlobKind::Chunk, codec, stored, raw_len: len as u32 });
+    }
+    let bytes = format::encode_seglist(&entries);
+    let id = repo.keyer.id(BlobKind::SegList, &bytes);
+    if repo.catalog.chunk(&id.0)?.is_none() {
+        let (codec, stored) = chunk::encode(&bytes, level);
+        r.blobs.push(NewBlob { id, kind: BlobKind::SegList, codec, stored, raw_len: bytes.len() as u32 });
+    }
+    r.seglist = Some(id);
+    Ok(r)
+}

@@ -1,0 +1,212 @@
+//! Forget and garbage collection.
+//!
+//! GC may run beside backups (DESIGN §5 invariant 2). A backup registers itself in `locks/`
+//! before it looks at the catalog, and may reuse any blob the catalog lists. So GC works in two
+//! steps:
+//! 1. *condemn*: blobs no committed backup references, in packs created before every backup now
+//!    in flight started, are removed from the catalog (no later lookup can find them), and their
+//!    packs are marked condemned (mostly-dead packs first have their live blobs copied out);
+//! 2. *delete*: a condemned pack is deleted only when no backup that was in flight at the moment
+//!    of condemnation is still running. Before deleting, the references are computed again: a
+//!    backup that reused a blob before it was condemned has committed by then, and its blobs are
+//!    put back into the catalog instead of being deleted.
+//! With no backup in flight both steps happen in one run.
+
+use super::lock::{self, VmLock};
+use super::Progress;
+use crate::catalog::{Batch, ChunkLoc, PackId};
+use crate::chunk::{self, BlobKind, Codec};
+use crate::repo::format::SegEntry;
+use crate::repo::Repo;
+use crate::store::pack;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub referenced_blobs: u64,
+    pub packs_condemned: u64,
+    pub packs_rewritten: u64,
+    pub packs_deleted: u64,
+    pub packs_deferred: u64,
+    pub bytes_freed: u64,
+    pub blobs_restored: u64,
+    pub temp_files_removed: u64,
+}
+
+/// Remove one backup. Its data goes at the next gc.
+pub fn forget(repo: &Repo, vm: &str, id: &str) -> Result<()> {
+    let m = repo.resolve(&format!("{vm}@{id}"))?;
+    let _lock = VmLock::acquire(&repo.dir, vm, "forget")?;
+    repo.store.delete(&crate::repo::Manifest::key(&m.vm, &m.id))?;
+    let mut b = Batch::default();
+    b.delete_backup(&m.vm, &m.id);
+    repo.catalog.write(b)?;
+    Ok(())
+}
+
+/// Every blob id that committed backups reference (indexes, segment lists, chunks).
+fn referenced(repo: &Repo) -> Result<HashSet<[u8; 32]>> {
+    let mut refs = HashSet::new();
+    let mut seen_seglists = HashSet::new();
+    for m in repo.manifests(None)? {
+        for d in &m.disks {
+            for h in &d.index {
+                refs.insert(chunk::BlobId::parse(h)?.0);
+            }
+            let segs = repo.disk_segments(d).map_err(refuse)?;
+            let seg = u64::from(d.segment_size);
+            for (i, s) in segs.iter().enumerate() {
+                let Some(id) = s else { continue };
+                refs.insert(id.0);
+                if !seen_seglists.insert(*id) {
+                    continue;
+                }
+                let len = seg.min(d.size - i as u64 * seg);
+                for e in repo.seglist(id, len).map_err(refuse)? {
+                    if let SegEntry::Chunk(c, _) = e {
+                        refs.insert(c.0);
+                    }
+                }
+            }
+        }
+    }
+    Ok(refs)
+}
+
+fn refuse(e: Error) -> Error {
+    Error::Damaged(format!("gc stopped without deleting anything: {e}"))
+}
+
+struct PackUse {
+    live: Vec<([u8; 32], ChunkLoc)>,
+    live_bytes: u64,
+    dead: Vec<[u8; 32]>,
+}
+
+pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
+    let mut rep = GcReport::default();
+    if let Some(local) = repo.local() {
+        rep.temp_files_removed = local.sweep_temp() as u64;
+    }
+    repo.sync()?;
+    progress.begin("gc", 0);
+    // Step 2 for packs condemned by an earlier run.
+    delete_condemned(repo, &mut rep)?;
+    // Step 1.
+    let now = crate::timefmt::now_millis();
+    let cutoff = lock::running(&repo.dir).iter().filter(|s| s.op == "backup").map(|s| s.started_ms).min().unwrap_or(now).min(now);
+    let refs = referenced(repo)?;
+    rep.referenced_blobs = refs.len() as u64;
+    let condemned: HashSet<PackId> = repo.catalog.condemned()?.into_iter().map(|(p, _)| p).collect();
+    let packs: HashMap<PackId, u64> = repo
+        .catalog
+        .packs()?
+        .into_iter()
+        .filter(|(id, info)| info.created < cutoff && !condemned.contains(id))
+        .map(|(id, info)| (id, info.size))
+        .collect();
+    let mut usage: HashMap<PackId, PackUse> = packs.keys().map(|p| (*p, PackUse { live: vec![], live_bytes: 0, dead: vec![] })).collect();
+    repo.catalog.for_each_chunk(|id, loc| {
+        if let Some(u) = usage.get_mut(&loc.pack) {
+            if refs.contains(&id) {
+                u.live_bytes += u64::from(loc.stored_len);
+                u.live.push((id, loc));
+            } else {
+                u.dead.push(id);
+            }
+        }
+        true
+    })?;
+    let mut sink = super::backup::PackSink::new(repo);
+    let mut batch = Batch::default();
+    let stamp = crate::timefmt::now_millis();
+    for (pid, u) in &usage {
+        let size = packs[pid];
+        let rewrite = !u.live.is_empty() && u.live_bytes * 2 < size;
+        if !u.live.is_empty() && !rewrite {
+            continue;
+        }
+        if rewrite {
+            copy_live(repo, pid, &u.live, &mut sink)?;
+            rep.packs_rewritten += 1;
+        }
+        // Live blobs of a rewritten pack now point at their new pack (written by the sink).
+        for id in &u.dead {
+            batch.delete_chunk(id);
+        }
+        batch.condemn(pid, stamp);
+        rep.packs_condemned += 1;
+    }
+    sink.flush()?; // live blobs are durable in their new packs before the old ones are condemned
+    repo.catalog.write(batch)?;
+    // Nothing in flight now that could have seen the condemned blobs: delete at once.
+    delete_condemned(repo, &mut rep)?;
+    progress.end();
+    Ok(rep)
+}
+
+/// Copy the live blobs of a pack into new packs (verified; stored bytes kept as they are).
+fn copy_live(repo: &Repo, pid: &PackId, live: &[([u8; 32], ChunkLoc)], sink: &mut super::backup::PackSink) -> Result<()> {
+    let key = pack::pack_key(&hex::encode(pid));
+    for (id, loc) in live {
+        let kind = BlobKind::from_u8(loc.kind).ok_or_else(|| Error::Damaged(format!("blob {} has unknown kind {}", hex::encode(id), loc.kind)))?;
+        let bid = chunk::BlobId(*id);
+        repo.read_at(kind, &bid, loc).map_err(refuse)?;
+        let stored = repo.store.get_range(&key, loc.offset, loc.stored_len as usize)?;
+        let codec = Codec::from_u8(loc.codec).unwrap_or(Codec::Raw);
+        // The old location is still in the catalog, so add directly (not through the dedup check).
+        sink.add_unchecked(super::backup::NewBlobRef { id: bid, kind, codec, stored: &stored, raw_len: loc.raw_len })?;
+    }
+    Ok(())
+}
+
+fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
+    let condemned = repo.catalog.condemned()?;
+    if condemned.is_empty() {
+        return Ok(());
+    }
+    let running: Vec<u64> = lock::running(&repo.dir).iter().filter(|s| s.op == "backup").map(|s| s.started_ms).collect();
+    let ready: Vec<(PackId, u64)> = condemned.into_iter().filter(|(_, at)| running.iter().all(|start| start > at)).collect();
+    rep.packs_deferred = repo.catalog.condemned()?.len() as u64 - ready.len() as u64;
+    if ready.is_empty() {
+        return Ok(());
+    }
+    let refs = referenced(repo)?;
+    let mut batch = Batch::default();
+    for (pid, _) in ready {
+        let key = pack::pack_key(&hex::encode(pid));
+        let entries = match pack::read_footer(repo.store.as_ref(), &key) {
+            Ok(e) => e,
+            Err(crate::store::StoreError::NotFound(_)) => vec![],
+            Err(e) => return Err(refuse(e.into())),
+        };
+        let mut revived = false;
+        for e in entries.iter().filter(|e| refs.contains(&e.id)) {
+            if repo.catalog.chunk(&e.id)?.is_none() {
+                let loc = ChunkLoc { pack: pid, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+                batch.put_chunk(&e.id, &loc);
+                rep.blobs_restored += 1;
+                revived = true;
+            } else if repo.catalog.chunk(&e.id)?.is_some_and(|l| l.pack == pid) {
+                revived = true;
+            }
+        }
+        if revived {
+            batch.uncondemn(&pid);
+            continue;
+        }
+        let size = repo.store.size(&key).unwrap_or(0);
+        repo.store.delete(&key)?;
+        for e in &entries {
+            if repo.catalog.chunk(&e.id)?.is_some_and(|l| l.pack == pid) {
+                batch.delete_chunk(&e.id);
+            }
+        }
+        batch.delete_pack(&pid);
+        rep.packs_deleted += 1;
+        rep.bytes_freed += size;
+    }
+    Ok(repo.catalog.write(batch)?)
+}

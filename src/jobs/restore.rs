@@ -1,0 +1,170 @@
+//! Restore one disk of a backup to a sparse raw image (or a block device).
+//!
+//! Every chunk is re-hashed as it is read; a damaged chunk stops the restore with an error and
+//! the partial file is removed: wrong bytes are never left behind. A regular-file target is
+//! written to a hidden temp file beside it and renamed into place at the end.
+
+use super::Progress;
+use crate::chunk::{BlobId, BlobKind};
+use crate::repo::format::SegEntry;
+use crate::repo::{DiskEntry, Manifest, Repo};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    pub vm: String,
+    pub backup: String,
+    pub disk: String,
+    pub to: String,
+    pub size: u64,
+    pub data_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Pick the disk to restore: the named one, or the only one.
+pub fn pick_disk<'m>(m: &'m Manifest, name: Option<&str>) -> Result<&'m DiskEntry> {
+    let names = || m.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+    match name {
+        Some(n) => m.disks.iter().find(|d| d.name == n).ok_or_else(|| Error::NotFound(format!("backup {}@{} has no disk {n:?}; it has: {}", m.vm, m.id, names()))),
+        None if m.disks.len() == 1 => Ok(&m.disks[0]),
+        None => Err(Error::Invalid(format!("backup {}@{} has several disks ({}); choose one with --disk", m.vm, m.id, names()))),
+    }
+}
+
+struct Target {
+    file: File,
+    final_path: PathBuf,
+    temp: Option<PathBuf>,
+    is_block: bool,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(t) = self.temp.take() {
+            let _ = fs::remove_file(t);
+        }
+    }
+}
+
+fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
+    let meta = fs::metadata(to).ok();
+    if let Some(m) = &meta {
+        if m.file_type().is_block_device() {
+            let file = OpenOptions::new().write(true).open(to).map_err(|e| Error::io(format!("open {}", to.display()), e))?;
+            return Ok(Target { file, final_path: to.into(), temp: None, is_block: true });
+        }
+        if m.is_dir() {
+            return Err(Error::Invalid(format!("{} is a directory; give the path of the image file to write", to.display())));
+        }
+        if !force {
+            return Err(Error::Invalid(format!("{} exists; pass --force to overwrite it", to.display())));
+        }
+    }
+    let name = to.file_name().ok_or_else(|| Error::Invalid(format!("{} is not a file path", to.display())))?;
+    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(Error::NotFound(format!("directory {} does not exist; create it first", dir.display())));
+    }
+    let temp = dir.join(format!(".{}.holdfast-partial.{}", name.to_string_lossy(), std::process::id()));
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp).map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
+    let t = Target { file, final_path: to.into(), temp: Some(temp), is_block: false };
+    t.file.set_len(size).map_err(|e| Error::io(format!("size {}", to.display()), e))?;
+    Ok(t)
+}
+
+impl Target {
+    fn commit(mut self) -> Result<()> {
+        let what = || format!("write {}", self.final_path.display());
+        self.file.sync_all().map_err(|e| Error::io(what(), e))?;
+        if let Some(t) = self.temp.take() {
+            fs::rename(&t, &self.final_path).map_err(|e| Error::io(what(), e))?;
+            let dir = self.final_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(what(), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Restore `disk` of backup `m` to `to`.
+pub fn restore(repo: &Repo, m: &Manifest, disk: &DiskEntry, to: &Path, force: bool, progress: &dyn Progress) -> Result<RestoreReport> {
+    let started = Instant::now();
+    let segs = repo.disk_segments(disk)?;
+    let target = open_target(to, disk.size, force)?;
+    progress.begin("restore", disk.data_bytes);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let seg = u64::from(disk.segment_size);
+    std::thread::scope(|s| {
+        for _ in 0..super::workers() {
+            s.spawn(|| {
+                let mut zeros = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(slot) = segs.get(i as usize) else { break };
+                    let start = i * seg;
+                    let len = seg.min(disk.size - start);
+                    let r = restore_segment(repo, slot.as_ref(), start, len, &target, &mut zeros, progress);
+                    if let Err(e) = r {
+                        failed.store(true, Ordering::Relaxed);
+                        first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    progress.end();
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e); // Target's drop removes the partial file
+    }
+    target.commit()?;
+    Ok(RestoreReport {
+        vm: m.vm.clone(),
+        backup: m.id.clone(),
+        disk: disk.name.clone(),
+        to: to.display().to_string(),
+        size: disk.size,
+        data_bytes: disk.data_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, t: &Target, zeros: &mut Vec<u8>, progress: &dyn Progress) -> Result<()> {
+    let write = |buf: &[u8], at: u64| t.file.write_all_at(buf, at).map_err(|e| Error::io(format!("write {}", t.final_path.display()), e));
+    let mut zero_fill = |l: u64, at: u64| -> Result<()> {
+        if t.is_block {
+            zeros.resize(l as usize, 0);
+            write(zeros, at)?;
+        }
+        Ok(())
+    };
+    let Some(id) = seglist else { return zero_fill(len, start) };
+    let mut at = start;
+    for e in repo.seglist(id, len)? {
+        match e {
+            SegEntry::Hole(l) => zero_fill(u64::from(l), at)?,
+            SegEntry::Chunk(cid, l) => {
+                let data = repo.read_blob(BlobKind::Chunk, &cid).map_err(|e| located(e, at))?;
+                write(&data, at)?;
+                progress.add(u64::from(l));
+            }
+        }
+        at += u64::from(e.len());
+    }
+    Ok(())
+}
+
+fn located(e: Error, at: u64) -> Error {
+    match e {
+        Error::Chunk(c) => Error::Damaged(format!("{c} (disk offset {at}); nothing was restored")),
+        Error::Damaged(m) => Error::Damaged(format!("{m} (disk offset {at}); nothing was restored")),
+        other => other,
+    }
+}

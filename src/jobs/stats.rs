@@ -1,0 +1,74 @@
+//! Repository statistics: what is stored, how well it dedupes and compresses, what it costs.
+
+use crate::chunk::BlobKind;
+use crate::repo::Repo;
+use crate::Result;
+use serde::Serialize;
+use std::collections::HashSet;
+
+#[derive(Debug, Serialize)]
+pub struct Stats {
+    pub vms: u64,
+    pub backups: u64,
+    /// Sum of the disk sizes of every backup.
+    pub logical_bytes: u64,
+    /// Sum of the data (non-hole) bytes of every backup.
+    pub data_bytes: u64,
+    /// Raw bytes of the unique chunks.
+    pub unique_bytes: u64,
+    /// Bytes of the chunks as stored (compressed).
+    pub chunk_stored_bytes: u64,
+    /// Bytes of all packs (chunks, metadata, footers).
+    pub stored_bytes: u64,
+    pub chunks: u64,
+    pub packs: u64,
+    /// data_bytes / unique_bytes
+    pub dedup_ratio: f64,
+    /// unique_bytes / chunk_stored_bytes
+    pub compression_ratio: f64,
+    /// data_bytes / stored_bytes
+    pub total_ratio: f64,
+    pub price_per_gb_month: f64,
+    pub cost_per_month: f64,
+}
+
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
+    let ms = repo.manifests(None)?;
+    let vms: HashSet<&str> = ms.iter().map(|m| m.vm.as_str()).collect();
+    let (mut chunks, mut unique, mut stored_chunks) = (0u64, 0u64, 0u64);
+    repo.catalog.for_each_chunk(|_, loc| {
+        if loc.kind == BlobKind::Chunk as u8 {
+            chunks += 1;
+            unique += u64::from(loc.raw_len);
+            stored_chunks += u64::from(loc.stored_len);
+        }
+        true
+    })?;
+    let packs = repo.catalog.packs()?;
+    let stored: u64 = packs.iter().map(|(_, p)| p.size).sum();
+    let data: u64 = ms.iter().map(|m| m.stats.data_bytes).sum();
+    Ok(Stats {
+        vms: vms.len() as u64,
+        backups: ms.len() as u64,
+        logical_bytes: ms.iter().map(|m| m.stats.logical_bytes).sum(),
+        data_bytes: data,
+        unique_bytes: unique,
+        chunk_stored_bytes: stored_chunks,
+        stored_bytes: stored,
+        chunks,
+        packs: packs.len() as u64,
+        dedup_ratio: ratio(data, unique),
+        compression_ratio: ratio(unique, stored_chunks),
+        total_ratio: ratio(data, stored),
+        price_per_gb_month,
+        cost_per_month: stored as f64 / 1e9 * price_per_gb_month,
+    })
+}

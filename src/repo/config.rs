@@ -1,0 +1,109 @@
+//! The store's `config` object and backup manifests (JSON, versioned).
+
+use crate::chunk::ChunkerParams;
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: &str = "holdfast-store";
+pub const VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    pub format: String,
+    pub version: u32,
+    pub chunker: ChunkerParams,
+    /// Secret key for blob ids (hex, 32 bytes).
+    pub id_key: String,
+    pub compression: Compression,
+    /// Packs are closed once they reach this many bytes.
+    pub pack_target: u32,
+    pub created: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Compression {
+    pub codec: String,
+    pub level: i32,
+}
+
+impl Config {
+    pub fn new(chunker: ChunkerParams, level: i32, key: [u8; 32]) -> Self {
+        Config {
+            format: FORMAT.into(),
+            version: VERSION,
+            chunker,
+            id_key: hex::encode(key),
+            compression: Compression { codec: "zstd".into(), level },
+            pack_target: 16 << 20,
+            created: crate::timefmt::rfc3339(crate::timefmt::now_secs()),
+        }
+    }
+
+    /// Parse and check; the error says what is wrong (the caller adds where and what to do).
+    pub fn parse(b: &[u8]) -> Result<(Self, [u8; 32]), String> {
+        let c: Config = serde_json::from_slice(b).map_err(|e| format!("not valid JSON ({e})"))?;
+        if c.format != FORMAT {
+            return Err(format!("format is {:?}, not {FORMAT:?}", c.format));
+        }
+        if c.version != VERSION {
+            return Err(format!("format version {} is not supported by this holdfast (knows {VERSION})", c.version));
+        }
+        c.chunker.validate().map_err(|e| e.to_string())?;
+        if c.compression.codec != "zstd" || !(-7..=22).contains(&c.compression.level) {
+            return Err("compression must be zstd with a level from -7 to 22".into());
+        }
+        if !(1 << 20..=256 << 20).contains(&c.pack_target) {
+            return Err("pack_target must be between 1 MiB and 256 MiB".into());
+        }
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(&c.id_key, &mut key).map_err(|_| "id_key is not 64 hex digits".to_string())?;
+        Ok((c, key))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub version: u32,
+    pub vm: String,
+    pub id: String,
+    /// Unix seconds when the backup started.
+    pub time: u64,
+    pub disks: Vec<DiskEntry>,
+    pub stats: BackupStats,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DiskEntry {
+    pub name: String,
+    pub size: u64,
+    pub segment_size: u32,
+    /// Ids of the index blobs, in order (hex).
+    pub index: Vec<String>,
+    /// Where the disk was read from.
+    pub source: String,
+    /// Bytes that are data, not holes.
+    pub data_bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct BackupStats {
+    /// Bytes read from the sources.
+    pub read_bytes: u64,
+    /// Logical size of all disks.
+    pub logical_bytes: u64,
+    /// Bytes that are data (not holes).
+    pub data_bytes: u64,
+    /// Raw bytes of blobs this backup added to the store.
+    pub new_raw_bytes: u64,
+    /// Stored (compressed) bytes this backup added.
+    pub new_stored_bytes: u64,
+    pub new_chunks: u64,
+    pub reused_chunks: u64,
+    pub packs_written: u64,
+    pub seconds: f64,
+}
+
+impl Manifest {
+    pub fn key(vm: &str, id: &str) -> String {
+        format!("backups/{vm}/{id}")
+    }
+}

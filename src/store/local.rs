@@ -1,0 +1,172 @@
+//! The local directory backend (the embedded default).
+//!
+//! `put` writes `<key>.tmp.<pid>.<n>`, fsyncs it, renames it over the key and fsyncs the
+//! directory; a guard removes the temp file if anything fails. Temp files left by a killed
+//! process are removed by `sweep_temp`.
+
+use super::{check_key, ObjectStore, StoreError, StoreResult};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub struct LocalStore {
+    root: PathBuf,
+    seq: AtomicU64,
+}
+
+struct TempGuard(Option<PathBuf>);
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl LocalStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        LocalStore { root: root.into(), seq: AtomicU64::new(0) }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> StoreResult<PathBuf> {
+        check_key(key)?;
+        Ok(self.root.join(key))
+    }
+
+    /// Remove temp files whose writer process is gone. Returns how many were removed.
+    pub fn sweep_temp(&self) -> usize {
+        let mut n = 0;
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(rd) = fs::read_dir(&dir) else { continue };
+            for e in rd.flatten() {
+                let p = e.path();
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    if p.file_name().is_some_and(|n| n != "catalog" && n != "locks") {
+                        stack.push(p);
+                    }
+                    continue;
+                }
+                let name = e.file_name().to_string_lossy().to_string();
+                if let Some(pid) = temp_pid(&name) {
+                    if !pid_alive(pid) && fs::remove_file(&p).is_ok() {
+                        n += 1;
+                    }
+                }
+            }
+        }
+        n
+    }
+}
+
+/// True while a process with this pid exists on this host.
+pub fn pid_alive(pid: u32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    pid != 0 && (unsafe { libc::kill(pid as i32, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
+fn temp_pid(name: &str) -> Option<u32> {
+    let rest = &name[name.find(".tmp.")? + 5..];
+    rest.split('.').next()?.parse().ok()
+}
+
+impl ObjectStore for LocalStore {
+    fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().ok_or_else(|| StoreError::BadKey(key.to_string()))?;
+        fs::create_dir_all(dir).map_err(|e| StoreError::io(key, e))?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let tmp = dir.join(format!("{name}.tmp.{}.{n}", std::process::id()));
+        let mut guard = TempGuard(Some(tmp.clone()));
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| StoreError::io(key, e))?;
+        f.write_all(data).map_err(|e| StoreError::io(key, e))?;
+        f.sync_all().map_err(|e| StoreError::io(key, e))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(|e| StoreError::io(key, e))?;
+        guard.0 = None;
+        fsync_dir(dir).map_err(|e| StoreError::io(key, e))?;
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> StoreResult<Vec<u8>> {
+        fs::read(self.path(key)?).map_err(|e| StoreError::io(key, e))
+    }
+
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
+        let f = File::open(self.path(key)?).map_err(|e| StoreError::io(key, e))?;
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                StoreError::Corrupt { key: key.to_string(), what: format!("shorter than {} bytes", offset + len as u64) }
+            } else {
+                StoreError::io(key, e)
+            }
+        })?;
+        Ok(buf)
+    }
+
+    fn size(&self, key: &str) -> StoreResult<u64> {
+        fs::metadata(self.path(key)?).map(|m| m.len()).map_err(|e| StoreError::io(key, e))
+    }
+
+    fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
+        let dir_key = prefix.trim_end_matches('/');
+        let base = self.path(dir_key)?;
+        let mut out = Vec::new();
+        let mut stack = vec![(base, dir_key.to_string())];
+        while let Some((dir, key)) = stack.pop() {
+            let rd = match fs::read_dir(&dir) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(&key, e)),
+            };
+            for e in rd {
+                let e = e.map_err(|e| StoreError::io(&key, e))?;
+                let name = e.file_name().to_string_lossy().to_string();
+                let child = format!("{key}/{name}");
+                if e.file_type().map_err(|e| StoreError::io(&child, e))?.is_dir() {
+                    stack.push((e.path(), child));
+                } else if temp_pid(&name).is_none() {
+                    out.push(child);
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> StoreResult<()> {
+        match fs::remove_file(self.path(key)?) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(key, e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn conformance() {
+        let d = tempfile::tempdir().unwrap();
+        super::super::conformance::run(&super::LocalStore::new(d.path()));
+    }
+
+    #[test]
+    fn temp_names() {
+        assert_eq!(super::temp_pid("abc.tmp.123.4"), Some(123));
+        assert_eq!(super::temp_pid("abc"), None);
+    }
+}

@@ -1,0 +1,145 @@
+//! The shared test harness: real tools, real disks, the real binary. Nothing is skipped: a
+//! missing tool fails the test with the command that installs it.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+/// Fail (never skip) when a tool is missing.
+pub fn require(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+        || Path::new("/usr/sbin").join(tool).is_file();
+    assert!(found, "{tool} is missing: install it with `apt-get install -y {package}` (scripts/install-deps does)");
+}
+
+/// The test disks of testdata/make-disks.sh, built once per machine into the target dir.
+pub fn disks() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        for (t, p) in [("sgdisk", "gdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")] {
+            require(t, p);
+        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disks-v2");
+        let done = dir.join("done");
+        // Several test binaries may start at once: one builds, the others wait (flock).
+        fs::create_dir_all(&dir).unwrap();
+        let lock = fs::File::create(dir.join(".lock")).unwrap();
+        use std::os::unix::io::AsRawFd;
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        if !done.exists() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/make-disks.sh");
+            let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();
+            assert!(out.status.success(), "make-disks.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+            fs::write(&done, b"ok").unwrap();
+        }
+        dir
+    })
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+    }
+    pub fn ok(self) -> Run {
+        assert_eq!(self.code, 0, "command failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        self
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+    /// The one-line error of a failed command.
+    pub fn err(&self) -> &str {
+        assert_ne!(self.code, 0, "expected a failure, got success: {}", self.stdout);
+        let line = self.stderr.trim();
+        assert_eq!(line.lines().count(), 1, "errors are one line: {line:?}");
+        line
+    }
+}
+
+/// A repository in a temp dir, and the binary pointed at it.
+pub struct Repo {
+    pub dir: tempfile::TempDir,
+}
+
+impl Repo {
+    pub fn new() -> Repo {
+        let r = Repo { dir: tempfile::tempdir().unwrap() };
+        r.run(&["init"]).ok();
+        r
+    }
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--repo").arg(self.path()).args(args).env_remove("HOLDFAST_REPO");
+        c
+    }
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run::from(self.cmd(args).output().unwrap())
+    }
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut c = self.cmd(args);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        Run::from(c.output().unwrap())
+    }
+    /// Back up and return the manifest JSON.
+    pub fn backup(&self, vm: &str, disks: &[(&str, &Path)]) -> serde_json::Value {
+        let mut args = vec!["--json".to_string(), "backup".into(), vm.into()];
+        for (n, p) in disks {
+            args.push("--disk".into());
+            args.push(format!("{n}={}", p.display()));
+        }
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        self.run(&a).ok().json()
+    }
+    pub fn tmp(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Assert two files hold the same bytes (compared in 1 MiB blocks, with the first difference).
+pub fn assert_same(a: &Path, b: &Path) {
+    use std::io::Read;
+    let (mut fa, mut fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
+    assert_eq!(fa.metadata().unwrap().len(), fb.metadata().unwrap().len(), "{} and {} differ in size", a.display(), b.display());
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let n = fa.read(&mut ba).unwrap();
+        if n == 0 {
+            break;
+        }
+        fb.read_exact(&mut bb[..n]).unwrap();
+        if ba[..n] != bb[..n] {
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
+            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+        }
+        off += n as u64;
+    }
+}
+
+/// blake3 of a whole file.
+pub fn hash_file(p: &Path) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update_reader(fs::File::open(p).unwrap()).unwrap();
+    h.finalize().to_hex().to_string()
+}
+
+pub fn u(v: &serde_json::Value, path: &str) -> u64 {
+    v.pointer(path).and_then(|x| x.as_u64()).unwrap_or_else(|| panic!("no {path} in {v}"))
+}
