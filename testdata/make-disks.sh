@@ -35,7 +35,7 @@ make_tree() { # DIR FLAVOUR
     --exclude=tkinter --exclude=config-3.\* -cf - . | tar -C "$d/usr/lib/python3" -xf -
   rnd "$d/var/lib.bin" $((6 << 20)) 1
   printf 'hostname %s\n' "$2" > "$d/etc/hostname"
-  seq 1 200000 | sed "s/^/$2 log line /" > "$d/var/log/messages"
+  seq 1 200000 | sed "s/^/kernel: log line /" > "$d/var/log/messages"
   ln -s ../usr/lib/python3/os.py "$d/etc/os-link"
   ln "$d/etc/hostname" "$d/home/user/hostname-hardlink"
   truncate -s 20M "$d/home/user/sparse-file"

@@ -72,3 +72,28 @@ fn several_disks_in_one_backup_and_restore_to_an_existing_file() {
     let r = repo.run(&["restore", "db-1", "--to", out.to_str().unwrap(), "--force"]);
     assert!(r.err().contains("several disks (os, data); choose one with --disk"), "{}", r.stderr);
 }
+
+#[test]
+fn catalog_rebuild_from_the_store_alone_and_sampled_verify() {
+    let d = disks();
+    let repo = Repo::new();
+    repo.backup("vm-a", &[("root", &d.join("base.img"))]);
+    repo.backup("vm-a", &[("root", &d.join("nextday.img"))]);
+    repo.backup("vm-b", &[("root", &d.join("second.img"))]);
+    let before = repo.run(&["--json", "backups"]).ok().json();
+    let stats_before = repo.run(&["--json", "stats"]).ok().json();
+    std::fs::remove_dir_all(repo.path().join("catalog")).unwrap();
+    let r = repo.run(&["--json", "catalog", "rebuild"]).ok().json();
+    assert_eq!(u(&r, "/backups_added"), 3);
+    assert_eq!(repo.run(&["--json", "backups"]).ok().json(), before);
+    let stats_after = repo.run(&["--json", "stats"]).ok().json();
+    for k in ["/chunks", "/packs", "/stored_bytes", "/unique_bytes"] {
+        assert_eq!(u(&stats_after, k), u(&stats_before, k), "{k}");
+    }
+    let v = repo.run(&["--json", "verify", "vm-a", "--sample", "10"]).ok().json();
+    assert!(u(&v, "/chunks_checked") < u(&v, "/chunks_total") / 4, "{v}");
+    assert_eq!(u(&v, "/backups"), 2);
+    let out = repo.tmp("b.img");
+    repo.run(&["restore", "vm-b", "--to", out.to_str().unwrap()]).ok();
+    assert_same(&out, &d.join("second.img"));
+}

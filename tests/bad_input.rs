@@ -93,7 +93,7 @@ fn disk_full_commits_nothing_and_says_so() {
     require("mount", "mount");
     let d = disks();
     let mnt = tempfile::tempdir().unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"]).arg(mnt.path()).status().unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(mnt.path()).status().unwrap();
     assert!(st.success(), "mounting a tmpfs failed (the tests run as root)");
     struct Unmount<'a>(&'a std::path::Path);
     impl Drop for Unmount<'_> {

@@ -174,7 +174,7 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
     stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
     stats.seconds = started.elapsed().as_secs_f64();
-    let manifest = Manifest { version: 1, vm: vm.into(), id: id.clone(), time, disks: entries, stats };
+    let manifest = Manifest { version: 1, vm: vm.into(), id: id.clone(), time, time_ms: lock.started_ms(), disks: entries, stats };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     let key = Manifest::key(vm, &id);
     if repo.store.exists(&key)? {
@@ -211,18 +211,24 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], sink: &mut PackSin
             });
         }
         drop((seg_rx, res_tx));
-        for r in res_rx.iter() {
-            let r = r?;
-            for b in &r.blobs {
-                sink.add(NewBlobRef { id: b.id, kind: b.kind, codec: b.codec, stored: &b.stored, raw_len: b.raw_len })?;
+        let mut collect = || -> Result<()> {
+            for r in res_rx.iter() {
+                let r = r?;
+                for b in &r.blobs {
+                    sink.add(NewBlobRef { id: b.id, kind: b.kind, codec: b.codec, stored: &b.stored, raw_len: b.raw_len })?;
+                }
+                sink.stats.read_bytes += r.read;
+                sink.stats.reused_chunks += r.reused;
+                data_bytes += r.data_bytes;
+                segs[r.no as usize] = r.seglist;
+                on_read(r.read);
             }
-            sink.stats.read_bytes += r.read;
-            sink.stats.reused_chunks += r.reused;
-            data_bytes += r.data_bytes;
-            segs[r.no as usize] = r.seglist;
-            on_read(r.read);
-        }
-        Ok(())
+            Ok(())
+        };
+        let result = collect();
+        // On error, dropping the receiver stops the workers, which stops the reader.
+        drop(res_rx);
+        result
     })?;
     let mut index = Vec::new();
     for (i, part) in segs.chunks(format::SEGMENTS_PER_INDEX).enumerate() {

@@ -78,9 +78,10 @@ impl VmLock {
     pub fn progress(&self, done: u64, total: u64) {
         let due = {
             let Ok(mut s) = self.state.lock() else { return };
+            let first = s.0.total != total;
             s.0.done = done;
             s.0.total = total;
-            let due = s.1.elapsed().as_millis() >= 1000;
+            let due = first || done == total || s.1.elapsed().as_millis() >= 1000;
             if due {
                 s.1 = Instant::now();
             }

@@ -67,6 +67,9 @@ pub struct Manifest {
     pub id: String,
     /// Unix seconds when the backup started.
     pub time: u64,
+    /// Unix milliseconds when the backup started (orders backups made in the same second).
+    #[serde(default)]
+    pub time_ms: u64,
     pub disks: Vec<DiskEntry>,
     pub stats: BackupStats,
 }

@@ -84,9 +84,19 @@ impl Repo {
     }
 
     pub fn locate(&self, id: &BlobId) -> Result<ChunkLoc> {
-        self.catalog.chunk(&id.0)?.ok_or_else(|| {
-            Error::Damaged(format!("blob {} is missing from the store; run `holdfast verify` to see what it affects", id.to_hex()))
-        })
+        if let Some(loc) = self.catalog.chunk(&id.0)? {
+            return Ok(loc);
+        }
+        // A backup that reused a blob while gc condemned its pack commits a reference the
+        // catalog no longer lists; the pack stays until the next gc revives the blob. Look there.
+        for (pack_id, _) in self.catalog.condemned()? {
+            let key = pack::pack_key(&hex::encode(pack_id));
+            let Ok(entries) = pack::read_footer(self.store.as_ref(), &key) else { continue };
+            if let Some(e) = entries.iter().find(|e| e.id == id.0) {
+                return Ok(ChunkLoc { pack: pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len });
+            }
+        }
+        Err(Error::Damaged(format!("blob {} is missing from the store; run `holdfast verify` to see what it affects", id.to_hex())))
     }
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
@@ -103,7 +113,7 @@ impl Repo {
                 .map_err(|e| Error::Damaged(format!("manifest of backup {id} in the catalog is damaged ({e}); run `holdfast catalog rebuild`")))?;
             out.push(m);
         }
-        out.sort_by(|a, b| (a.vm.as_str(), a.time, a.id.as_str()).cmp(&(b.vm.as_str(), b.time, b.id.as_str())));
+        out.sort_by(|a, b| (a.vm.as_str(), a.time, a.time_ms, a.id.as_str()).cmp(&(b.vm.as_str(), b.time, b.time_ms, b.id.as_str())));
         Ok(out)
     }
 

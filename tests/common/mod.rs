@@ -25,7 +25,7 @@ pub fn disks() -> &'static Path {
         for (t, p) in [("sgdisk", "gdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")] {
             require(t, p);
         }
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disks-v2");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disks-v3");
         let done = dir.join("done");
         // Several test binaries may start at once: one builds, the others wait (flock).
         fs::create_dir_all(&dir).unwrap();
