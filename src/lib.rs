@@ -11,6 +11,7 @@ pub mod cli;
 pub mod image;
 pub mod jobs;
 pub mod names;
+pub mod nbd;
 pub mod repo;
 pub mod source;
 pub mod store;

@@ -22,6 +22,16 @@ use std::time::Instant;
 pub struct DiskSpec {
     pub name: String,
     pub source: Box<dyn Source>,
+    /// With a source that tracks changed blocks: the backup its bitmap started from
+    /// (None: the latest backup of this VM that has this disk).
+    pub since: Option<String>,
+}
+
+/// What an incremental read builds on: the previous backup's segments and the dirty ranges.
+struct Base {
+    id: String,
+    segs: Vec<Option<BlobId>>,
+    dirty: Vec<Extent>,
 }
 
 #[derive(Default)]
@@ -33,9 +43,11 @@ pub struct Hooks {
 
 struct Segment {
     no: u64,
-    /// None: the segment holds no allocated bytes.
+    /// None: the segment holds no allocated bytes (or is clean, see `reuse`).
     data: Option<Vec<u8>>,
     len: u64,
+    /// A clean segment of an incremental backup: the previous backup's segment list, unread.
+    reuse: Option<Option<BlobId>>,
 }
 
 struct NewBlob {
@@ -158,7 +170,8 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     let mut entries = Vec::new();
     let mut done = 0u64;
     for (d, ex) in disks.iter().zip(&extents) {
-        let entry = backup_disk(repo, d, ex, &mut sink, &mut |n| {
+        let base = incremental_base(repo, vm, d)?;
+        let entry = backup_disk(repo, d, ex, base.as_ref(), &mut sink, &mut |n| {
             done += n;
             progress.add(n);
             lock.progress(done, total);
@@ -187,7 +200,31 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     Ok(manifest)
 }
 
-fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], sink: &mut PackSink, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
+/// The previous backup a changed-block read builds on, when the source tracks changes and a
+/// matching backup exists (same disk name, size and segment size). None means a full read.
+fn incremental_base(repo: &Repo, vm: &str, d: &DiskSpec) -> Result<Option<Base>> {
+    let Some(dirty) = d.source.dirty()? else { return Ok(None) };
+    let prev = match &d.since {
+        Some(id) => Some(repo.resolve(&format!("{vm}@{id}"))?),
+        None => repo.manifests(Some(vm))?.into_iter().rev().find(|m| m.disks.iter().any(|x| x.name == d.name)),
+    };
+    let Some(prev) = prev else { return Ok(None) };
+    let seg = repo.config.chunker.segment_size;
+    let Some(pd) = prev.disks.iter().find(|x| x.name == d.name && x.size == d.source.size() && x.segment_size == seg) else {
+        if d.since.is_some() {
+            return Err(Error::Invalid(format!(
+                "backup {vm}@{} has no disk {} of {} bytes to build on; drop --since for a full read",
+                prev.id,
+                d.name,
+                d.source.size()
+            )));
+        }
+        return Ok(None);
+    };
+    Ok(Some(Base { id: prev.id.clone(), segs: repo.disk_segments(pd)?, dirty }))
+}
+
+fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base>, sink: &mut PackSink, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
     let size = d.source.size();
     let seg = u64::from(repo.config.chunker.segment_size);
     let n_segs = size.div_ceil(seg);
@@ -198,7 +235,8 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], sink: &mut PackSin
     let mut data_bytes = 0;
     std::thread::scope(|s| -> Result<()> {
         let source = d.source.as_ref();
-        s.spawn(move || read_segments(source, extents, seg, size, seg_tx));
+        let reuse = base.map(|b| (b.segs.as_slice(), b.dirty.as_slice()));
+        s.spawn(move || read_segments(source, extents, reuse, seg, size, seg_tx));
         for _ in 0..workers {
             let (rx, tx) = (seg_rx.clone(), res_tx.clone());
             s.spawn(move || {
@@ -238,15 +276,41 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], sink: &mut PackSin
         sink.add(NewBlobRef { id, kind: BlobKind::Index, codec, stored: &stored, raw_len: bytes.len() as u32 })?;
         index.push(id.to_hex());
     }
-    Ok(DiskEntry { name: d.name.clone(), size, segment_size: seg as u32, index, source: d.source.describe(), data_bytes })
+    Ok(DiskEntry {
+        name: d.name.clone(),
+        size,
+        segment_size: seg as u32,
+        index,
+        source: d.source.describe(),
+        data_bytes,
+        bitmap: base.and_then(|_| d.source.bitmap()),
+        since: base.map(|b| b.id.clone()),
+    })
 }
 
-/// Read every segment that holds allocated bytes; the rest are sent as empty.
-fn read_segments(src: &dyn Source, extents: &[Extent], seg: u64, size: u64, tx: crossbeam_channel::Sender<Result<Segment>>) {
+/// Read every segment that holds allocated bytes; the rest are sent as empty. In an
+/// incremental read, segments that no dirty range touches are sent as reused, unread.
+type Reuse<'a> = Option<(&'a [Option<BlobId>], &'a [Extent])>;
+
+fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, tx: crossbeam_channel::Sender<Result<Segment>>) {
     let mut ei = 0;
+    let mut di = 0;
     let mut no = 0;
     while no * seg < size {
         let (start, end) = (no * seg, ((no + 1) * seg).min(size));
+        if let Some((prev, dirty)) = reuse {
+            while di < dirty.len() && dirty[di].1 <= start {
+                di += 1;
+            }
+            if di >= dirty.len() || dirty[di].0 >= end {
+                let prev = prev.get(no as usize).copied().flatten();
+                if tx.send(Ok(Segment { no, data: None, len: end - start, reuse: Some(prev) })).is_err() {
+                    return;
+                }
+                no += 1;
+                continue;
+            }
+        }
         while ei < extents.len() && extents[ei].1 <= start {
             ei += 1;
         }
@@ -261,7 +325,7 @@ fn read_segments(src: &dyn Source, extents: &[Extent], seg: u64, size: u64, tx: 
             }
             j += 1;
         }
-        if tx.send(Ok(Segment { no, data, len: end - start })).is_err() {
+        if tx.send(Ok(Segment { no, data, len: end - start, reuse: None })).is_err() {
             return;
         }
         no += 1;
@@ -270,6 +334,17 @@ fn read_segments(src: &dyn Source, extents: &[Extent], seg: u64, size: u64, tx: 
 
 fn process_segment(repo: &Repo, sg: Segment) -> Result<SegResult> {
     let mut r = SegResult { no: sg.no, seglist: None, blobs: Vec::new(), read: 0, data_bytes: 0, reused: 0 };
+    if let Some(Some(prev)) = sg.reuse {
+        // A clean segment: its data bytes come from the previous segment list, no byte is read.
+        for e in repo.seglist(&prev, sg.len)? {
+            if let SegEntry::Chunk(_, l) = e {
+                r.data_bytes += u64::from(l);
+                r.reused += 1;
+            }
+        }
+        r.seglist = Some(prev);
+        return Ok(r);
+    }
     let Some(data) = sg.data else { return Ok(r) };
     r.read = sg.len;
     if chunk::is_zero(&data) {

@@ -85,6 +85,12 @@ pub struct DiskEntry {
     pub source: String,
     /// Bytes that are data, not holes.
     pub data_bytes: u64,
+    /// The dirty bitmap the backup read changed blocks from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+    /// The backup that bitmap started from: clean segments were taken from it unread.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

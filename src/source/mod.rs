@@ -3,6 +3,10 @@
 //! `FileSource` reads raw images and block devices. Allocated extents come from
 //! SEEK_DATA/SEEK_HOLE; unallocated ranges read as zeros and are never read at all.
 
+pub mod nbd;
+
+pub use self::nbd::NbdSource;
+
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
@@ -26,6 +30,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("NBD source {uri}: {msg}")]
+    Nbd { uri: String, msg: String },
     #[error("{path} changed size during the backup (was {was}, now shorter); back up from a stable read point")]
     Shrunk { path: String, was: u64 },
 }
@@ -40,6 +46,19 @@ pub trait Source: Send + Sync {
     fn extents(&self) -> Result<Vec<Extent>, SourceError>;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError>;
     fn describe(&self) -> String;
+    /// Changed ranges since the bitmap's checkpoint, when the source tracks them.
+    fn dirty(&self) -> Result<Option<Vec<Extent>>, SourceError> {
+        Ok(None)
+    }
+    /// The name of the dirty bitmap `dirty` reads, if any.
+    fn bitmap(&self) -> Option<String> {
+        None
+    }
+}
+
+/// True for `nbd://…`, `nbd+unix://…` and the other libnbd URI schemes.
+pub fn is_nbd_uri(s: &str) -> bool {
+    s.starts_with("nbd://") || s.starts_with("nbd+unix://") || s.starts_with("nbds://") || s.starts_with("nbds+unix://")
 }
 
 pub struct FileSource {

@@ -107,6 +107,12 @@ impl Repo {
         let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         self.run(&a).ok().json()
     }
+    /// `holdfast --json backup ARGS...`, returning the manifest.
+    pub fn backup_args(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json", "backup"];
+        a.extend_from_slice(args);
+        self.run(&a).ok().json()
+    }
     pub fn tmp(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
