@@ -108,6 +108,13 @@ fn db_err(path: &Path, e: impl std::fmt::Display) -> CatalogError {
 
 fn options() -> Options {
     let mut o = Options::default();
+    // Chunk ids are random: a bloom filter makes a lookup of a new chunk (a miss) cheap.
+    let mut t = rocksdb::BlockBasedOptions::default();
+    t.set_bloom_filter(10.0, false);
+    t.set_cache_index_and_filter_blocks(false);
+    o.set_block_based_table_factory(&t);
+    // Small memtables: the catalog's writes are small batches, and memory must stay flat.
+    o.set_write_buffer_size(4 << 20);
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     o.set_max_open_files(-1);
@@ -168,6 +175,7 @@ impl Catalog {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         db.write_opt(wb, &wo).map_err(|e| db_err(&self.path, e))?;
+        compact_if_needed(&db, &self.path)?;
         drop(db);
         self.refresh()
     }
@@ -258,6 +266,19 @@ impl Catalog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// The primary is open only for moments, so RocksDB's background compaction never gets to run
+/// and every open leaves a level-0 file. Compact here once level 0 grows, so lookups stay cheap.
+fn compact_if_needed(db: &DB, path: &Path) -> CatalogResult<()> {
+    for name in CFS {
+        let cf = cf_handle(db, name, path)?;
+        let l0 = db.property_int_value_cf(cf, "rocksdb.num-files-at-level0").map_err(|e| db_err(path, e))?.unwrap_or(0);
+        if l0 >= 6 {
+            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+    Ok(())
 }
 
 fn cf_handle<'a>(db: &'a DB, name: &'static str, path: &Path) -> CatalogResult<&'a rocksdb::ColumnFamily> {

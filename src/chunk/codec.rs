@@ -20,6 +20,7 @@ impl Codec {
 }
 
 thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { std::cell::RefCell::new(None) };
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { std::cell::RefCell::new(None) };
 }
 
@@ -43,11 +44,16 @@ pub fn decode(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: 
     let corrupt = |what: String| ChunkError::Corrupt { id: *id, what };
     let data = match codec {
         Codec::Raw => stored.to_vec(),
-        Codec::Zstd => {
-            let mut out = Vec::with_capacity(raw_len);
-            zstd::stream::copy_decode(stored, &mut out).map_err(|e| corrupt(format!("does not decompress ({e})")))?;
-            out
-        }
+        Codec::Zstd => DECOMPRESSOR
+            .with(|d| {
+                let mut d = d.borrow_mut();
+                if d.is_none() {
+                    *d = zstd::bulk::Decompressor::new().ok();
+                }
+                let d = d.as_mut().ok_or_else(|| "no zstd context".to_string())?;
+                d.decompress(stored, raw_len).map_err(|e| e.to_string())
+            })
+            .map_err(|e| corrupt(format!("does not decompress ({e})")))?,
     };
     if data.len() != raw_len {
         return Err(corrupt(format!("has {} bytes, expected {raw_len}", data.len())));

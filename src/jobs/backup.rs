@@ -79,7 +79,12 @@ pub(crate) struct PackSink<'a> {
 impl<'a> PackSink<'a> {
     pub(crate) fn new(repo: &'a Repo) -> Self {
         let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS").ok().and_then(|v| v.parse().ok());
-        PackSink { repo, writer: PackWriter::new(), pending: HashSet::new(), stats: BackupStats::default(), crash_after }
+        PackSink { repo, writer: Self::fresh_writer(repo), pending: HashSet::new(), stats: BackupStats::default(), crash_after }
+    }
+
+    fn fresh_writer(repo: &Repo) -> PackWriter {
+        // Room for a full pack, its last blob and the footer, so the buffer never doubles.
+        PackWriter::with_capacity(repo.config.pack_target as usize + (2 << 20))
     }
 
     /// True when the blob is already stored (or waiting in the open pack).
@@ -113,7 +118,7 @@ impl<'a> PackSink<'a> {
         if self.writer.is_empty() {
             return Ok(());
         }
-        let (bytes, entries) = std::mem::take(&mut self.writer).finish();
+        let (bytes, entries) = std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
         let pack_id = Repo::new_pack_id()?;
         self.repo.store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes)?;
         let mut batch = Batch::default();

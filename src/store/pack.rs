@@ -79,6 +79,13 @@ impl PackWriter {
         PackWriter { buf: HEADER.to_vec(), entries: Vec::new() }
     }
 
+    /// A writer whose buffer never reallocates below `bytes` (no doubling past the target).
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut buf = Vec::with_capacity(bytes);
+        buf.extend_from_slice(HEADER);
+        PackWriter { buf, entries: Vec::new() }
+    }
+
     pub fn add(&mut self, id: [u8; 32], kind: u8, codec: u8, stored: &[u8], raw_len: u32) -> &PackEntry {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(stored);
