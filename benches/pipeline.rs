@@ -62,7 +62,7 @@ fn image_reader(c: &mut Criterion) {
     use holdfast::jobs::{backup, NoProgress};
     use holdfast::repo::Repo;
     let d = tempfile::tempdir().unwrap();
-    let repo = Repo::init(&d.path().join("repo"), ChunkerParams::default(), 1).unwrap();
+    let repo = std::sync::Arc::new(Repo::init(&d.path().join("repo"), ChunkerParams::default(), 1).unwrap());
     let img = d.path().join("x.img");
     std::fs::write(&img, sample()).unwrap();
     let src = holdfast::source::FileSource::open(&img).unwrap();
@@ -72,7 +72,7 @@ fn image_reader(c: &mut Criterion) {
     g.sample_size(10);
     g.bench_function("sequential 1 MiB reads, cold cache", |b| {
         b.iter(|| {
-            let r = ImageReader::open(&repo, &m.disks[0], 64).unwrap();
+            let r = ImageReader::open(repo.clone(), &m.disks[0], 64).unwrap();
             let mut buf = vec![0u8; 1 << 20];
             let mut off = 0;
             while off < r.size() {
@@ -80,7 +80,7 @@ fn image_reader(c: &mut Criterion) {
             }
         })
     });
-    let r = ImageReader::open(&repo, &m.disks[0], 1024).unwrap();
+    let r = ImageReader::open(repo.clone(), &m.disks[0], 1024).unwrap();
     let mut buf = vec![0u8; 4096];
     r.read_at(&mut buf, 0).unwrap();
     g.throughput(Throughput::Bytes(4096));

@@ -1,5 +1,6 @@
 //! The `holdfast` command line: clap commands, progress bars, human and `--json` output.
 
+mod export;
 mod output;
 mod progress;
 
@@ -115,6 +116,28 @@ taken unread from the backup the bitmap started from (--since, default: the late
         /// Storage price in dollars per GB-month
         #[arg(long, default_value_t = 0.05)]
         price: f64,
+    },
+    /// Serve a backup's disk over NBD (read-only, or writes to a local overlay); Ctrl-C stops it
+    #[command(after_help = "Examples:\n  holdfast export web-01 --listen unix:/run/hf-web01.sock\n  \
+holdfast export web-01@20261122-101500 --disk root --listen tcp:10809 --writable\n\n\
+Clients: nbdinfo/nbdcopy/qemu-img with nbd+unix:///DISK?socket=PATH or nbd://HOST:PORT/DISK.\n\
+The store is never written: with --writable, writes go to an overlay file that is deleted on\n\
+exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
+    Export {
+        /// VM or VM@ID (default: the newest backup)
+        spec: String,
+        /// Disk name (may be left out when the backup has one disk)
+        #[arg(long)]
+        disk: Option<String>,
+        /// unix:PATH, tcp:PORT (on 127.0.0.1) or tcp:HOST:PORT
+        #[arg(long)]
+        listen: String,
+        /// Accept writes (into a local overlay, never the store)
+        #[arg(long)]
+        writable: bool,
+        /// Keep the overlay at PATH (and its map at PATH.map) on exit
+        #[arg(long, value_name = "PATH")]
+        keep_overlay: Option<PathBuf>,
     },
     /// Catalog maintenance
     Catalog {
@@ -247,6 +270,10 @@ pub fn run(cli: Cli) -> Result<i32> {
             let repo = open()?;
             repo.sync()?;
             out.stats(&jobs::stats::stats(&repo, price)?);
+        }
+        Cmd::Export { spec, disk, listen, writable, keep_overlay } => {
+            let args = export::ExportArgs { spec: &spec, disk: disk.as_deref(), listen: &listen, writable, keep_overlay: keep_overlay.as_deref() };
+            export::run(&repo_dir, args)?;
         }
         Cmd::Catalog { cmd: CatalogCmd::Rebuild } => {
             refuse_if_busy(&repo_dir)?;

@@ -1,11 +1,16 @@
 //! Random-access reader of one backed-up disk: offset → segment → chunk, every chunk re-hashed,
-//! with a small cache of recently read chunks and segment lists.
+//! with a bounded cache of decoded chunks and segment lists, and sequential prefetch.
+//!
+//! Invariants: bytes come only from chunks that re-hashed to their ids (the cache holds only
+//! verified chunks); a damaged chunk is an error for the reads that touch it, never wrong bytes.
+//! Prefetch is best effort: its failures are dropped, and the read that needs the chunk reports.
 
 use crate::chunk::{BlobId, BlobKind};
 use crate::repo::format::SegEntry;
 use crate::repo::{DiskEntry, Repo};
 use crate::Result;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// A bounded cache: least recently inserted goes first.
@@ -34,25 +39,56 @@ impl<V: Clone> Cache<V> {
     }
 }
 
-pub struct ImageReader<'r> {
-    repo: &'r Repo,
+type Entries = Arc<Vec<(u64, SegEntry)>>;
+type ChunkCache = Arc<Mutex<Cache<Arc<Vec<u8>>>>>;
+
+pub struct ImageReader {
+    repo: Arc<Repo>,
     size: u64,
     seg: u64,
     segs: Vec<Option<BlobId>>,
-    seglists: Mutex<Cache<Arc<Vec<(u64, SegEntry)>>>>,
-    chunks: Mutex<Cache<Arc<Vec<u8>>>>,
+    seglists: Mutex<Cache<Entries>>,
+    chunks: ChunkCache,
+    /// End of the last read, to spot sequential access.
+    last_end: AtomicU64,
+    prefetch: Option<crossbeam_channel::Sender<BlobId>>,
+    queued: Arc<Mutex<HashSet<BlobId>>>,
 }
 
-impl<'r> ImageReader<'r> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ImageReader {
     /// `cache_chunks`: how many decoded chunks to keep (64 KiB on average each).
-    pub fn open(repo: &'r Repo, disk: &DiskEntry, cache_chunks: usize) -> Result<Self> {
+    pub fn open(repo: Arc<Repo>, disk: &DiskEntry, cache_chunks: usize) -> Result<Self> {
+        let segs = repo.disk_segments(disk)?;
+        let chunks: ChunkCache = Arc::new(Mutex::new(Cache::new(cache_chunks.max(1))));
+        let queued = Arc::new(Mutex::new(HashSet::new()));
+        let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
+        for _ in 0..2 {
+            let (repo, chunks, queued, rx) = (repo.clone(), chunks.clone(), queued.clone(), rx.clone());
+            std::thread::spawn(move || {
+                for id in rx {
+                    if lock(&chunks).get(&id).is_none() {
+                        if let Ok(c) = repo.read_blob(BlobKind::Chunk, &id) {
+                            lock(&chunks).put(id, Arc::new(c));
+                        }
+                    }
+                    lock(&queued).remove(&id);
+                }
+            });
+        }
         Ok(ImageReader {
             repo,
             size: disk.size,
             seg: u64::from(disk.segment_size),
-            segs: repo.disk_segments(disk)?,
+            segs,
             seglists: Mutex::new(Cache::new(256)),
-            chunks: Mutex::new(Cache::new(cache_chunks.max(1))),
+            chunks,
+            last_end: AtomicU64::new(u64::MAX),
+            prefetch: Some(tx),
+            queued,
         })
     }
 
@@ -61,9 +97,9 @@ impl<'r> ImageReader<'r> {
     }
 
     /// Entries of segment `i` with their offsets inside the segment.
-    fn entries(&self, i: usize) -> Result<Option<Arc<Vec<(u64, SegEntry)>>>> {
+    fn entries(&self, i: usize) -> Result<Option<Entries>> {
         let Some(id) = self.segs.get(i).copied().flatten() else { return Ok(None) };
-        if let Some(v) = self.seglists.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        if let Some(v) = lock(&self.seglists).get(&id) {
             return Ok(Some(v));
         }
         let len = self.seg.min(self.size - i as u64 * self.seg);
@@ -74,17 +110,30 @@ impl<'r> ImageReader<'r> {
             at += u64::from(e.len());
         }
         let v = Arc::new(v);
-        self.seglists.lock().unwrap_or_else(|p| p.into_inner()).put(id, v.clone());
+        lock(&self.seglists).put(id, v.clone());
         Ok(Some(v))
     }
 
     fn chunk(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.chunks.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+        if let Some(c) = lock(&self.chunks).get(id) {
             return Ok(c);
         }
         let c = Arc::new(self.repo.read_blob(BlobKind::Chunk, id)?);
-        self.chunks.lock().unwrap_or_else(|p| p.into_inner()).put(*id, c.clone());
+        lock(&self.chunks).put(*id, c.clone());
         Ok(c)
+    }
+
+    /// Queue the chunks of segment `i` for the prefetch threads.
+    fn prefetch_segment(&self, i: usize) {
+        let (Some(tx), Ok(Some(es))) = (&self.prefetch, self.entries(i)) else { return };
+        for (_, e) in es.iter() {
+            if let SegEntry::Chunk(id, _) = e {
+                if lock(&self.chunks).get(id).is_none() && lock(&self.queued).insert(*id) && tx.try_send(*id).is_err() {
+                    lock(&self.queued).remove(id);
+                    return;
+                }
+            }
+        }
     }
 
     /// Fill `buf` from `offset`; reads past the end are cut short. Returns bytes read.
@@ -93,13 +142,16 @@ impl<'r> ImageReader<'r> {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.size - offset) as usize;
+        if self.last_end.swap(offset + n as u64, Ordering::Relaxed) == offset {
+            self.prefetch_segment(((offset + n as u64) / self.seg) as usize);
+            self.prefetch_segment(((offset + n as u64) / self.seg) as usize + 1);
+        }
         let mut done = 0;
         while done < n {
             let pos = offset + done as u64;
             let i = (pos / self.seg) as usize;
             let in_seg = pos % self.seg;
-            let seg_left = (self.seg - in_seg).min(self.size - pos) as usize;
-            let want = (n - done).min(seg_left);
+            let want = (n - done).min((self.seg - in_seg).min(self.size - pos) as usize);
             let out = &mut buf[done..done + want];
             match self.entries(i)? {
                 None => out.fill(0),
@@ -125,5 +177,41 @@ impl<'r> ImageReader<'r> {
             k += 1;
         }
         Ok(())
+    }
+
+    /// Allocation of `[offset, offset + len)` as `(length, is_hole)` runs, from the segment
+    /// lists alone (no chunk is read).
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |l: u64, hole: bool| match out.last_mut() {
+            Some((pl, ph)) if *ph == hole => *pl += l,
+            _ => out.push((l, hole)),
+        };
+        let mut pos = offset;
+        while pos < end {
+            let i = (pos / self.seg) as usize;
+            let seg_start = i as u64 * self.seg;
+            let seg_end = (seg_start + self.seg).min(self.size).min(end);
+            match self.entries(i)? {
+                None => push(seg_end - pos, true),
+                Some(es) => {
+                    for (at, e) in es.iter() {
+                        let (a, b) = ((seg_start + at).max(pos), (seg_start + at + u64::from(e.len())).min(seg_end));
+                        if a < b {
+                            push(b - a, matches!(e, SegEntry::Hole(_)));
+                        }
+                    }
+                }
+            }
+            pos = seg_end;
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for ImageReader {
+    fn drop(&mut self) {
+        self.prefetch.take(); // closes the channel: the prefetch threads end
     }
 }

@@ -1,6 +1,7 @@
 //! Jobs: backup, restore, verify, forget, gc, stats. Each takes a `Repo` and a `Progress`.
 
 pub mod backup;
+pub mod export;
 pub mod gc;
 pub mod lock;
 pub mod progress;

@@ -1,0 +1,107 @@
+//! `holdfast export`: serve a backup over NBD until SIGINT/SIGTERM.
+
+use crate::image::ImageReader;
+use crate::jobs::export::{BackupExport, Overlay};
+use crate::nbd::{Export, Server, ServerConfig};
+use crate::repo::Repo;
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub enum Listen {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+/// `unix:PATH`, `tcp:PORT` (loopback) or `tcp:HOST:PORT`.
+pub fn parse_listen(s: &str) -> Result<Listen> {
+    let bad = || Error::Invalid(format!("--listen {s:?}: use unix:PATH, tcp:PORT (127.0.0.1) or tcp:HOST:PORT"));
+    if let Some(p) = s.strip_prefix("unix:") {
+        if p.is_empty() {
+            return Err(bad());
+        }
+        return Ok(Listen::Unix(PathBuf::from(p)));
+    }
+    let rest = s.strip_prefix("tcp:").ok_or_else(bad)?;
+    let addr = if rest.parse::<u16>().is_ok() { format!("127.0.0.1:{rest}") } else { rest.to_string() };
+    let (_, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    port.parse::<u16>().map_err(|_| bad())?;
+    Ok(Listen::Tcp(addr))
+}
+
+pub struct ExportArgs<'a> {
+    pub spec: &'a str,
+    pub disk: Option<&'a str>,
+    pub listen: &'a str,
+    pub writable: bool,
+    pub keep_overlay: Option<&'a Path>,
+}
+
+pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
+    let listen = parse_listen(a.listen)?;
+    if a.keep_overlay.is_some() && !a.writable {
+        return Err(Error::Invalid("--keep-overlay needs --writable".into()));
+    }
+    if let Listen::Unix(p) = &listen {
+        if p.exists() {
+            return Err(Error::Invalid(format!("{} exists; remove it or pick another socket path", p.display())));
+        }
+    }
+    let repo = Arc::new(Repo::open(repo_dir)?);
+    repo.sync()?;
+    let m = repo.resolve(a.spec)?;
+    let disk = crate::jobs::restore::pick_disk(&m, a.disk)?.clone();
+    let reader = ImageReader::open(repo.clone(), &disk, 1024)?;
+    let tmp_dir;
+    let overlay = if a.writable {
+        let (path, keep) = match a.keep_overlay {
+            Some(p) => (p.to_path_buf(), true),
+            None => {
+                tmp_dir = std::env::temp_dir().join(format!("holdfast-overlay-{}", std::process::id()));
+                std::fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(format!("create {}", tmp_dir.display()), e))?;
+                (tmp_dir.join("overlay"), false)
+            }
+        };
+        Some(Overlay::create(&path, disk.size, keep).map_err(|e| Error::io(format!("create overlay {}", path.display()), e))?)
+    } else {
+        None
+    };
+    let export: Arc<dyn Export> = Arc::new(BackupExport::new(reader, overlay));
+    let name = disk.name.clone();
+    let server = Server::new(ServerConfig::default(), [(String::new(), export.clone()), (name.clone(), export)]);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::io("start the runtime", e))?;
+    let mode = if a.writable { "writable (overlay)" } else { "read-only" };
+    let result = rt.block_on(async {
+        let stop = server.shutdown_handle();
+        let serve = match &listen {
+            Listen::Unix(p) => {
+                let l = tokio::net::UnixListener::bind(p).map_err(|e| Error::io(format!("listen on {}", p.display()), e))?;
+                println!("serving {}@{} disk {name} ({mode}) at nbd+unix:///{name}?socket={}", m.vm, m.id, p.display());
+                tokio::spawn(async move { server.serve_unix(l).await })
+            }
+            Listen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| Error::io(format!("listen on {addr}"), e))?;
+                let local = l.local_addr().map_err(|e| Error::io("listen", e))?;
+                println!("serving {}@{} disk {name} ({mode}) at nbd://{local}/{name}", m.vm, m.id);
+                tokio::spawn(async move { server.serve_tcp(l).await })
+            }
+        };
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| Error::io("signals", e))?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        stop.shutdown();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(15), serve).await;
+        Ok::<(), Error>(())
+    });
+    if let Listen::Unix(p) = &listen {
+        let _ = std::fs::remove_file(p);
+    }
+    if a.writable && a.keep_overlay.is_none() {
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("holdfast-overlay-{}", std::process::id())));
+    }
+    result
+}
