@@ -253,12 +253,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             }
         }
         Cmd::Forget { spec } => {
-            let (vm, id) = spec.split_once('@').ok_or_else(|| Error::Invalid(format!("{spec:?}: give VM@ID (`holdfast backups VM` lists the ids)")))?;
+            if !spec.contains('@') {
+                return Err(Error::Invalid(format!("{spec:?}: give VM@ID (`holdfast backups VM` lists the ids)")));
+            }
             let repo = open()?;
             repo.sync()?;
-            let m = repo.resolve(&spec)?;
-            let _ = (vm, id);
-            jobs::gc::forget(&repo, &m.vm, &m.id)?;
+            let m = jobs::gc::forget(&repo, &spec)?;
             out.forget(&m);
         }
         Cmd::Gc => {

@@ -35,15 +35,15 @@ pub struct GcReport {
     pub temp_files_removed: u64,
 }
 
-/// Remove one backup. Its data goes at the next gc.
-pub fn forget(repo: &Repo, vm: &str, id: &str) -> Result<()> {
-    let m = repo.resolve(&format!("{vm}@{id}"))?;
-    let _lock = VmLock::acquire(&repo.dir, vm, "forget")?;
+/// Remove one backup (`VM@ID`, an id prefix works). Its data goes at the next gc.
+pub fn forget(repo: &Repo, spec: &str) -> Result<crate::repo::Manifest> {
+    let m = repo.resolve(spec)?;
+    let _lock = VmLock::acquire(&repo.dir, &m.vm, "forget")?;
     repo.store.delete(&crate::repo::Manifest::key(&m.vm, &m.id))?;
     let mut b = Batch::default();
     b.delete_backup(&m.vm, &m.id);
     repo.catalog.write(b)?;
-    Ok(())
+    Ok(m)
 }
 
 /// Every blob id that committed backups reference (indexes, segment lists, chunks).
@@ -168,8 +168,9 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
         return Ok(());
     }
     let running: Vec<u64> = lock::running(&repo.dir).iter().filter(|s| s.op == "backup").map(|s| s.started_ms).collect();
+    let total = condemned.len() as u64;
     let ready: Vec<(PackId, u64)> = condemned.into_iter().filter(|(_, at)| running.iter().all(|start| start > at)).collect();
-    rep.packs_deferred = repo.catalog.condemned()?.len() as u64 - ready.len() as u64;
+    rep.packs_deferred = total - ready.len() as u64;
     if ready.is_empty() {
         return Ok(());
     }
