@@ -11,7 +11,7 @@ use crate::repo::{DiskEntry, Repo};
 use crate::Result;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// A bounded cache: least recently inserted goes first.
 struct Cache<V> {
@@ -27,6 +27,9 @@ impl<V: Clone> Cache<V> {
     fn get(&self, id: &BlobId) -> Option<V> {
         self.map.get(id).cloned()
     }
+    fn remove(&mut self, id: &BlobId) {
+        self.map.remove(id);
+    }
     fn put(&mut self, id: BlobId, v: V) {
         if self.map.insert(id, v).is_none() {
             self.order.push_back(id);
@@ -40,7 +43,51 @@ impl<V: Clone> Cache<V> {
 }
 
 type Entries = Arc<Vec<(u64, SegEntry)>>;
-type ChunkCache = Arc<Mutex<Cache<Arc<Vec<u8>>>>>;
+/// A cache slot is filled once: readers that want a chunk being decoded wait for that decode
+/// instead of decoding it again. A failed decode leaves `None` and the slot is dropped.
+type Slot = Arc<OnceLock<Option<Arc<Vec<u8>>>>>;
+type ChunkCache = Arc<Mutex<Cache<Slot>>>;
+
+/// Recent ends of reads, one per sequential stream (several clients, or one client with
+/// several connections, interleave their streams).
+const STREAMS: usize = 16;
+
+/// The decoded chunk `id`, from the cache or the store, decoded once however many ask.
+fn load(repo: &Repo, chunks: &Mutex<Cache<Slot>>, id: &BlobId) -> Result<Arc<Vec<u8>>> {
+    let slot = {
+        let mut c = lock(chunks);
+        match c.get(id) {
+            Some(s) => s,
+            None => {
+                let s = Slot::default();
+                c.put(*id, s.clone());
+                s
+            }
+        }
+    };
+    let mut failed = None;
+    let got = slot.get_or_init(|| match repo.read_blob(BlobKind::Chunk, id) {
+        Ok(c) => Some(Arc::new(c)),
+        Err(e) => {
+            failed = Some(e);
+            None
+        }
+    });
+    if let Some(c) = got {
+        return Ok(c.clone());
+    }
+    {
+        let mut c = lock(chunks);
+        if c.get(id).is_some_and(|s| Arc::ptr_eq(&s, &slot)) {
+            c.remove(id);
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        // Another reader's decode failed; try once more to report our own error.
+        None => repo.read_blob(BlobKind::Chunk, id).map(Arc::new),
+    }
+}
 
 pub struct ImageReader {
     repo: Arc<Repo>,
@@ -49,8 +96,9 @@ pub struct ImageReader {
     segs: Vec<Option<BlobId>>,
     seglists: Mutex<Cache<Entries>>,
     chunks: ChunkCache,
-    /// End of the last read, to spot sequential access.
-    last_end: AtomicU64,
+    /// Ends of recent reads, to spot sequential streams.
+    ends: [AtomicU64; STREAMS],
+    next_stream: AtomicU64,
     prefetch: Option<crossbeam_channel::Sender<BlobId>>,
     queued: Arc<Mutex<HashSet<BlobId>>>,
 }
@@ -70,11 +118,7 @@ impl ImageReader {
             let (repo, chunks, queued, rx) = (repo.clone(), chunks.clone(), queued.clone(), rx.clone());
             std::thread::spawn(move || {
                 for id in rx {
-                    if lock(&chunks).get(&id).is_none() {
-                        if let Ok(c) = repo.read_blob(BlobKind::Chunk, &id) {
-                            lock(&chunks).put(id, Arc::new(c));
-                        }
-                    }
+                    let _ = load(&repo, &chunks, &id);
                     lock(&queued).remove(&id);
                 }
             });
@@ -86,7 +130,8 @@ impl ImageReader {
             segs,
             seglists: Mutex::new(Cache::new(256)),
             chunks,
-            last_end: AtomicU64::new(u64::MAX),
+            ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
+            next_stream: AtomicU64::new(0),
             prefetch: Some(tx),
             queued,
         })
@@ -115,12 +160,19 @@ impl ImageReader {
     }
 
     fn chunk(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = lock(&self.chunks).get(id) {
-            return Ok(c);
+        load(&self.repo, &self.chunks, id)
+    }
+
+    /// Record a read of `[offset, end)`; true when it continues a recent read.
+    fn sequential(&self, offset: u64, end: u64) -> bool {
+        for e in &self.ends {
+            if e.compare_exchange(offset, end, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+                return true;
+            }
         }
-        let c = Arc::new(self.repo.read_blob(BlobKind::Chunk, id)?);
-        lock(&self.chunks).put(*id, c.clone());
-        Ok(c)
+        let k = self.next_stream.fetch_add(1, Ordering::Relaxed) as usize % STREAMS;
+        self.ends[k].store(end, Ordering::Relaxed);
+        false
     }
 
     /// Queue the chunks of segment `i` for the prefetch threads.
@@ -128,7 +180,7 @@ impl ImageReader {
         let (Some(tx), Ok(Some(es))) = (&self.prefetch, self.entries(i)) else { return };
         for (_, e) in es.iter() {
             if let SegEntry::Chunk(id, _) = e {
-                if lock(&self.chunks).get(id).is_none() && lock(&self.queued).insert(*id) && tx.try_send(*id).is_err() {
+                if lock(&self.chunks).get(id).is_none_or(|s| s.get().is_none()) && lock(&self.queued).insert(*id) && tx.try_send(*id).is_err() {
                     lock(&self.queued).remove(id);
                     return;
                 }
@@ -142,9 +194,14 @@ impl ImageReader {
             return Ok(0);
         }
         let n = (buf.len() as u64).min(self.size - offset) as usize;
-        if self.last_end.swap(offset + n as u64, Ordering::Relaxed) == offset {
-            self.prefetch_segment(((offset + n as u64) / self.seg) as usize);
-            self.prefetch_segment(((offset + n as u64) / self.seg) as usize + 1);
+        let end = offset + n as u64;
+        if self.sequential(offset, end) {
+            // Prefetch only when the read enters a new segment, so each segment is queued once.
+            let (first, next) = ((offset / self.seg) as usize, (end / self.seg) as usize);
+            if next != first || offset % self.seg == 0 {
+                self.prefetch_segment(next);
+                self.prefetch_segment(next + 1);
+            }
         }
         let mut done = 0;
         while done < n {
