@@ -107,3 +107,32 @@ fn mostly_dead_packs_are_rewritten() {
     assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
     restore_equals(&repo, "vm-b", &ib);
 }
+
+/// The segment memo: a second full read of unchanged bytes takes every data segment's list
+/// from the memo; once gc has deleted those lists, the memo is ignored and the backup cuts and
+/// stores the data again, and both restore byte-identical.
+#[test]
+fn segment_memo_skips_known_segments_and_is_ignored_after_gc() {
+    let repo = Repo::new();
+    let img = repo.tmp("memo.img");
+    let mut data = random_bytes(7, 24 << 20);
+    data[8 << 20..12 << 20].fill(0); // one all-zero segment: no memo, no list
+    fs::write(&img, &data).unwrap();
+    let first = repo.backup("vm1", &[("root", &img)]);
+    assert_eq!(u(&first, "/stats/memo_segments"), 0);
+    let second = repo.backup("vm1", &[("root", &img)]);
+    assert_eq!(u(&second, "/stats/memo_segments"), 5, "{second}");
+    assert_eq!(u(&second, "/stats/new_chunks"), 0);
+    assert_eq!(u(&second, "/stats/data_bytes"), u(&first, "/stats/data_bytes"));
+    restore_equals(&repo, &format!("vm1@{}", second["id"].as_str().unwrap()), &img);
+
+    for b in [&first, &second] {
+        repo.run(&["forget", &format!("vm1@{}", b["id"].as_str().unwrap())]).ok();
+    }
+    repo.run(&["gc"]).ok();
+    let third = repo.backup("vm1", &[("root", &img)]);
+    assert_eq!(u(&third, "/stats/memo_segments"), 0, "a memo entry outlived its segment list: {third}");
+    assert!(u(&third, "/stats/new_raw_bytes") >= 20 << 20, "{third}");
+    assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
+    restore_equals(&repo, "vm1", &img);
+}

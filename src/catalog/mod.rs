@@ -6,6 +6,11 @@
 //! - `packs`:     pack id (16 B)        → v1 | created secs u64 | size u64 | entries u32
 //! - `backups`:   vm 0x00 backup id     → v1 | manifest JSON
 //! - `condemned`: pack id (16 B)        → v1 | condemned-at millis u64
+//! - `segmemo`:   memo key (32 B)       → v1 | seglist id (32) | data bytes u64 | chunks u32
+//!   A cache, not part of the store's truth: the keyed hash of a whole segment's bytes → the
+//!   segment list they cut into. A backup that reads an unchanged segment again skips cutting
+//!   and per-chunk hashing. Rebuilt catalogs start without it; stale entries (their segment
+//!   list gone by gc) are ignored by the reader.
 //!
 //! Several holdfast processes may run at once (backups of different VMs, gc beside a backup),
 //! but RocksDB lets one process write. So every process reads through its own *secondary*
@@ -22,7 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use thiserror::Error;
 
-const CFS: [&str; 4] = ["chunks", "packs", "backups", "condemned"];
+const CFS: [&str; 5] = ["chunks", "packs", "backups", "condemned", "segmemo"];
 const WRITE_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Error)]
@@ -80,12 +85,27 @@ impl Batch {
     pub fn uncondemn(&mut self, id: &PackId) {
         self.ops.push(Op::Delete("condemned", id.to_vec()));
     }
+    pub fn put_segmemo(&mut self, key: &[u8; 32], memo: &SegMemo) {
+        let mut v = vec![codec::VERSION];
+        v.extend_from_slice(&memo.seglist);
+        v.extend_from_slice(&memo.data_bytes.to_le_bytes());
+        v.extend_from_slice(&memo.chunks.to_le_bytes());
+        self.ops.push(Op::Put("segmemo", key.to_vec(), v));
+    }
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
     pub fn len(&self) -> usize {
         self.ops.len()
     }
+}
+
+/// What a segment of known bytes cut into (see `segmemo` above).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegMemo {
+    pub seglist: [u8; 32],
+    pub data_bytes: u64,
+    pub chunks: u32,
 }
 
 fn backup_key(vm: &str, backup: &str) -> Vec<u8> {
@@ -149,6 +169,12 @@ impl Catalog {
         std::fs::create_dir_all(&sec_path).map_err(|e| db_err(path, e))?;
         let mut o = options();
         o.create_if_missing(false);
+        // A catalog made by an older holdfast lacks newer column families: add them (a brief
+        // primary open, like any write) before the read-only instance asks for them.
+        let have = DB::list_cf(&o, path).map_err(|e| db_err(path, e))?;
+        if CFS.iter().any(|c| !have.iter().any(|h| h == c)) {
+            drop(open_primary(path)?);
+        }
         let reader = DB::open_cf_descriptors_as_secondary(&o, path, &sec_path, descriptors()).map_err(|e| db_err(path, e))?;
         Ok(Catalog { path: path.to_path_buf(), sec_path, reader, write_lock: Mutex::new(()) })
     }
@@ -164,7 +190,7 @@ impl Catalog {
             return Ok(());
         }
         let _g = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let db = self.open_primary()?;
+        let db = open_primary(&self.path)?;
         let mut wb = WriteBatch::default();
         for op in &batch.ops {
             match op {
@@ -180,23 +206,6 @@ impl Catalog {
         self.refresh()
     }
 
-    fn open_primary(&self) -> CatalogResult<DB> {
-        let start = Instant::now();
-        let mut wait = Duration::from_millis(5);
-        loop {
-            match DB::open_cf_descriptors(&options(), &self.path, descriptors()) {
-                Ok(db) => return Ok(db),
-                Err(e) if e.to_string().to_lowercase().contains("lock") => {
-                    if start.elapsed() > WRITE_WAIT {
-                        return Err(CatalogError::Busy(self.path.display().to_string()));
-                    }
-                    std::thread::sleep(wait);
-                    wait = (wait * 2).min(Duration::from_millis(200));
-                }
-                Err(e) => return Err(db_err(&self.path, e)),
-            }
-        }
-    }
 
     fn cf(&self, name: &'static str) -> CatalogResult<&rocksdb::ColumnFamily> {
         cf_handle(&self.reader, name, &self.path)
@@ -205,6 +214,18 @@ impl Catalog {
     pub fn chunk(&self, id: &[u8; 32]) -> CatalogResult<Option<ChunkLoc>> {
         let v = self.reader.get_pinned_cf(self.cf("chunks")?, id).map_err(|e| db_err(&self.path, e))?;
         v.map(|v| ChunkLoc::decode(&v)).transpose()
+    }
+
+    pub fn segmemo(&self, key: &[u8; 32]) -> CatalogResult<Option<SegMemo>> {
+        let Some(v) = self.reader.get_pinned_cf(self.cf("segmemo")?, key).map_err(|e| db_err(&self.path, e))? else { return Ok(None) };
+        if v.len() != 45 || v[0] != codec::VERSION {
+            return Ok(None); // a cache: an entry it cannot read is a miss
+        }
+        Ok(Some(SegMemo {
+            seglist: v[1..33].try_into().unwrap_or_default(),
+            data_bytes: u64::from_le_bytes(v[33..41].try_into().unwrap_or_default()),
+            chunks: u32::from_le_bytes(v[41..45].try_into().unwrap_or_default()),
+        }))
     }
 
     fn scan(&self, cf: &'static str, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> CatalogResult<bool>) -> CatalogResult<()> {
@@ -281,6 +302,25 @@ fn compact_if_needed(db: &DB, path: &Path) -> CatalogResult<()> {
     Ok(())
 }
 
+/// Open the primary instance, waiting (bounded) while another process holds it.
+fn open_primary(path: &Path) -> CatalogResult<DB> {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(5);
+    loop {
+        match DB::open_cf_descriptors(&options(), path, descriptors()) {
+            Ok(db) => return Ok(db),
+            Err(e) if e.to_string().to_lowercase().contains("lock") => {
+                if start.elapsed() > WRITE_WAIT {
+                    return Err(CatalogError::Busy(path.display().to_string()));
+                }
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(Duration::from_millis(200));
+            }
+            Err(e) => return Err(db_err(path, e)),
+        }
+    }
+}
+
 fn cf_handle<'a>(db: &'a DB, name: &'static str, path: &Path) -> CatalogResult<&'a rocksdb::ColumnFamily> {
     db.cf_handle(name).ok_or_else(|| db_err(path, format!("column family {name} missing")))
 }
@@ -300,5 +340,30 @@ fn sweep_readers(root: &Path) {
         if !crate::store::pid_alive(pid) {
             let _ = std::fs::remove_dir_all(e.path());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A catalog written before the `segmemo` family existed opens, gains it, and keeps its data.
+    #[test]
+    fn older_catalog_gains_new_column_families() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        {
+            let old: Vec<_> = CFS[..4].iter().map(|n| ColumnFamilyDescriptor::new(*n, options())).collect();
+            let db = DB::open_cf_descriptors(&options(), &path, old).unwrap();
+            db.put_cf(db.cf_handle("packs").unwrap(), [1u8; 16], PackInfo { created: 5, size: 6, entries: 7 }.encode()).unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.packs().unwrap(), vec![([1u8; 16], PackInfo { created: 5, size: 6, entries: 7 })]);
+        assert_eq!(c.segmemo(&[9; 32]).unwrap(), None);
+        let memo = SegMemo { seglist: [3; 32], data_bytes: 12345, chunks: 4 };
+        let mut b = Batch::default();
+        b.put_segmemo(&[9; 32], &memo);
+        c.write(b).unwrap();
+        assert_eq!(c.segmemo(&[9; 32]).unwrap(), Some(memo));
     }
 }

@@ -57,12 +57,19 @@ impl fmt::Debug for BlobId {
 pub struct Keyer {
     data_key: [u8; 32],
     meta_key: [u8; 32],
+    memo_key: [u8; 32],
 }
 
 impl Keyer {
     pub fn new(key: [u8; 32]) -> Self {
         let meta_key = *blake3::keyed_hash(&key, b"holdfast metadata blob key v1").as_bytes();
-        Keyer { data_key: key, meta_key }
+        let memo_key = *blake3::keyed_hash(&key, b"holdfast segment memo key v1").as_bytes();
+        Keyer { data_key: key, meta_key, memo_key }
+    }
+
+    /// The catalog's key for a whole segment's bytes (its segment-list memo).
+    pub fn memo(&self, segment: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.memo_key, segment).as_bytes()
     }
 
     pub fn id(&self, kind: BlobKind, data: &[u8]) -> BlobId {

@@ -7,7 +7,7 @@
 
 use super::lock::VmLock;
 use super::Progress;
-use crate::catalog::{Batch, ChunkLoc, PackInfo};
+use crate::catalog::{Batch, ChunkLoc, PackInfo, SegMemo};
 use crate::chunk::{self, BlobId, BlobKind, Codec};
 use crate::repo::format::{self, SegEntry};
 use crate::repo::{BackupStats, DiskEntry, Manifest, Repo};
@@ -16,6 +16,7 @@ use crate::store::pack::{self, PackWriter};
 use crate::{Error, Result};
 use crossbeam_channel::bounded;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// One disk to back up.
@@ -65,6 +66,9 @@ struct SegResult {
     read: u64,
     data_bytes: u64,
     reused: u64,
+    /// The memo for this segment's bytes, to record once the backup is committed.
+    memo: Option<([u8; 32], SegMemo)>,
+    memo_hit: bool,
 }
 
 /// Writes new blobs into packs; a pack is flushed (store, then catalog) when it is full.
@@ -173,10 +177,11 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     progress.begin("backup", total);
     let mut sink = PackSink::new(repo);
     let mut entries = Vec::new();
+    let mut memos = Vec::new();
     let mut done = 0u64;
     for (d, ex) in disks.iter().zip(&extents) {
         let base = incremental_base(repo, vm, d)?;
-        let entry = backup_disk(repo, d, ex, base.as_ref(), &mut sink, &mut |n| {
+        let entry = backup_disk(repo, d, ex, base.as_ref(), &mut sink, &mut memos, &mut |n| {
             done += n;
             progress.add(n);
             lock.progress(done, total);
@@ -202,6 +207,16 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     let mut batch = Batch::default();
     batch.put_backup(vm, &id, &json);
     repo.catalog.write(batch)?;
+    // The memo is a cache: recorded after the commit, and a failure only costs speed later.
+    if !memos.is_empty() {
+        let mut batch = Batch::default();
+        for (k, m) in &memos {
+            batch.put_segmemo(k, m);
+        }
+        if let Err(e) = repo.catalog.write(batch) {
+            tracing::warn!("could not record the segment memo: {e}");
+        }
+    }
     Ok(manifest)
 }
 
@@ -229,7 +244,7 @@ fn incremental_base(repo: &Repo, vm: &str, d: &DiskSpec) -> Result<Option<Base>>
     Ok(Some(Base { id: prev.id.clone(), segs: repo.disk_segments(pd)?, dirty }))
 }
 
-fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base>, sink: &mut PackSink, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
+fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base>, sink: &mut PackSink, memos: &mut Vec<([u8; 32], SegMemo)>, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
     let size = d.source.size();
     let seg = u64::from(repo.config.chunker.segment_size);
     let n_segs = size.div_ceil(seg);
@@ -238,15 +253,30 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
     let (res_tx, res_rx) = bounded::<Result<SegResult>>(workers);
     let mut segs: Vec<Option<BlobId>> = vec![None; n_segs as usize];
     let mut data_bytes = 0;
+    let next_seg = AtomicU64::new(0);
+    let pool: Pool = bounded(workers * 2 + READERS + 2);
     std::thread::scope(|s| -> Result<()> {
         let source = d.source.as_ref();
         let reuse = base.map(|b| (b.segs.as_slice(), b.dirty.as_slice()));
-        s.spawn(move || read_segments(source, extents, reuse, seg, size, seg_tx));
+        let next = &next_seg;
+        let pool: &Pool = &pool;
+        for _ in 0..d.source.parallel_readers().clamp(1, READERS) {
+            let tx = seg_tx.clone();
+            s.spawn(move || read_segments(source, extents, reuse, seg, size, next, pool, tx));
+        }
+        drop(seg_tx);
         for _ in 0..workers {
             let (rx, tx) = (seg_rx.clone(), res_tx.clone());
             s.spawn(move || {
                 for item in rx {
-                    let r = item.and_then(|sg| process_segment(repo, sg));
+                    let r = item.and_then(|mut sg| {
+                        let data = sg.data.take();
+                        let r = process_segment(repo, sg, data.as_deref());
+                        if let Some(d) = data {
+                            let _ = pool.0.try_send(d);
+                        }
+                        r
+                    });
                     if tx.send(r).is_err() {
                         break;
                     }
@@ -262,6 +292,8 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
                 }
                 sink.stats.read_bytes += r.read;
                 sink.stats.reused_chunks += r.reused;
+                sink.stats.memo_segments += u64::from(r.memo_hit);
+                memos.extend(r.memo);
                 data_bytes += r.data_bytes;
                 segs[r.no as usize] = r.seglist;
                 on_read(r.read);
@@ -295,50 +327,63 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
 
 /// Read every segment that holds allocated bytes; the rest are sent as empty. In an
 /// incremental read, segments that no dirty range touches are sent as reused, unread.
+/// Several readers share the work through `next` (segment numbers are claimed in order), so a
+/// network source has more than one segment's reads in flight.
 type Reuse<'a> = Option<(&'a [Option<BlobId>], &'a [Extent])>;
 
-fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, tx: crossbeam_channel::Sender<Result<Segment>>) {
-    let mut ei = 0;
-    let mut di = 0;
-    let mut no = 0;
-    while no * seg < size {
+/// Reader threads per disk: one for local files (the page cache is fast), more for NBD.
+const READERS: usize = 3;
+
+/// Segment buffers go back to the readers once processed: no 4 MiB allocation and zero-fill
+/// per segment.
+type Pool = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>);
+
+fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, next: &AtomicU64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
+    loop {
+        let no = next.fetch_add(1, Ordering::Relaxed);
+        if no.saturating_mul(seg) >= size {
+            return;
+        }
         let (start, end) = (no * seg, ((no + 1) * seg).min(size));
         if let Some((prev, dirty)) = reuse {
-            while di < dirty.len() && dirty[di].1 <= start {
-                di += 1;
-            }
+            let di = dirty.partition_point(|d| d.1 <= start);
             if di >= dirty.len() || dirty[di].0 >= end {
                 let prev = prev.get(no as usize).copied().flatten();
                 if tx.send(Ok(Segment { no, data: None, len: end - start, reuse: Some(prev) })).is_err() {
                     return;
                 }
-                no += 1;
                 continue;
             }
         }
-        while ei < extents.len() && extents[ei].1 <= start {
-            ei += 1;
-        }
-        let mut data = None;
-        let mut j = ei;
+        let mut data: Option<Vec<u8>> = None;
+        let mut filled = 0; // bytes of the buffer set so far (data or zeros)
+        let mut j = extents.partition_point(|e| e.1 <= start);
         while j < extents.len() && extents[j].0 < end {
-            let buf = data.get_or_insert_with(|| vec![0u8; (end - start) as usize]);
-            let (a, b) = (extents[j].0.max(start), extents[j].1.min(end));
-            if let Err(e) = src.read_at(&mut buf[(a - start) as usize..(b - start) as usize], a) {
+            let buf = data.get_or_insert_with(|| {
+                let mut b = pool.1.try_recv().unwrap_or_default();
+                b.resize((end - start) as usize, 0);
+                b
+            });
+            let (a, b) = ((extents[j].0.max(start) - start) as usize, (extents[j].1.min(end) - start) as usize);
+            buf[filled..a].fill(0);
+            if let Err(e) = src.read_at(&mut buf[a..b], start + a as u64) {
                 let _ = tx.send(Err(e.into()));
                 return;
             }
+            filled = b;
             j += 1;
+        }
+        if let Some(buf) = &mut data {
+            buf[filled..].fill(0);
         }
         if tx.send(Ok(Segment { no, data, len: end - start, reuse: None })).is_err() {
             return;
         }
-        no += 1;
     }
 }
 
-fn process_segment(repo: &Repo, sg: Segment) -> Result<SegResult> {
-    let mut r = SegResult { no: sg.no, seglist: None, blobs: Vec::new(), read: 0, data_bytes: 0, reused: 0 };
+fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegResult> {
+    let mut r = SegResult { no: sg.no, seglist: None, blobs: Vec::new(), read: 0, data_bytes: 0, reused: 0, memo: None, memo_hit: false };
     if let Some(Some(prev)) = sg.reuse {
         // A clean segment: its data bytes come from the previous segment list, no byte is read.
         for e in repo.seglist(&prev, sg.len)? {
@@ -350,10 +395,22 @@ fn process_segment(repo: &Repo, sg: Segment) -> Result<SegResult> {
         r.seglist = Some(prev);
         return Ok(r);
     }
-    let Some(data) = sg.data else { return Ok(r) };
+    let Some(data) = data else { return Ok(r) };
     r.read = sg.len;
-    if chunk::is_zero(&data) {
+    if chunk::is_zero(data) {
         return Ok(r);
+    }
+    // Bytes seen before cut into the same segment list: one hash pass instead of cutting and
+    // hashing every chunk. Trusted only while that segment list is still in the catalog.
+    let memo_key = repo.keyer.memo(data);
+    if let Some(m) = repo.catalog.segmemo(&memo_key)? {
+        if repo.catalog.chunk(&m.seglist)?.is_some() {
+            r.seglist = Some(BlobId(m.seglist));
+            r.data_bytes = m.data_bytes;
+            r.reused = u64::from(m.chunks);
+            r.memo_hit = true;
+            return Ok(r);
+        }
     }
     let level = repo.config.compression.level;
     let mut entries: Vec<SegEntry> = Vec::new();
@@ -384,5 +441,7 @@ fn process_segment(repo: &Repo, sg: Segment) -> Result<SegResult> {
         r.blobs.push(NewBlob { id, kind: BlobKind::SegList, codec, stored, raw_len: bytes.len() as u32 });
     }
     r.seglist = Some(id);
+    let chunks = entries.iter().filter(|e| matches!(e, SegEntry::Chunk(..))).count() as u32;
+    r.memo = Some((memo_key, SegMemo { seglist: id.0, data_bytes: r.data_bytes, chunks }));
     Ok(r)
 }

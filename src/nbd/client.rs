@@ -81,7 +81,10 @@ pub struct Extent {
 enum OpKind {
     Read {
         offset: u64,
+        /// Empty until the first reply bytes arrive: a reply that covers the whole request
+        /// in one piece becomes the buffer itself (no zero-fill, no copy).
         buf: Vec<u8>,
+        len: u64,
         covered: u64,
     },
     Status {
@@ -212,7 +215,8 @@ impl Client {
         check_cap("read length", len.into(), MAX_PAYLOAD)?;
         let kind = OpKind::Read {
             offset,
-            buf: vec![0u8; len as usize],
+            buf: Vec::new(),
+            len: len.into(),
             covered: 0,
         };
         match self.submit(CMD_READ, 0, offset, len, &[], kind).await? {

@@ -108,6 +108,10 @@ pub struct BackupStats {
     pub new_chunks: u64,
     pub reused_chunks: u64,
     pub packs_written: u64,
+    /// Segments whose bytes were seen before: their segment list came from the catalog's memo,
+    /// without cutting or hashing each chunk.
+    #[serde(default)]
+    pub memo_segments: u64,
     pub seconds: f64,
 }
 

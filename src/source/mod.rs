@@ -54,6 +54,11 @@ pub trait Source: Send + Sync {
     fn bitmap(&self) -> Option<String> {
         None
     }
+    /// How many threads should read at once: more than one where each read waits on a round
+    /// trip (a network source), so the next segment's requests are in flight meanwhile.
+    fn parallel_readers(&self) -> usize {
+        1
+    }
 }
 
 /// True for `nbd://…`, `nbd+unix://…` and the other libnbd URI schemes.

@@ -136,4 +136,8 @@ impl Source for NbdSource {
     fn bitmap(&self) -> Option<String> {
         self.bitmap.clone()
     }
+
+    fn parallel_readers(&self) -> usize {
+        3
+    }
 }

@@ -58,11 +58,19 @@ async fn read_replies<R: AsyncRead + Unpin>(
         rd.read_exact(rest).await?;
         match parse_reply_header(magic, rest)? {
             ReplyHeader::Simple { error, cookie } => on_simple(shared, rd, error, cookie).await?,
+            ReplyHeader::Chunk(h) if h.kind == REPLY_TYPE_OFFSET_DATA && h.len > 8 => {
+                // Data goes straight into its own buffer (the common, large case).
+                let mut off = [0u8; 8];
+                rd.read_exact(&mut off).await?;
+                let data = read_vec(rd, h.len as usize - 8).await?;
+                let chunk = Chunk::OffsetData { offset: u64::from_be_bytes(off), data: &[] };
+                on_chunk(shared, &h, chunk, Some(data), ids)?;
+            }
             ReplyHeader::Chunk(h) => {
                 let mut payload = vec![0u8; h.len as usize];
                 rd.read_exact(&mut payload).await?;
                 let chunk = parse_chunk(&h, &payload)?;
-                on_chunk(shared, &h, chunk, ids)?;
+                on_chunk(shared, &h, chunk, None, ids)?;
             }
         }
     }
@@ -87,10 +95,7 @@ async fn on_simple<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let out = match &mut op.kind {
-        OpKind::Read { buf, .. } => {
-            rd.read_exact(buf).await?;
-            Output::Data(std::mem::take(buf))
-        }
+        OpKind::Read { len, .. } => Output::Data(read_vec(rd, *len as usize).await?),
         OpKind::Status { .. } => {
             return Err(ProtoError::Invalid("simple reply to block status").into())
         }
@@ -100,10 +105,24 @@ async fn on_simple<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Exactly `n` bytes into a new buffer, without zero-filling it first. `n` is capped by the
+/// caller (a request length or a checked chunk length).
+async fn read_vec<R: AsyncRead + Unpin>(rd: &mut R, n: usize) -> Result<Vec<u8>, ClientError> {
+    let mut v = Vec::with_capacity(n);
+    (&mut *rd).take(n as u64).read_to_end(&mut v).await?;
+    if v.len() != n {
+        return Err(ClientError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
+    }
+    Ok(v)
+}
+
+/// `owned`: the data of an OFFSET_DATA chunk, read into its own buffer (then `chunk`'s data
+/// is empty).
 fn on_chunk(
     shared: &Shared,
     h: &ChunkHeader,
     chunk: Chunk<'_>,
+    owned: Option<Vec<u8>>,
     ids: &[u32],
 ) -> Result<(), ClientError> {
     let mut p = shared.lock();
@@ -111,7 +130,10 @@ fn on_chunk(
         .ops
         .get_mut(&h.cookie)
         .ok_or(ProtoError::Invalid("chunk for unknown cookie"))?;
-    apply_chunk(op, chunk, ids)?;
+    match (owned, chunk) {
+        (Some(data), Chunk::OffsetData { offset, .. }) => apply_data(op, offset, data)?,
+        (_, chunk) => apply_chunk(op, chunk, ids)?,
+    }
     if !h.is_done() {
         return Ok(());
     }
@@ -122,7 +144,7 @@ fn on_chunk(
     drop(p);
     let result = match (op.error, op.kind) {
         (Some((errno, message)), _) => Err(ClientError::Server { errno, message }),
-        (None, OpKind::Read { buf, covered, .. }) if covered == buf.len() as u64 => {
+        (None, OpKind::Read { buf, covered, len, .. }) if covered == len && buf.len() as u64 == len => {
             Ok(Output::Data(buf))
         }
         (None, OpKind::Read { .. }) => {
@@ -133,6 +155,29 @@ fn on_chunk(
     };
     let _ = op.tx.send(result);
     Ok(())
+}
+
+/// Fold the data of one OFFSET_DATA chunk into a pending READ.
+fn apply_data(op: &mut Op, offset: u64, data: Vec<u8>) -> Result<(), ProtoError> {
+    let OpKind::Read { offset: base, buf, len, covered } = &mut op.kind else {
+        return Err(ProtoError::Invalid("chunk type does not match the request"));
+    };
+    let n = data.len() as u64;
+    if buf.is_empty() && *covered == 0 && offset == *base && n == *len {
+        *buf = data;
+    } else {
+        alloc_read(buf, *len);
+        read_target(buf, *base, offset, n)?.copy_from_slice(&data);
+    }
+    *covered = covered.saturating_add(n);
+    Ok(())
+}
+
+/// The READ buffer, zero-filled to the request length, for replies that come in pieces.
+fn alloc_read(buf: &mut Vec<u8>, len: u64) {
+    if buf.is_empty() {
+        buf.resize(len as usize, 0);
+    }
 }
 
 /// Fold one chunk into the pending operation; inconsistent chunks are errors.
@@ -147,9 +192,11 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
             OpKind::Read {
                 offset: base,
                 buf,
+                len: rlen,
                 covered,
             },
         ) => {
+            alloc_read(buf, *rlen);
             let dst = read_target(buf, *base, offset, data.len() as u64)?;
             dst.copy_from_slice(data);
             *covered = covered.saturating_add(data.len() as u64);
@@ -159,9 +206,11 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
             OpKind::Read {
                 offset: base,
                 buf,
+                len: rlen,
                 covered,
             },
         ) => {
+            alloc_read(buf, *rlen);
             read_target(buf, *base, offset, len.into())?.fill(0);
             *covered = covered.saturating_add(len.into());
         }
