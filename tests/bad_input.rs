@@ -39,7 +39,7 @@ fn clear_errors_for_bad_input() {
 
     // Not a repository, and a damaged config.
     let empty = tempfile::tempdir().unwrap();
-    let r = Repo { dir: tempfile::tempdir().unwrap() };
+    let r = Repo { dir: tempfile::tempdir().unwrap(), env: Vec::new() };
     let out = std::process::Command::new(BIN).args(["--repo", empty.path().to_str().unwrap(), "backups"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));

@@ -52,6 +52,27 @@ enum Cmd {
         /// zstd level (1 is fastest; 3 compresses a little better)
         #[arg(long, default_value_t = 1)]
         compression_level: i32,
+        /// Keep the store in an S3 bucket (AWS, MinIO, Ceph RGW, Garage, ...): s3://BUCKET/PREFIX.
+        /// Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+        /// AWS_PROFILE, ...). The repository directory then holds only the catalog, locks and a read cache.
+        #[arg(long, value_name = "URL")]
+        s3: Option<String>,
+        /// S3 endpoint for servers other than AWS, e.g. http://127.0.0.1:9000
+        #[arg(long, value_name = "URL", requires = "s3")]
+        endpoint: Option<String>,
+        /// S3 region (default: AWS_REGION, else us-east-1)
+        #[arg(long, requires = "s3")]
+        region: Option<String>,
+        /// Address the bucket in the path (http://host/bucket/key), as most self-hosted servers need
+        #[arg(long, requires = "s3")]
+        path_style: bool,
+        /// Local read-cache size for an S3 store, e.g. 512M, 4G (0 turns it off)
+        #[arg(long, value_name = "SIZE", requires = "s3", default_value = "2G")]
+        cache_size: String,
+        /// Attach to a repository that already exists in the bucket (a new appliance, or after
+        /// losing this machine): the catalog is rebuilt from the bucket alone
+        #[arg(long, requires = "s3")]
+        existing: bool,
     },
     /// Back up the disks of a VM (raw images, block devices or NBD exports); only allocated extents are read
     #[command(after_help = "Examples:\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img --disk data=/dev/vg0/web-01-data\n  \
@@ -177,9 +198,16 @@ pub fn run(cli: Cli) -> Result<i32> {
     let bar = progress::Bar::new(cli.quiet || cli.json);
     let open = || Repo::open(&repo_dir);
     match cli.cmd {
-        Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level } => {
+        Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level, s3, endpoint, region, path_style, cache_size, existing } => {
             let params = crate::chunk::ChunkerParams { segment_size, min_size: chunk_min, avg_size: chunk_avg, max_size: chunk_max };
-            let repo = Repo::init(&repo_dir, params, compression_level)?;
+            let repo = match s3 {
+                Some(url) => {
+                    let mut loc = crate::store::s3::S3Location::parse(&url).map_err(Error::Invalid)?;
+                    (loc.endpoint, loc.region, loc.path_style) = (endpoint, region, path_style);
+                    Repo::init_s3(&repo_dir, loc, params, compression_level, parse_size(&cache_size)?, existing)?
+                }
+                None => Repo::init(&repo_dir, params, compression_level)?,
+            };
             out.init(&repo);
         }
         Cmd::Backup { vm, disks, bitmap, since } => {
@@ -304,4 +332,26 @@ fn refuse_if_busy(dir: &Path) -> Result<()> {
         return Err(Error::Busy(format!("a {} of VM {} (pid {}) is running; rebuild the catalog when no holdfast operation runs", s.op, s.vm, s.pid)));
     }
     Ok(())
+}
+
+/// `512M`, `4G`, `1T`, `0` or plain bytes.
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let mul = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => 0,
+            };
+            (&t[..i], mul)
+        }
+        _ => (t, 1),
+    };
+    match num.parse::<u64>() {
+        Ok(n) if mul > 0 => n.checked_mul(mul).ok_or_else(|| Error::Invalid(format!("size {s:?} is too large"))),
+        _ => Err(Error::Invalid(format!("{s:?} is not a size; write e.g. 512M or 4G"))),
+    }
 }

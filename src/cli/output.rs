@@ -26,12 +26,16 @@ impl Out {
     }
 
     pub fn init(&self, r: &Repo) {
-        let v = serde_json::json!({"repo": r.dir, "chunker": r.config.chunker, "compression": r.config.compression});
+        let store = r.store_url();
+        let v = serde_json::json!({"repo": r.dir, "store": store, "chunker": r.config.chunker, "compression": r.config.compression});
         if !self.json(&v) {
             let c = &r.config.chunker;
             println!("created repository {}", r.dir.display());
+            if r.remote.is_some() {
+                println!("  store: {store} (read cache {} in {}/cache)", HumanBytes(r.remote.as_ref().map_or(0, |x| x.cache_bytes)), r.dir.display());
+            }
             println!("  segments {} · chunks {}/{}/{} (min/avg/max) · zstd level {}", HumanBytes(c.segment_size.into()), HumanBytes(c.min_size.into()), HumanBytes(c.avg_size.into()), HumanBytes(c.max_size.into()), r.config.compression.level);
-            println!("  keep a copy of {}/config: its id key is needed to read the backups", r.dir.display());
+            println!("  keep a copy of {store}/config: its id key is needed to read the backups");
         }
     }
 
@@ -52,6 +56,9 @@ impl Out {
         let ratio = if s.new_stored_bytes > 0 { format!("{:.1}x", s.data_bytes as f64 / s.new_stored_bytes as f64) } else { "all deduplicated".into() };
         println!("  ratio     {ratio:>10}  (data / newly stored)");
         println!("  time      {:>10}", HumanDuration(Duration::from_secs_f64(s.seconds)).to_string());
+        if let Some(r) = &s.store_requests {
+            println!("  S3        {:>10}  up in {} PUT, {} GET, {} HEAD, {} LIST", HumanBytes(r.bytes_up).to_string(), r.put, r.get, r.head, r.list);
+        }
     }
 
     pub fn backups(&self, ms: &[Manifest]) {
@@ -140,6 +147,14 @@ impl Out {
         println!("compression      {:.2}x", s.compression_ratio);
         println!("overall          {:.2}x", s.total_ratio);
         println!("cost             ${:.4}/month at ${}/GB-month", s.cost_per_month, s.price_per_gb_month);
+        if let Some(r) = &s.s3_requests {
+            println!("store            {}", s.store);
+            println!("S3 requests      {} PUT · {} GET · {} HEAD · {} LIST · {} DELETE", r.put, r.get, r.head, r.list, r.delete);
+            println!("S3 traffic       {} up · {} down", HumanBytes(r.bytes_up), HumanBytes(r.bytes_down));
+        }
+        if let Some(p) = s.backup_puts_per_gb {
+            println!("backup PUTs      {p:.1} per GB of new data");
+        }
     }
 
     pub fn rebuild(&self, r: &SyncReport) {

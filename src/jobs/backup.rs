@@ -7,15 +7,15 @@
 
 use super::lock::VmLock;
 use super::Progress;
-use crate::catalog::{Batch, ChunkLoc, PackInfo, SegMemo};
+use crate::catalog::{Batch, ChunkLoc, PackId, PackInfo, SegMemo};
 use crate::chunk::{self, BlobId, BlobKind, Codec};
 use crate::repo::format::{self, SegEntry};
 use crate::repo::{BackupStats, DiskEntry, Manifest, Repo};
 use crate::source::{Extent, Source};
-use crate::store::pack::{self, PackWriter};
+use crate::store::pack::{self, PackEntry, PackWriter};
 use crate::{Error, Result};
 use crossbeam_channel::bounded;
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -71,24 +71,44 @@ struct SegResult {
     memo_hit: bool,
 }
 
-/// Writes new blobs into packs; a pack is flushed (store, then catalog) when it is full.
+/// Writes new blobs into packs. A full pack is sealed and uploaded on its own thread while
+/// the next one fills (a few in flight: a remote PUT mostly waits on the network); the catalog
+/// learns a pack's blobs only once its upload has succeeded.
 pub(crate) struct PackSink<'a> {
     repo: &'a Repo,
     writer: PackWriter,
+    /// Blobs in the open pack or in packs still uploading.
     pending: HashSet<[u8; 32]>,
+    uploads: VecDeque<Upload>,
     pub stats: BackupStats,
     crash_after: Option<u64>,
+}
+
+struct Upload {
+    pack_id: PackId,
+    size: u64,
+    entries: Vec<PackEntry>,
+    done: std::thread::JoinHandle<crate::store::StoreResult<()>>,
 }
 
 impl<'a> PackSink<'a> {
     pub(crate) fn new(repo: &'a Repo) -> Self {
         let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS").ok().and_then(|v| v.parse().ok());
-        PackSink { repo, writer: Self::fresh_writer(repo), pending: HashSet::new(), stats: BackupStats::default(), crash_after }
+        PackSink { repo, writer: Self::fresh_writer(repo), pending: HashSet::new(), uploads: VecDeque::new(), stats: BackupStats::default(), crash_after }
     }
 
     fn fresh_writer(repo: &Repo) -> PackWriter {
         // Room for a full pack, its last blob and the footer, so the buffer never doubles.
         PackWriter::with_capacity(repo.config.pack_target as usize + (2 << 20))
+    }
+
+    /// Packs uploading at once: each holds a pack's bytes in memory.
+    fn max_uploads(&self) -> usize {
+        if self.repo.remote.is_some() {
+            4
+        } else {
+            2 // the next pack compresses while the last one is fsynced
+        }
     }
 
     /// True when the blob is already stored (or waiting in the open pack).
@@ -113,32 +133,71 @@ impl<'a> PackSink<'a> {
             self.stats.new_chunks += 1;
         }
         if self.writer.len() >= self.repo.config.pack_target as usize {
-            self.flush()?;
+            self.seal()?;
         }
         Ok(true)
     }
 
-    pub(crate) fn flush(&mut self) -> Result<()> {
+    /// Start uploading the open pack; waits only while too many uploads are in flight.
+    fn seal(&mut self) -> Result<()> {
         if self.writer.is_empty() {
             return Ok(());
         }
         let (bytes, entries) = std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
         let pack_id = Repo::new_pack_id()?;
-        self.repo.store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes)?;
+        let store = self.repo.store.clone();
+        let size = bytes.len() as u64;
+        let done = std::thread::Builder::new()
+            .name("holdfast-upload".into())
+            .spawn(move || store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes))
+            .map_err(|e| Error::io("start an upload thread", e))?;
+        self.uploads.push_back(Upload { pack_id, size, entries, done });
+        while self.uploads.len() > self.max_uploads() - 1 {
+            self.finish_one()?;
+        }
+        Ok(())
+    }
+
+    /// Wait for the oldest upload and record its pack in the catalog.
+    fn finish_one(&mut self) -> Result<()> {
+        let Some(u) = self.uploads.pop_front() else { return Ok(()) };
+        let stored = u.done.join().unwrap_or_else(|_| Err(crate::store::StoreError::Remote { key: hex::encode(u.pack_id), msg: "the upload thread panicked".into() }));
+        stored?;
         let mut batch = Batch::default();
-        for e in &entries {
-            let loc = ChunkLoc { pack: pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+        for e in &u.entries {
+            let loc = ChunkLoc { pack: u.pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
             batch.put_chunk(&e.id, &loc);
         }
-        batch.put_pack(&pack_id, &PackInfo { created: crate::timefmt::now_millis(), size: bytes.len() as u64, entries: entries.len() as u32 });
+        batch.put_pack(&u.pack_id, &PackInfo { created: crate::timefmt::now_millis(), size: u.size, entries: u.entries.len() as u32 });
         self.repo.catalog.write(batch)?;
-        self.pending.clear();
+        for e in &u.entries {
+            self.pending.remove(&e.id);
+        }
         self.stats.packs_written += 1;
         if self.crash_after.is_some_and(|n| self.stats.packs_written >= n) {
             eprintln!("holdfast: HOLDFAST_TEST_CRASH_AFTER_PACKS reached, aborting");
             std::process::abort();
         }
         Ok(())
+    }
+
+    /// Seal the open pack and wait until every pack is stored and in the catalog.
+    pub(crate) fn flush(&mut self) -> Result<()> {
+        self.seal()?;
+        while !self.uploads.is_empty() {
+            self.finish_one()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PackSink<'_> {
+    /// On an error, let uploads in flight end before returning (their packs are unreferenced
+    /// until a later sync imports them or gc removes them).
+    fn drop(&mut self) {
+        for u in self.uploads.drain(..) {
+            let _ = u.done.join();
+        }
     }
 }
 
@@ -164,6 +223,7 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
         return Err(Error::Invalid("no disks to back up; pass --disk NAME=PATH".into()));
     }
     let started = Instant::now();
+    let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
     let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
     // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
     repo.sync()?;
@@ -197,6 +257,13 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
     stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
     stats.seconds = started.elapsed().as_secs_f64();
+    if let (Some(r), Some(before)) = (&repo.remote, requests_before) {
+        // The manifest upload itself is one more PUT (and a HEAD before it).
+        let mut n = r.requests.snapshot().minus(&before);
+        n.put += 1;
+        n.head += 1;
+        stats.store_requests = Some(n);
+    }
     let manifest = Manifest { version: 1, vm: vm.into(), id: id.clone(), time, time_ms: lock.started_ms(), disks: entries, stats };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     let key = Manifest::key(vm, &id);

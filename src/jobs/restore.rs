@@ -103,7 +103,7 @@ pub fn restore(repo: &Repo, m: &Manifest, disk: &DiskEntry, to: &Path, force: bo
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let seg = u64::from(disk.segment_size);
     std::thread::scope(|s| {
-        for _ in 0..super::workers() {
+        for _ in 0..repo.io_workers() {
             s.spawn(|| {
                 let mut buf = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
@@ -143,9 +143,22 @@ fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, 
     buf.clear();
     buf.resize(len as usize, 0);
     let Some(id) = seglist else { return if t.is_block { write(buf, start) } else { Ok(()) } };
+    let entries = repo.seglist(id, len)?;
+    // All of the segment's chunks in one go: a remote store fetches neighbours in one request.
+    let mut ids = Vec::new();
+    let mut offsets = Vec::new();
+    let mut at = 0u64;
+    for e in &entries {
+        if let SegEntry::Chunk(cid, _) = e {
+            ids.push(*cid);
+            offsets.push(at);
+        }
+        at += u64::from(e.len());
+    }
+    let mut chunks = repo.read_blobs(BlobKind::Chunk, &ids).map_err(|(i, e)| located(e, start + offsets[i]))?.into_iter();
     let mut at = 0usize;
     let mut run: Option<usize> = None; // start of the current data run inside buf
-    for e in repo.seglist(id, len)? {
+    for e in entries {
         let l = e.len() as usize;
         match e {
             SegEntry::Hole(_) => {
@@ -153,8 +166,8 @@ fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, 
                     write(&buf[r..at], start + r as u64)?;
                 }
             }
-            SegEntry::Chunk(cid, _) => {
-                let data = repo.read_blob(BlobKind::Chunk, &cid).map_err(|e| located(e, start + at as u64))?;
+            SegEntry::Chunk(..) => {
+                let data = chunks.next().expect("one blob per chunk entry");
                 buf[at..at + l].copy_from_slice(&data);
                 run.get_or_insert(at);
                 progress.add(l as u64);

@@ -8,6 +8,8 @@ use std::collections::HashSet;
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
+    /// The store: a directory, or s3://BUCKET/PREFIX.
+    pub store: String,
     pub vms: u64,
     pub backups: u64,
     /// Sum of the disk sizes of every backup.
@@ -30,6 +32,12 @@ pub struct Stats {
     pub total_ratio: f64,
     pub price_per_gb_month: f64,
     pub cost_per_month: f64,
+    /// S3 stores: requests made through this repository directory so far, by type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_requests: Option<crate::store::s3::RequestCounts>,
+    /// S3 stores: PUT requests per GB (10^9 bytes) of new data, over the backups that counted them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_puts_per_gb: Option<f64>,
 }
 
 fn ratio(a: u64, b: u64) -> f64 {
@@ -55,7 +63,10 @@ pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
     let packs = repo.catalog.packs()?;
     let stored: u64 = packs.iter().map(|(_, p)| p.size).sum();
     let data: u64 = ms.iter().map(|m| m.stats.data_bytes).sum();
+    let counted: Vec<_> = ms.iter().filter_map(|m| m.stats.store_requests.map(|r| (r.put, m.stats.new_raw_bytes))).collect();
+    let (puts, new_bytes) = counted.iter().fold((0u64, 0u64), |(p, b), (pp, bb)| (p + pp, b + bb));
     Ok(Stats {
+        store: repo.store_url(),
         vms: vms.len() as u64,
         backups: ms.len() as u64,
         logical_bytes: ms.iter().map(|m| m.stats.logical_bytes).sum(),
@@ -70,5 +81,7 @@ pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
         total_ratio: ratio(data, stored),
         price_per_gb_month,
         cost_per_month: stored as f64 / 1e9 * price_per_gb_month,
+        s3_requests: repo.requests(),
+        backup_puts_per_gb: (new_bytes > 0).then(|| puts as f64 / (new_bytes as f64 / 1e9)),
     })
 }

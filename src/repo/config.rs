@@ -113,6 +113,9 @@ pub struct BackupStats {
     #[serde(default)]
     pub memo_segments: u64,
     pub seconds: f64,
+    /// S3 requests this backup made (S3 stores only), up to the manifest upload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_requests: Option<crate::store::s3::RequestCounts>,
 }
 
 impl Manifest {

@@ -2,7 +2,9 @@
 //!
 //! Layout of a local repository directory:
 //! `config`, `packs/`, `backups/` (the store, DESIGN §4), `catalog/` (RocksDB, rebuildable),
-//! `locks/` (per-VM operation locks with progress). The catalog is kept in step with the store
+//! `locks/` (per-VM operation locks with progress). A repository whose store is an S3 bucket
+//! keeps only `store.json` (where the bucket is, the read-cache budget), `catalog/`, `locks/`,
+//! `cache/` and `requests.json` (S3 requests so far) locally; the store keys live in the bucket. The catalog is kept in step with the store
 //! by `sync`: packs or manifests the catalog does not know (a killed backup, another appliance)
 //! are imported, and entries whose objects are gone are dropped.
 
@@ -15,7 +17,9 @@ pub use sync::{rebuild as rebuild_catalog, SyncReport};
 
 use crate::catalog::{Catalog, ChunkLoc, PackId};
 use crate::chunk::{self, BlobId, BlobKind, Codec, Keyer};
-use crate::store::{pack, LocalStore, ObjectStore, StoreError};
+use crate::store::s3::{RequestCounts, RequestStats, S3Location, S3Options, S3Store};
+use crate::store::{pack, CachedStore, LocalStore, ObjectStore, StoreError};
+use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,24 +27,56 @@ use std::sync::Arc;
 pub struct Repo {
     pub dir: PathBuf,
     pub store: Arc<dyn ObjectStore>,
+    /// The store without the read cache (verify checks what the store holds, not the cache).
+    pub uncached: Arc<dyn ObjectStore>,
     pub catalog: Catalog,
     pub config: Config,
     pub keyer: Keyer,
+    /// Set when the store is S3: where, and the requests this process made.
+    pub remote: Option<Remote>,
+}
+
+pub struct Remote {
+    pub location: S3Location,
+    pub requests: Arc<RequestStats>,
+    /// Budget of the local read cache in bytes.
+    pub cache_bytes: u64,
+}
+
+/// The local file that points a repository directory at its S3 store.
+pub const REMOTE_FILE: &str = "store.json";
+const REQUESTS_FILE: &str = "requests.json";
+/// Default read-cache budget for S3 stores.
+pub const DEFAULT_CACHE_BYTES: u64 = 2 << 30;
+
+#[derive(Serialize, Deserialize)]
+struct RemoteFile {
+    s3: S3Location,
+    cache_bytes: u64,
+}
+
+/// True when `dir` holds a repository (a local store, or a pointer to an S3 one).
+pub fn is_repo(dir: &Path) -> bool {
+    dir.join("config").exists() || dir.join(REMOTE_FILE).exists()
+}
+
+fn check_new_dir(dir: &Path) -> Result<()> {
+    if is_repo(dir) {
+        return Err(Error::Invalid(format!("{} already holds a holdfast repository; use it, or pick another directory", dir.display())));
+    }
+    if let Ok(mut rd) = std::fs::read_dir(dir) {
+        if rd.next().is_some() {
+            return Err(Error::Invalid(format!("{} is not empty; holdfast init needs an empty or new directory", dir.display())));
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))
 }
 
 impl Repo {
     /// Create a new repository in `dir` (empty or missing).
     pub fn init(dir: &Path, chunker: chunk::ChunkerParams, level: i32) -> Result<Repo> {
         chunker.validate()?;
-        if dir.join("config").exists() {
-            return Err(Error::Invalid(format!("{} already holds a holdfast repository; use it, or pick another directory", dir.display())));
-        }
-        if let Ok(mut rd) = std::fs::read_dir(dir) {
-            if rd.next().is_some() {
-                return Err(Error::Invalid(format!("{} is not empty; holdfast init needs an empty or new directory", dir.display())));
-            }
-        }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        check_new_dir(dir)?;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
         let cfg = Config::new(chunker, level, key);
@@ -52,29 +88,97 @@ impl Repo {
         Repo::open(dir)
     }
 
+    /// Create a repository whose store is an S3 bucket (`existing`: attach this directory to a
+    /// repository already in the bucket and rebuild the catalog from it). The bucket is checked
+    /// first: endpoint, credentials and bucket errors come out here, before anything is written.
+    pub fn init_s3(dir: &Path, location: S3Location, chunker: chunk::ChunkerParams, level: i32, cache_bytes: u64, existing: bool) -> Result<Repo> {
+        chunker.validate()?;
+        let s3 = S3Store::open(&location, S3Options::from_env())?;
+        s3.check()?;
+        let has_config = s3.exists("config")?;
+        if has_config && !existing {
+            return Err(Error::Invalid(format!(
+                "{} already holds a holdfast repository; attach to it with `holdfast init --s3 {} --existing`, or pick another prefix",
+                location.url(),
+                location.url()
+            )));
+        }
+        if !has_config && existing {
+            return Err(Error::NotFound(format!("{} holds no holdfast repository (no config); drop --existing to create one", location.url())));
+        }
+        check_new_dir(dir)?;
+        let remote = RemoteFile { s3: location, cache_bytes };
+        let json = serde_json::to_vec_pretty(&remote).map_err(|e| Error::Invalid(e.to_string()))?;
+        LocalStore::new(dir).put(REMOTE_FILE, &json)?;
+        Catalog::create(&dir.join("catalog"))?;
+        if !existing {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
+            let cfg = Config::new(chunker, level, key);
+            let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+            s3.put("config", &json)?;
+        }
+        let repo = Repo::open(dir)?;
+        if existing {
+            repo.sync()?;
+        }
+        Ok(repo)
+    }
+
+    /// The store a repository directory points at: itself, or an S3 bucket behind a read cache.
+    fn open_store(dir: &Path) -> Result<(Arc<dyn ObjectStore>, Arc<dyn ObjectStore>, Option<Remote>)> {
+        let remote = dir.join(REMOTE_FILE);
+        if !remote.exists() {
+            let s: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
+            return Ok((s.clone(), s, None));
+        }
+        let raw = std::fs::read(&remote).map_err(|e| Error::io(format!("read {}", remote.display()), e))?;
+        let r: RemoteFile = serde_json::from_slice(&raw)
+            .map_err(|e| Error::Invalid(format!("{} is damaged ({e}); write it again with `holdfast init --s3 URL --existing` in a new directory", remote.display())))?;
+        let s3 = S3Store::open(&r.s3, S3Options::from_env())?;
+        let requests = s3.stats.clone();
+        let uncached: Arc<dyn ObjectStore> = Arc::new(s3);
+        let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(uncached.clone(), &dir.join("cache"), r.cache_bytes));
+        Ok((store, uncached, Some(Remote { location: r.s3, requests, cache_bytes: r.cache_bytes })))
+    }
+
+    /// Where the store is, for messages.
+    pub fn store_url(&self) -> String {
+        match &self.remote {
+            Some(r) => r.location.url(),
+            None => self.dir.display().to_string(),
+        }
+    }
+
+    /// S3 requests so far: those recorded by earlier processes plus this one's.
+    pub fn requests(&self) -> Option<RequestCounts> {
+        let r = self.remote.as_ref()?;
+        Some(read_requests(&self.dir).plus(&r.requests.snapshot()))
+    }
+
     pub fn open(dir: &Path) -> Result<Repo> {
-        let store = LocalStore::new(dir);
+        let (store, uncached, remote) = Repo::open_store(dir)?;
+        let where_ = remote.as_ref().map(|r| r.location.url()).unwrap_or_else(|| dir.display().to_string());
         let raw = match store.get("config") {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {
                 return Err(Error::NotFound(format!(
                     "{} is not a holdfast repository (no config); create one with `holdfast init --repo {}` or point --repo/HOLDFAST_REPO at an existing one",
-                    dir.display(),
+                    where_,
                     dir.display()
                 )))
             }
             Err(e) => return Err(e.into()),
         };
         let (config, key) = Config::parse(&raw).map_err(|e| {
-            Error::Invalid(format!("{}/config is damaged: {e}; restore it from a copy (its id key is needed to read the backups)", dir.display()))
+            Error::Invalid(format!("{where_}/config is damaged: {e}; restore it from a copy (its id key is needed to read the backups)"))
         })?;
         let cat_dir = dir.join("catalog");
         if !cat_dir.join("CURRENT").exists() {
             Catalog::create(&cat_dir)?;
         }
         let catalog = Catalog::open(&cat_dir)?;
-        let store: Arc<dyn ObjectStore> = Arc::new(store);
-        Ok(Repo { dir: dir.to_path_buf(), store, catalog, config, keyer: Keyer::new(key) })
+        Ok(Repo { dir: dir.to_path_buf(), store, uncached, catalog, config, keyer: Keyer::new(key), remote })
     }
 
     /// Fetch, decode and verify one blob by id.
@@ -101,8 +205,63 @@ impl Repo {
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
         let stored = self.store.get_range(&pack::pack_key(&hex::encode(loc.pack)), loc.offset, loc.stored_len as usize)?;
+        self.decode_at(kind, id, loc, &stored)
+    }
+
+    fn decode_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc, stored: &[u8]) -> Result<Vec<u8>> {
         let codec = Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))?;
-        Ok(chunk::decode(&self.keyer, kind, id, codec, &stored, loc.raw_len as usize)?)
+        Ok(chunk::decode(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
+    }
+
+    /// Fetch, decode and verify several blobs: those in one pack are fetched together (one
+    /// request per run of nearby blobs on a remote store). Results come in the order given.
+    pub fn read_located(&self, store: &dyn ObjectStore, kind: BlobKind, items: &[(BlobId, ChunkLoc)]) -> Vec<Result<Vec<u8>>> {
+        let mut by_pack: std::collections::BTreeMap<PackId, Vec<usize>> = Default::default();
+        for (i, (_, loc)) in items.iter().enumerate() {
+            by_pack.entry(loc.pack).or_default().push(i);
+        }
+        let mut out: Vec<Option<Result<Vec<u8>>>> = (0..items.len()).map(|_| None).collect();
+        for (pack_id, members) in by_pack {
+            let key = pack::pack_key(&hex::encode(pack_id));
+            let ranges: Vec<(u64, usize)> = members.iter().map(|&i| (items[i].1.offset, items[i].1.stored_len as usize)).collect();
+            match store.get_ranges(&key, &ranges) {
+                Ok(stored) => {
+                    for (&i, bytes) in members.iter().zip(stored) {
+                        let (id, loc) = &items[i];
+                        out[i] = Some(self.decode_at(kind, id, loc, &bytes));
+                    }
+                }
+                // Read one by one, so each blob gets its own error.
+                Err(_) => {
+                    for &i in &members {
+                        let (id, loc) = &items[i];
+                        out[i] = Some(store.get_range(&key, loc.offset, loc.stored_len as usize).map_err(Error::from).and_then(|b| self.decode_at(kind, id, loc, &b)));
+                    }
+                }
+            }
+        }
+        out.into_iter().map(|r| r.expect("every item was read")).collect()
+    }
+
+    /// Read many blobs by id, fetched together where they share a pack; the error names the
+    /// index of the first blob that failed.
+    pub fn read_blobs(&self, kind: BlobKind, ids: &[BlobId]) -> std::result::Result<Vec<Vec<u8>>, (usize, Error)> {
+        let mut items = Vec::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            items.push((*id, self.locate(id).map_err(|e| (i, e))?));
+        }
+        self.read_located(self.store.as_ref(), kind, &items).into_iter().enumerate().map(|(i, r)| r.map_err(|e| (i, e))).collect()
+    }
+
+    /// Threads that keep the store busy: the CPU count locally; more for a remote store, whose
+    /// requests mostly wait on the network.
+    pub fn io_workers(&self) -> usize {
+        let cpus = crate::jobs::workers();
+        if self.remote.is_some() {
+            (cpus * 4).clamp(8, 32)
+        } else {
+            cpus
+        }
     }
 
     /// All committed manifests, oldest first within each VM.
@@ -168,6 +327,31 @@ impl Repo {
     }
 
     pub fn local(&self) -> Option<LocalStore> {
-        Some(LocalStore::new(&self.dir))
+        self.remote.is_none().then(|| LocalStore::new(&self.dir))
+    }
+}
+
+fn read_requests(dir: &Path) -> RequestCounts {
+    std::fs::read(dir.join(REQUESTS_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+impl Drop for Repo {
+    /// Add this process's S3 requests to the repository's running totals (under a lock, as
+    /// several processes may end at once). Best effort: the counts are statistics.
+    fn drop(&mut self) {
+        let Some(r) = &self.remote else { return };
+        let mine = r.requests.snapshot();
+        if mine == RequestCounts::default() {
+            return;
+        }
+        let Ok(lock) = std::fs::File::create(self.dir.join("requests.lock")) else { return };
+        // SAFETY: flock on a file descriptor we own; released when `lock` closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return;
+        }
+        let total = read_requests(&self.dir).plus(&mine);
+        if let Ok(json) = serde_json::to_vec_pretty(&total) {
+            let _ = LocalStore::new(&self.dir).put(REQUESTS_FILE, &json);
+        }
     }
 }

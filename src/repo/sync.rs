@@ -128,7 +128,7 @@ impl Repo {
 /// Throw the catalog away and rebuild it from the store alone.
 pub fn rebuild(dir: &Path) -> Result<SyncReport> {
     let cat = dir.join("catalog");
-    if !dir.join("config").exists() {
+    if !super::is_repo(dir) {
         return Repo::open(dir).map(|_| SyncReport::default());
     }
     if cat.exists() {

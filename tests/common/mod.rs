@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod s3;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
 /// Fail (never skip) when a tool is missing.
@@ -16,6 +18,12 @@ pub fn require(tool: &str, package: &str) {
         .unwrap_or(false)
         || Path::new("/usr/sbin").join(tool).is_file();
     assert!(found, "{tool} is missing: install it with `apt-get install -y {package}` (scripts/install-deps does)");
+}
+
+/// Fail (never skip) when a tool installed with cargo is missing.
+pub fn require_cargo_tool(tool: &str, install: &str) {
+    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
+    assert!(found, "{tool} is missing: install it with `{install}` (scripts/install-deps does)");
 }
 
 /// The test disks of testdata/make-disks.sh, built once per machine into the target dir.
@@ -71,12 +79,24 @@ impl Run {
 /// A repository in a temp dir, and the binary pointed at it.
 pub struct Repo {
     pub dir: tempfile::TempDir,
+    /// Extra environment for every run (S3 credentials).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Repo {
     pub fn new() -> Repo {
-        let r = Repo { dir: tempfile::tempdir().unwrap() };
+        let r = Repo { dir: tempfile::tempdir().unwrap(), env: Vec::new() };
         r.run(&["init"]).ok();
+        r
+    }
+
+    /// A repository whose store is `s3://bkt/PREFIX` at `endpoint` (a test S3 server or proxy).
+    pub fn new_s3(endpoint: &str, prefix: &str, extra: &[&str]) -> Repo {
+        let r = Repo { dir: tempfile::tempdir().unwrap(), env: s3::env() };
+        let url = format!("s3://{}/{prefix}", s3::BUCKET);
+        let mut args = vec!["init", "--s3", &url, "--endpoint", endpoint, "--path-style"];
+        args.extend_from_slice(extra);
+        r.run(&args).ok();
         r
     }
     pub fn path(&self) -> PathBuf {
@@ -85,6 +105,9 @@ impl Repo {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.arg("--repo").arg(self.path()).args(args).env_remove("HOLDFAST_REPO");
+        for (k, v) in &self.env {
+            c.env(k, v);
+        }
         c
     }
     pub fn run(&self, args: &[&str]) -> Run {
