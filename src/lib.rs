@@ -13,6 +13,8 @@
 pub mod catalog;
 pub mod chunk;
 #[cfg(feature = "appliance")]
+pub mod fuse;
+#[cfg(feature = "appliance")]
 pub mod cli;
 #[cfg(feature = "appliance")]
 pub mod image;

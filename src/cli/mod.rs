@@ -160,6 +160,50 @@ exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
         #[arg(long, value_name = "PATH")]
         keep_overlay: Option<PathBuf>,
     },
+    /// Browse every backup as a read-only filesystem, down to the files inside the guests
+    #[command(after_help = "Layout:\n  MOUNTPOINT/<vm>/latest                 the newest backup (a symlink)\n  \
+MOUNTPOINT/<vm>/<id>/<disk>.img         the raw disk\n  \
+MOUNTPOINT/<vm>/<id>/<disk>/p1.img      a raw partition\n  \
+MOUNTPOINT/<vm>/<id>/<disk>/p1/...      its files (ext2/3/4, FAT12/16/32, NTFS)\n  \
+MOUNTPOINT/<vm>/<id>/<disk>/fs/...      a disk that is one filesystem without a partition table\n\n\
+Runs in the foreground until `holdfast umount MOUNTPOINT`, Ctrl-C or SIGTERM. Damaged data is an\n\
+I/O error for the reads that touch it, never wrong bytes.\n\n\
+Example:\n  mkdir -p /mnt/holdfast && holdfast mount /mnt/holdfast &\n  ls /mnt/holdfast/web-01/latest/root/p2/etc")]
+    Mount {
+        /// An existing empty directory
+        mountpoint: PathBuf,
+        /// Show only this VM's backups
+        #[arg(long)]
+        vm: Option<String>,
+        /// Only root may browse (default: every user, with the guests' own permissions)
+        #[arg(long)]
+        private: bool,
+    },
+    /// Unmount a `holdfast mount`; its process then ends
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open there (the mount ends when they close)
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Print a file from inside a backup to standard output, without mounting
+    #[command(after_help = "Example: holdfast cat web-01@20261122-101500:root/p2/etc/fstab\n\n\
+PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a partition table.")]
+    Cat {
+        /// VM[@ID]:DISK/PART/PATH (VM alone means the newest backup)
+        spec: String,
+    },
+    /// Copy files or a directory tree out of a backup, with owners, modes, times and links
+    #[command(name = "restore-files", after_help = "Example: holdfast restore-files web-01:root/p2/etc/nginx --to /tmp/restored\n\n\
+Creates TO/<last path component> (or TO/DISK-PART for a whole filesystem); an existing one is\n\
+never overwritten. Nothing is left behind if the copy fails.")]
+    RestoreFiles {
+        /// VM[@ID]:DISK/PART/PATH (VM alone means the newest backup)
+        spec: String,
+        /// An existing directory to restore into
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Catalog maintenance
     Catalog {
         #[command(subcommand)]
@@ -302,6 +346,50 @@ pub fn run(cli: Cli) -> Result<i32> {
         Cmd::Export { spec, disk, listen, writable, keep_overlay } => {
             let args = export::ExportArgs { spec: &spec, disk: disk.as_deref(), listen: &listen, writable, keep_overlay: keep_overlay.as_deref() };
             export::run(&repo_dir, args)?;
+        }
+        Cmd::Mount { mountpoint, vm, private } => {
+            if let Some(v) = &vm {
+                crate::names::check("VM", v)?;
+            }
+            let repo = std::sync::Arc::new(open()?);
+            repo.sync()?;
+            if let Some(v) = &vm {
+                if repo.manifests(Some(v))?.is_empty() {
+                    return Err(Error::NotFound(format!("no backups of VM {v:?}; `holdfast backups` lists every VM's backups")));
+                }
+            }
+            let cfg = crate::fuse::MountConfig { vm, allow_other: !private, threads: 4 };
+            let at = mountpoint.display().to_string();
+            crate::fuse::serve(repo, &mountpoint, cfg, || {
+                println!("mounted holdfast backups at {at} (read-only); unmount with `holdfast umount {at}` or Ctrl-C");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            })?;
+        }
+        Cmd::Umount { mountpoint, lazy } => {
+            if crate::fuse::clean_stale(&mountpoint)? {
+                println!("removed a stale holdfast mount at {} (its process had died)", mountpoint.display());
+            } else {
+                crate::fuse::unmount(&mountpoint, lazy)?;
+                println!("unmounted {}", mountpoint.display());
+            }
+        }
+        Cmd::Cat { spec } => {
+            let fspec = jobs::browse::FileSpec::parse(&spec)?;
+            let repo = std::sync::Arc::new(open()?);
+            repo.sync()?;
+            let b = jobs::browse::Browser::new(repo, 256);
+            let stdout = std::io::stdout();
+            let mut lock = stdout.lock();
+            jobs::files::cat(&b, &fspec, &mut lock)?;
+        }
+        Cmd::RestoreFiles { spec, to } => {
+            let fspec = jobs::browse::FileSpec::parse(&spec)?;
+            let repo = std::sync::Arc::new(open()?);
+            repo.sync()?;
+            let b = jobs::browse::Browser::new(repo, 256);
+            let r = jobs::files::restore_files(&b, &fspec, &to, &bar)?;
+            out.restore_files(&r);
         }
         Cmd::Catalog { cmd: CatalogCmd::Rebuild } => {
             refuse_if_busy(&repo_dir)?;

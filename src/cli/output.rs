@@ -157,6 +157,14 @@ impl Out {
         }
     }
 
+    pub fn restore_files(&self, r: &crate::jobs::files::FilesReport) {
+        if self.json(r) {
+            return;
+        }
+        println!("restored {}", r.path.display());
+        println!("  {} files ({}), {} directories, {} symlinks, {} hard links, {} special files in {}", r.files, HumanBytes(r.bytes), r.dirs, r.symlinks, r.hardlinks, r.special, HumanDuration(Duration::from_secs_f64(r.seconds)));
+    }
+
     pub fn rebuild(&self, r: &SyncReport) {
         if self.json(r) {
             return;

@@ -89,18 +89,70 @@ fn load(repo: &Repo, chunks: &Mutex<Cache<Slot>>, id: &BlobId) -> Result<Arc<Vec
     }
 }
 
-pub struct ImageReader {
+/// Decoded chunks shared by every reader that holds it (a FUSE mount opens many disks, and
+/// backups of one VM share most chunks), with two prefetch threads fed by a bounded queue.
+pub struct Chunks {
     repo: Arc<Repo>,
+    cache: ChunkCache,
+    prefetch: Option<crossbeam_channel::Sender<BlobId>>,
+    queued: Arc<Mutex<HashSet<BlobId>>>,
+}
+
+impl Chunks {
+    /// `cache_chunks`: how many decoded chunks to keep (64 KiB on average each).
+    pub fn new(repo: Arc<Repo>, cache_chunks: usize) -> Arc<Chunks> {
+        let cache: ChunkCache = Arc::new(Mutex::new(Cache::new(cache_chunks.max(1))));
+        let queued = Arc::new(Mutex::new(HashSet::new()));
+        let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
+        for _ in 0..2 {
+            let (repo, cache, queued, rx) = (repo.clone(), cache.clone(), queued.clone(), rx.clone());
+            std::thread::spawn(move || {
+                for id in rx {
+                    let _ = load(&repo, &cache, &id);
+                    lock(&queued).remove(&id);
+                }
+            });
+        }
+        Arc::new(Chunks { repo, cache, prefetch: Some(tx), queued })
+    }
+
+    pub fn repo(&self) -> &Arc<Repo> {
+        &self.repo
+    }
+
+    fn get(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
+        load(&self.repo, &self.cache, id)
+    }
+
+    /// Queue `id` for the prefetch threads; false when the queue is full.
+    fn queue(&self, id: &BlobId) -> bool {
+        let Some(tx) = &self.prefetch else { return false };
+        if lock(&self.cache).get(id).is_some_and(|s| s.get().is_some()) || !lock(&self.queued).insert(*id) {
+            return true;
+        }
+        if tx.try_send(*id).is_err() {
+            lock(&self.queued).remove(id);
+            return false;
+        }
+        true
+    }
+}
+
+impl Drop for Chunks {
+    fn drop(&mut self) {
+        self.prefetch.take(); // closes the channel: the prefetch threads end
+    }
+}
+
+pub struct ImageReader {
+    chunks: Arc<Chunks>,
     size: u64,
     seg: u64,
     segs: Vec<Option<BlobId>>,
     seglists: Mutex<Cache<Entries>>,
-    chunks: ChunkCache,
     /// Ends of recent reads, to spot sequential streams.
     ends: [AtomicU64; STREAMS],
     next_stream: AtomicU64,
-    prefetch: Option<crossbeam_channel::Sender<BlobId>>,
-    queued: Arc<Mutex<HashSet<BlobId>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -108,32 +160,22 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl ImageReader {
-    /// `cache_chunks`: how many decoded chunks to keep (64 KiB on average each).
+    /// A reader with a chunk cache of its own of `cache_chunks` chunks.
     pub fn open(repo: Arc<Repo>, disk: &DiskEntry, cache_chunks: usize) -> Result<Self> {
-        let segs = repo.disk_segments(disk)?;
-        let chunks: ChunkCache = Arc::new(Mutex::new(Cache::new(cache_chunks.max(1))));
-        let queued = Arc::new(Mutex::new(HashSet::new()));
-        let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
-        for _ in 0..2 {
-            let (repo, chunks, queued, rx) = (repo.clone(), chunks.clone(), queued.clone(), rx.clone());
-            std::thread::spawn(move || {
-                for id in rx {
-                    let _ = load(&repo, &chunks, &id);
-                    lock(&queued).remove(&id);
-                }
-            });
-        }
+        ImageReader::with_chunks(Chunks::new(repo, cache_chunks), disk)
+    }
+
+    /// A reader that shares `chunks` with other readers.
+    pub fn with_chunks(chunks: Arc<Chunks>, disk: &DiskEntry) -> Result<Self> {
+        let segs = chunks.repo.disk_segments(disk)?;
         Ok(ImageReader {
-            repo,
+            chunks,
             size: disk.size,
             seg: u64::from(disk.segment_size),
             segs,
             seglists: Mutex::new(Cache::new(256)),
-            chunks,
             ends: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             next_stream: AtomicU64::new(0),
-            prefetch: Some(tx),
-            queued,
         })
     }
 
@@ -150,7 +192,7 @@ impl ImageReader {
         let len = self.seg.min(self.size - i as u64 * self.seg);
         let mut at = 0;
         let mut v = Vec::new();
-        for e in self.repo.seglist(&id, len)? {
+        for e in self.chunks.repo.seglist(&id, len)? {
             v.push((at, e));
             at += u64::from(e.len());
         }
@@ -160,7 +202,7 @@ impl ImageReader {
     }
 
     fn chunk(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
-        load(&self.repo, &self.chunks, id)
+        self.chunks.get(id)
     }
 
     /// Record a read of `[offset, end)`; true when it continues a recent read.
@@ -177,11 +219,10 @@ impl ImageReader {
 
     /// Queue the chunks of segment `i` for the prefetch threads.
     fn prefetch_segment(&self, i: usize) {
-        let (Some(tx), Ok(Some(es))) = (&self.prefetch, self.entries(i)) else { return };
+        let Ok(Some(es)) = self.entries(i) else { return };
         for (_, e) in es.iter() {
             if let SegEntry::Chunk(id, _) = e {
-                if lock(&self.chunks).get(id).is_none_or(|s| s.get().is_none()) && lock(&self.queued).insert(*id) && tx.try_send(*id).is_err() {
-                    lock(&self.queued).remove(id);
+                if !self.chunks.queue(id) {
                     return;
                 }
             }
@@ -264,11 +305,5 @@ impl ImageReader {
             pos = seg_end;
         }
         Ok(out)
-    }
-}
-
-impl Drop for ImageReader {
-    fn drop(&mut self) {
-        self.prefetch.take(); // closes the channel: the prefetch threads end
     }
 }

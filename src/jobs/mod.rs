@@ -1,7 +1,9 @@
 //! Jobs: backup, restore, verify, forget, gc, stats. Each takes a `Repo` and a `Progress`.
 
 pub mod backup;
+pub mod browse;
 pub mod export;
+pub mod files;
 pub mod gc;
 pub mod lock;
 pub mod progress;
