@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use super::bitmaps::{action, transaction};
 use super::nodes::{list_nodes, BlockNode};
 use super::{check_name, cleanup, token, Outcome, PREFIX};
-use crate::qmp::{Client, QmpError, Result};
+use crate::qmp::{Agent, Client, QmpError, Result};
 
 /// Read-point objects start with this (then the token).
 pub(crate) const RP_PREFIX: &str = "holdfast-rp";
@@ -102,13 +102,19 @@ pub struct ReadPoint {
     pub nbd_socket: PathBuf,
     pub owns_nbd_server: bool,
     pub new_bitmap: Option<String>,
+    /// The guest's filesystems were frozen for the transaction (application-consistent).
+    pub quiesced: bool,
     pub disks: Vec<ReadPointDisk>,
 }
 
-/// Create a read point for `req.disks` (see the module docs for the exact commands).
-pub async fn create_read_point(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
+/// Create a read point for `req.disks` (see the module docs for the exact commands). With
+/// `quiesce`, the guest's filesystems are frozen through its agent just around the transaction
+/// (`guest-ping`, `guest-fsfreeze-freeze`, transaction, `guest-fsfreeze-thaw`; thaw is sent
+/// whenever freeze was); an agent that does not answer fails the read point, which the caller
+/// may retry without quiescing (crash-consistent).
+pub async fn create_read_point(client: &Client, req: &ReadPointRequest, quiesce: Option<&Agent>) -> Result<ReadPoint> {
     let mut rp = plan(client, req).await?;
-    match build(client, req, &mut rp).await {
+    match build(client, req, &mut rp, quiesce).await {
         Ok(()) => Ok(rp),
         Err(e) => {
             tracing::warn!(error = %e, id = %rp.id, "read point failed; tearing down");
@@ -151,7 +157,7 @@ async fn plan(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
                 node.node_name
             )));
         }
-        let (exported_bitmap, bitmap_note) = usable_previous(&node, d.previous_bitmap.as_deref(), req);
+        let (exported_bitmap, bitmap_note) = usable_previous(node, d.previous_bitmap.as_deref(), req);
         let export = format!("{id}-e{i}");
         disks.push(ReadPointDisk {
             disk: d.disk.clone(),
@@ -175,6 +181,7 @@ async fn plan(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
         nbd_socket,
         owns_nbd_server: false,
         new_bitmap: req.new_bitmap.clone(),
+        quiesced: false,
         disks,
     })
 }
@@ -196,7 +203,7 @@ fn usable_previous(node: &BlockNode, prev: Option<&str>, req: &ReadPointRequest)
     (None, Some(format!("previous bitmap {prev} {why}: read all allocated extents")))
 }
 
-async fn build(client: &Client, req: &ReadPointRequest, rp: &mut ReadPoint) -> Result<()> {
+async fn build(client: &Client, req: &ReadPointRequest, rp: &mut ReadPoint, quiesce: Option<&Agent>) -> Result<()> {
     for (i, d) in rp.disks.iter().enumerate() {
         create_fleecing_image(client, &rp.id, i, d, req.timeout).await?;
     }
@@ -217,7 +224,20 @@ async fn build(client: &Client, req: &ReadPointRequest, rp: &mut ReadPoint) -> R
             ));
         }
     }
-    transaction(client, actions).await?;
+    if let Some(agent) = quiesce {
+        agent.ping().await?;
+        let frozen = agent.fsfreeze_freeze().await;
+        let done = match frozen {
+            Ok(_) => transaction(client, actions).await,
+            Err(e) => Err(e),
+        };
+        let thawed = agent.fsfreeze_thaw().await;
+        done?;
+        thawed?;
+        rp.quiesced = true;
+    } else {
+        transaction(client, actions).await?;
+    }
     for d in &mut rp.disks {
         d.new_bitmap_added = rp.new_bitmap.is_some();
         d.previous_disabled = d.exported_bitmap.is_some();

@@ -66,7 +66,6 @@ impl Drop for Proc {
 /// A QEMU process (qemu-system or qemu-storage-daemon) with a connected QMP client.
 pub struct Qemu {
     pub client: Client,
-    pub qmp: PathBuf,
     /// Per disk: (format node name, image file, qdev id if attached to a guest device).
     pub disks: Vec<(String, PathBuf, Option<String>)>,
     pub agent: Option<PathBuf>,
@@ -177,7 +176,6 @@ async fn finish(
     let client = Client::connect(&qmp, T).await.expect("QMP connect");
     Qemu {
         client,
-        qmp,
         disks,
         agent,
         proc,

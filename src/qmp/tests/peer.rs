@@ -2,6 +2,7 @@
 //! silence, out-of-order replies, stale agent replies. Plus QMP error replies from real QEMU.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -143,6 +144,7 @@ async fn qmp_concurrent_commands_get_their_own_replies() {
     .await;
     let c = Client::connect(&path, SHORT).await.expect("connect");
     let mark = c.event_mark();
+    let mut sub = c.subscribe();
     let (ra, rb) = tokio::join!(c.execute("cmd-a", Value::Null), async {
         tokio::time::sleep(Duration::from_millis(50)).await;
         c.execute("cmd-b", Value::Null).await
@@ -153,6 +155,8 @@ async fn qmp_concurrent_commands_get_their_own_replies() {
     assert!(e.to_string().contains("cmd-a") && e.to_string().contains("nope"), "{e}");
     let ev = c.wait_event(mark, SHORT, |e| e.name == "STOP").await.expect("event kept");
     assert_eq!(ev.timestamp, (1, 2));
+    let got = tokio::time::timeout(SHORT, sub.recv()).await.expect("in time").expect("event");
+    assert_eq!((got.name.as_str(), got.seq), ("STOP", ev.seq));
 }
 
 #[tokio::test]
@@ -171,10 +175,12 @@ async fn qmp_error_replies_from_real_qemu() {
     assert!(t["qemu"]["major"].as_u64().is_some());
 }
 
-/// A fake guest agent: stale replies first, then correct `guest-sync-delimited` handling.
-#[tokio::test]
-async fn agent_resyncs_past_stale_replies() {
-    let (_d, path) = fake(|mut s| async move {
+/// A fake guest agent on a temp socket: answers `guest-sync-delimited` after stale replies,
+/// ping and fsfreeze; logs every other command it receives.
+pub(super) async fn fake_agent() -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<String>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let seen = log.clone();
+    let (dir, path) = fake(|mut s| async move {
         let mut frozen = false;
         loop {
             let mut l = Vec::new();
@@ -183,26 +189,25 @@ async fn agent_resyncs_past_stale_replies() {
             }
             let text: Vec<u8> = l.into_iter().filter(|&b| b != 0xff).collect();
             let v: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
-            let reply = match v["execute"].as_str() {
-                Some("guest-sync-delimited") => {
+            let cmd = v["execute"].as_str().unwrap_or("").to_string();
+            if cmd != "guest-sync-delimited" {
+                seen.lock().unwrap_or_else(|p| p.into_inner()).push(cmd.clone());
+            }
+            let reply = match cmd.as_str() {
+                "guest-sync-delimited" => {
                     // A stale reply of an old command, then the delimited answer.
-                    let id = &v["arguments"]["id"];
                     let mut out = vec![0xff];
                     out.extend_from_slice(b"{\"return\": 12345}\n{\"return\": {}}\n");
                     out.push(0xff);
-                    out.extend_from_slice(format!("{}\n", json!({"return": id})).as_bytes());
+                    out.extend_from_slice(format!("{}\n", json!({"return": v["arguments"]["id"]})).as_bytes());
                     out
                 }
-                Some("guest-ping") => b"{\"return\": {}}\n".to_vec(),
-                Some("guest-fsfreeze-freeze") => {
-                    frozen = true;
+                "guest-ping" => b"{\"return\": {}}\n".to_vec(),
+                "guest-fsfreeze-freeze" | "guest-fsfreeze-thaw" => {
+                    frozen = cmd == "guest-fsfreeze-freeze";
                     b"{\"return\": 2}\n".to_vec()
                 }
-                Some("guest-fsfreeze-thaw") => {
-                    frozen = false;
-                    b"{\"return\": 2}\n".to_vec()
-                }
-                Some("guest-fsfreeze-status") => {
+                "guest-fsfreeze-status" => {
                     format!("{{\"return\": \"{}\"}}\n", if frozen { "frozen" } else { "thawed" }).into_bytes()
                 }
                 _ => b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no\"}}\n".to_vec(),
@@ -213,6 +218,12 @@ async fn agent_resyncs_past_stale_replies() {
         }
     })
     .await;
+    (dir, path, log)
+}
+
+#[tokio::test]
+async fn agent_resyncs_past_stale_replies() {
+    let (_d, path, _log) = fake_agent().await;
     let a = Agent::new(&path, SHORT);
     a.ping().await.expect("ping");
     assert_eq!(a.fsfreeze_freeze().await.expect("freeze"), 2);

@@ -10,7 +10,7 @@ use crate::qmp::ops::{
     add_bitmap, clean_leftovers, create_read_point, find_leftovers, teardown, DiskRequest, NbdServer,
     Outcome, ReadPointRequest,
 };
-use crate::qmp::{Client, QmpError};
+use crate::qmp::{Agent, Client, QmpError};
 
 const K64: u64 = 64 << 10;
 const M: u64 = 1 << 20;
@@ -58,7 +58,7 @@ async fn read_point_is_frozen_and_its_bitmap_marks_the_writes_between() {
     let base = state(c).await;
 
     let req = request(&work, &[("ide0", None), ("disk1", None)], "holdfast-cp1", NbdServer::Own);
-    let rp1 = create_read_point(c, &req).await.expect("read point 1");
+    let rp1 = create_read_point(c, &req, None).await.expect("read point 1");
     assert_eq!((rp1.disks[0].node.as_str(), rp1.disks[0].size), ("disk0", 16 * M));
     assert!(rp1.owns_nbd_server && rp1.disks[0].exported_bitmap.is_none());
     assert!(rp1.disks[0].bitmap_note.is_some());
@@ -81,7 +81,7 @@ async fn read_point_is_frozen_and_its_bitmap_marks_the_writes_between() {
     // Between the read points.
     hmp_io(c, "ide0", "write -P 0x55 5M 64k").await;
     let req = request(&work, &[("disk0", Some("holdfast-cp1")), ("disk1", Some("holdfast-cp1"))], "holdfast-cp2", NbdServer::Own);
-    let rp2 = create_read_point(c, &req).await.expect("read point 2");
+    let rp2 = create_read_point(c, &req, None).await.expect("read point 2");
     assert_eq!(rp2.disks[0].exported_bitmap.as_deref(), Some("holdfast-cp1"));
     hmp_io(c, "ide0", "write -P 0x66 8M 64k").await; // after rp2: not in cp1's delta
     assert_eq!(dirty_ranges(&rp2.disks[0].uri, "holdfast-cp1").await, vec![(M, K64), (5 * M, K64)]);
@@ -122,13 +122,13 @@ async fn failed_read_point_keeps_the_previous_checkpoint_correct() {
 
     // Fails after the transaction (our own server cannot start: another one runs): rolled back.
     let bad = request(&work, &[("disk0", Some("holdfast-cp1"))], "holdfast-cp2", NbdServer::Own);
-    let e = create_read_point(c, &bad).await.unwrap_err();
+    let e = create_read_point(c, &bad, None).await.unwrap_err();
     assert!(e.to_string().contains("NbdServer::Existing"), "{e}");
     assert_eq!(state(c).await, base, "failed creation left something");
     assert_eq!(holdfast_files(&work), Vec::<String>::new());
 
     let req = request(&work, &[("disk0", Some("holdfast-cp1"))], "holdfast-cp2", NbdServer::Existing(sock.clone()));
-    let rp = create_read_point(c, &req).await.expect("read point");
+    let rp = create_read_point(c, &req, None).await.expect("read point");
     assert!(!rp.owns_nbd_server && rp.disks[0].uri.contains(&sock_s));
     run("qemu-io", &["-f", "raw", "-c", "write -P 0x78 4M 64k", &live]).await;
     let img = read_export(&rp.disks[0].uri, q.dir.path()).await;
@@ -159,7 +159,7 @@ async fn leftovers_of_a_killed_holdfast_are_found_and_cleaned() {
     let qmp2 = q.path("qmp2.sock");
     let killed = Client::connect(&qmp2, T).await.expect("holdfast connects");
     let req = request(&work, &[("disk0", Some("holdfast-cp0")), ("disk1", Some("holdfast-cp0"))], "holdfast-cp1", NbdServer::Own);
-    let rp = create_read_point(&killed, &req).await.expect("read point");
+    let rp = create_read_point(&killed, &req, None).await.expect("read point");
     // A second read point killed while creating its fleecing image.
     let half = work.join("holdfast-rp000000-f0.qcow2");
     let half_s = half.to_str().expect("utf-8");
@@ -193,6 +193,40 @@ async fn leftovers_of_a_killed_holdfast_are_found_and_cleaned() {
     // Without a committed checkpoint, holdfast bitmaps are strays too.
     let found = find_leftovers(&c, &work, None, None).await.expect("find");
     assert_eq!(found.stray_bitmaps.len(), 2);
-    let e = create_read_point(&c, &request(&work, &[("disk0", None)], "holdfast-cp0", NbdServer::Own)).await.unwrap_err();
+    let e = create_read_point(&c, &request(&work, &[("disk0", None)], "holdfast-cp0", NbdServer::Own), None).await.unwrap_err();
     assert!(matches!(e, QmpError::Invalid(ref m) if m.contains("clean_leftovers")), "{e}");
+}
+
+/// Quiesce: ping, freeze, the transaction, thaw — through the guest agent (a fake one here,
+/// as the test VMs have no OS); with no agent in the guest the read point fails cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_point_quiesces_the_guest_through_its_agent() {
+    let q = qsd(1, 16).await;
+    let c = &q.client;
+    let work = q.path("work");
+    let base = state(c).await;
+    let (_d, agent_path, log) = super::peer::fake_agent().await;
+    let agent = Agent::new(&agent_path, T);
+    let req = request(&work, &[("disk0", None)], "holdfast-cq", NbdServer::Own);
+    let rp = create_read_point(c, &req, Some(&agent)).await.expect("quiesced read point");
+    assert!(rp.quiesced);
+    let seen = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(seen, vec!["guest-ping", "guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]);
+    teardown(c, &rp, Outcome::Failed, T).await.expect("teardown");
+    assert_eq!(state(c).await, base);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_point_with_a_silent_agent_fails_and_leaves_nothing() {
+    let q = vm(1, 16, true).await;
+    let c = &q.client;
+    let work = q.path("work");
+    let base = state(c).await;
+    let agent = Agent::new(q.agent.as_ref().expect("agent"), std::time::Duration::from_secs(2));
+    let req = request(&work, &[("ide0", None)], "holdfast-cq", NbdServer::Own);
+    let e = create_read_point(c, &req, Some(&agent)).await.unwrap_err();
+    assert!(matches!(e, QmpError::AgentTimeout { .. }), "{e}");
+    assert_eq!(state(c).await, base);
+    assert_eq!(holdfast_files(&work), Vec::<String>::new());
+    assert!(crate::qmp::ops::run_state(c).await.expect("status").running);
 }
