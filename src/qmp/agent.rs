@@ -58,7 +58,9 @@ impl Agent {
 
     /// Resynchronise only (`guest-sync-delimited`).
     pub async fn sync(&self) -> Result<()> {
-        self.call("guest-sync-delimited", Value::Null, self.timeout, true).await.map(drop)
+        self.call("guest-sync-delimited", Value::Null, self.timeout, true)
+            .await
+            .map(drop)
     }
 
     /// `guest-ping`: fails with `AgentTimeout` when no agent answers within the timeout.
@@ -69,7 +71,9 @@ impl Agent {
     /// `guest-fsfreeze-freeze`: returns the number of filesystems frozen. Always pair with
     /// [`Agent::fsfreeze_thaw`] (the agent thaws by itself only after its own timeout).
     pub async fn fsfreeze_freeze(&self) -> Result<u64> {
-        let v = self.call("guest-fsfreeze-freeze", Value::Null, FREEZE_TIMEOUT, false).await?;
+        let v = self
+            .call("guest-fsfreeze-freeze", Value::Null, FREEZE_TIMEOUT, false)
+            .await?;
         as_count("guest-fsfreeze-freeze", &v)
     }
 
@@ -97,14 +101,23 @@ impl Agent {
         self.call(command, args, self.timeout, false).await
     }
 
-    async fn call(&self, command: &str, args: Value, limit: Duration, sync_only: bool) -> Result<Value> {
+    async fn call(
+        &self,
+        command: &str,
+        args: Value,
+        limit: Duration,
+        sync_only: bool,
+    ) -> Result<Value> {
         let mut conn = self.conn.lock().await;
         let deadline = Instant::now() + limit;
         let work = async {
             if conn.is_none() {
-                let s = UnixStream::connect(&self.path)
-                    .await
-                    .map_err(|source| QmpError::AgentConnect { path: self.path.clone(), source })?;
+                let s = UnixStream::connect(&self.path).await.map_err(|source| {
+                    QmpError::AgentConnect {
+                        path: self.path.clone(),
+                        source,
+                    }
+                })?;
                 *conn = Some(BufReader::new(s));
             }
             let Some(stream) = conn.as_mut() else {
@@ -132,11 +145,19 @@ impl Agent {
     }
 
     fn err(&self, detail: String) -> QmpError {
-        QmpError::Agent { path: self.path.clone(), detail }
+        QmpError::Agent {
+            path: self.path.clone(),
+            detail,
+        }
     }
 }
 
-async fn send(stream: &mut BufReader<UnixStream>, command: &str, args: &Value, path: &Path) -> Result<()> {
+async fn send(
+    stream: &mut BufReader<UnixStream>,
+    command: &str,
+    args: &Value,
+    path: &Path,
+) -> Result<()> {
     let line = proto::encode_command(command, args, None).map_err(QmpError::Invalid)?;
     let w = stream.get_mut();
     w.write_all(&line).await.map_err(|e| io_err(path, e))?;
@@ -147,7 +168,11 @@ async fn send(stream: &mut BufReader<UnixStream>, command: &str, args: &Value, p
 /// id. Falls back to `guest-sync` for agents without the delimited variant.
 async fn resync(stream: &mut BufReader<UnixStream>, path: &Path) -> Result<()> {
     let id = getrandom::u64().unwrap_or(0x5eed) & 0x7fff_ffff_ffff;
-    stream.get_mut().write_all(&[0xff]).await.map_err(|e| io_err(path, e))?;
+    stream
+        .get_mut()
+        .write_all(&[0xff])
+        .await
+        .map_err(|e| io_err(path, e))?;
     send(stream, "guest-sync-delimited", &json!({ "id": id }), path).await?;
     let mut line = Vec::new();
     let mut delimited = true;
@@ -155,7 +180,10 @@ async fn resync(stream: &mut BufReader<UnixStream>, path: &Path) -> Result<()> {
         if delimited {
             skip_past_delimiter(stream, path).await?;
         }
-        if !read_line_capped(stream, &mut line, proto::MAX_LINE).await.map_err(|e| io_err(path, e))? {
+        if !read_line_capped(stream, &mut line, proto::MAX_LINE)
+            .await
+            .map_err(|e| io_err(path, e))?
+        {
             return Err(closed(path));
         }
         match proto::parse_message(proto::trim_line(&line)) {
@@ -189,10 +217,17 @@ async fn skip_past_delimiter(stream: &mut BufReader<UnixStream>, path: &Path) ->
     }
 }
 
-async fn read_reply(stream: &mut BufReader<UnixStream>, command: &str, path: &Path) -> Result<Value> {
+async fn read_reply(
+    stream: &mut BufReader<UnixStream>,
+    command: &str,
+    path: &Path,
+) -> Result<Value> {
     let mut line = Vec::new();
     loop {
-        if !read_line_capped(stream, &mut line, proto::MAX_LINE).await.map_err(|e| io_err(path, e))? {
+        if !read_line_capped(stream, &mut line, proto::MAX_LINE)
+            .await
+            .map_err(|e| io_err(path, e))?
+        {
             return Err(closed(path));
         }
         let text = proto::trim_line(&line);
@@ -210,7 +245,10 @@ async fn read_reply(stream: &mut BufReader<UnixStream>, command: &str, path: &Pa
                 path: path.to_path_buf(),
                 detail: format!("unexpected message {other:?}"),
             }),
-            Err(e) => Err(QmpError::Agent { path: path.to_path_buf(), detail: e }),
+            Err(e) => Err(QmpError::Agent {
+                path: path.to_path_buf(),
+                detail: e,
+            }),
         };
     }
 }
@@ -223,7 +261,10 @@ fn as_count(command: &str, v: &Value) -> Result<u64> {
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> QmpError {
-    QmpError::Agent { path: path.to_path_buf(), detail: format!("I/O error: {e}") }
+    QmpError::Agent {
+        path: path.to_path_buf(),
+        detail: format!("I/O error: {e}"),
+    }
 }
 
 fn closed(path: &Path) -> QmpError {

@@ -128,7 +128,12 @@ impl Client {
     }
 
     /// As [`Client::execute`], with its own bound.
-    pub async fn execute_timeout(&self, command: &str, args: Value, limit: Duration) -> Result<Value> {
+    pub async fn execute_timeout(
+        &self,
+        command: &str,
+        args: Value,
+        limit: Duration,
+    ) -> Result<Value> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let line = proto::encode_command(command, &args, Some(id)).map_err(QmpError::Invalid)?;
         let (tx, rx) = oneshot::channel();
@@ -189,7 +194,11 @@ impl Client {
     /// Kept events with `seq > since` (at most the last `EVENT_RING`).
     pub fn events_since(&self, since: u64) -> Vec<Event> {
         let st = self.shared.lock();
-        st.events.iter().filter(|e| e.seq > since).cloned().collect()
+        st.events
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect()
     }
 
     /// Wait for the first kept or future event with `seq > since` that `pred` accepts.
@@ -322,7 +331,10 @@ async fn reader_task(shared: Arc<Shared>, mut rd: BufReader<OwnedReadHalf>) {
     shared.notify.notify_waiters();
 }
 
-async fn read_messages(shared: &Shared, rd: &mut BufReader<OwnedReadHalf>) -> std::result::Result<(), String> {
+async fn read_messages(
+    shared: &Shared,
+    rd: &mut BufReader<OwnedReadHalf>,
+) -> std::result::Result<(), String> {
     let mut line = Vec::new();
     loop {
         match read_line_capped(rd, &mut line, proto::MAX_LINE).await {

@@ -34,9 +34,16 @@ impl JobInfo {
     fn parse(v: &Value) -> Option<JobInfo> {
         Some(JobInfo {
             id: v.get("id")?.as_str()?.to_string(),
-            kind: v.get("type").and_then(Value::as_str).unwrap_or("").to_string(),
+            kind: v
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
             status: v.get("status")?.as_str()?.to_string(),
-            current_progress: v.get("current-progress").and_then(Value::as_u64).unwrap_or(0),
+            current_progress: v
+                .get("current-progress")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
             total_progress: v.get("total-progress").and_then(Value::as_u64).unwrap_or(0),
             error: v.get("error").and_then(Value::as_str).map(String::from),
         })
@@ -47,7 +54,9 @@ impl Client {
     /// `query-jobs`.
     pub async fn query_jobs(&self) -> Result<Vec<JobInfo>> {
         let v = self.execute("query-jobs", Value::Null).await?;
-        let arr = v.as_array().ok_or_else(|| bad("query-jobs", "not an array"))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| bad("query-jobs", "not an array"))?;
         arr.iter()
             .map(|j| JobInfo::parse(j).ok_or_else(|| bad("query-jobs", "entry without id/status")))
             .collect()
@@ -78,7 +87,11 @@ impl Client {
             }
             let now = Instant::now();
             if now >= deadline {
-                let state = self.job(id).await?.map(|j| j.status).unwrap_or("gone".into());
+                let state = self
+                    .job(id)
+                    .await?
+                    .map(|j| j.status)
+                    .unwrap_or("gone".into());
                 return Err(QmpError::Timeout {
                     what: format!("job {id} to reach {statuses:?} (it is {state})"),
                     timeout: limit,
@@ -114,8 +127,10 @@ impl Client {
     /// Judge a job that is no longer in `query-jobs` by its kept completion event.
     fn vanished_job(&self, id: &str) -> Result<JobInfo> {
         let done = self.events_since(0).into_iter().rev().find(|e| {
-            matches!(e.name.as_str(), "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED")
-                && e.str("device") == Some(id)
+            matches!(
+                e.name.as_str(),
+                "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED"
+            ) && e.str("device") == Some(id)
         });
         let Some(ev) = done else {
             return Err(QmpError::NotFound(format!("job {id}")));

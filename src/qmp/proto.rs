@@ -13,7 +13,10 @@ pub const MAX_LINE: usize = 64 << 20;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     Greeting(QemuVersion),
-    Return { id: Option<Value>, value: Value },
+    Return {
+        id: Option<Value>,
+        value: Value,
+    },
     Error {
         id: Option<Value>,
         class: String,
@@ -84,7 +87,10 @@ pub fn parse_message(line: &[u8]) -> Result<Message, String> {
         });
     }
     if let Some(name) = obj.remove("event") {
-        let name = name.as_str().ok_or("event name is not a string")?.to_string();
+        let name = name
+            .as_str()
+            .ok_or("event name is not a string")?
+            .to_string();
         return Ok(Message::Event(Event {
             seq: 0,
             name,
@@ -96,24 +102,40 @@ pub fn parse_message(line: &[u8]) -> Result<Message, String> {
 }
 
 fn parse_timestamp(t: Option<&Value>) -> (i64, i64) {
-    let get = |k: &str| t.and_then(|t| t.get(k)).and_then(Value::as_i64).unwrap_or(0);
+    let get = |k: &str| {
+        t.and_then(|t| t.get(k))
+            .and_then(Value::as_i64)
+            .unwrap_or(0)
+    };
     (get("seconds"), get("microseconds"))
 }
 
 fn parse_greeting(g: &Value) -> Result<QemuVersion, String> {
     let v = g.get("version").ok_or("greeting has no version")?;
     let q = v.get("qemu").ok_or("greeting has no version.qemu")?;
-    let num = |k: &str| q.get(k).and_then(Value::as_u64).ok_or(format!("greeting version has no {k}"));
+    let num = |k: &str| {
+        q.get(k)
+            .and_then(Value::as_u64)
+            .ok_or(format!("greeting version has no {k}"))
+    };
     let capabilities = g
         .get("capabilities")
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|c| c.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|c| c.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default();
     Ok(QemuVersion {
         major: num("major")?,
         minor: num("minor")?,
         micro: num("micro")?,
-        package: v.get("package").and_then(Value::as_str).unwrap_or("").to_string(),
+        package: v
+            .get("package")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         capabilities,
     })
 }
@@ -151,18 +173,32 @@ mod tests {
     #[test]
     fn parses_greeting_return_error_event() {
         let g = br#"{"QMP": {"version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "Debian"}, "capabilities": ["oob"]}}"#;
-        let Message::Greeting(v) = parse_message(g).unwrap() else { panic!() };
+        let Message::Greeting(v) = parse_message(g).unwrap() else {
+            panic!()
+        };
         assert_eq!(v.to_string(), "10.0.2");
         assert_eq!(v.capabilities, vec!["oob"]);
         let r = parse_message(br#"{"return": {}, "id": 7}"#).unwrap();
-        assert_eq!(r, Message::Return { id: Some(json!(7)), value: json!({}) });
+        assert_eq!(
+            r,
+            Message::Return {
+                id: Some(json!(7)),
+                value: json!({})
+            }
+        );
         let e = parse_message(br#"{"id": 3, "error": {"class": "GenericError", "desc": "x"}}"#);
         assert_eq!(
             e.unwrap(),
-            Message::Error { id: Some(json!(3)), class: "GenericError".into(), desc: "x".into() }
+            Message::Error {
+                id: Some(json!(3)),
+                class: "GenericError".into(),
+                desc: "x".into()
+            }
         );
         let ev = br#"{"timestamp": {"seconds": 5, "microseconds": 6}, "event": "STOP"}"#;
-        let Message::Event(ev) = parse_message(ev).unwrap() else { panic!() };
+        let Message::Event(ev) = parse_message(ev).unwrap() else {
+            panic!()
+        };
         assert_eq!((ev.name.as_str(), ev.timestamp), ("STOP", (5, 6)));
     }
 
@@ -180,7 +216,11 @@ mod tests {
             b"{\"return\": ",
         ];
         for b in bad {
-            assert!(parse_message(b).is_err(), "{:?}", String::from_utf8_lossy(b));
+            assert!(
+                parse_message(b).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(b)
+            );
         }
     }
 

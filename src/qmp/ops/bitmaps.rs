@@ -20,39 +20,67 @@ pub async fn add_bitmap(
     if let Some(g) = granularity {
         args["granularity"] = json!(g);
     }
-    client.execute("block-dirty-bitmap-add", args).await.map(drop)
+    client
+        .execute("block-dirty-bitmap-add", args)
+        .await
+        .map(drop)
 }
 
 /// `block-dirty-bitmap-remove {node, name}` (also deletes a persistent bitmap from the image).
 pub async fn remove_bitmap(client: &Client, node: &str, name: &str) -> Result<()> {
     let args = json!({ "node": node, "name": name });
-    client.execute("block-dirty-bitmap-remove", args).await.map(drop)
+    client
+        .execute("block-dirty-bitmap-remove", args)
+        .await
+        .map(drop)
 }
 
 /// `block-dirty-bitmap-disable {node, name}`: stop recording (needed before a read-only export).
 pub async fn disable_bitmap(client: &Client, node: &str, name: &str) -> Result<()> {
     let args = json!({ "node": node, "name": name });
-    client.execute("block-dirty-bitmap-disable", args).await.map(drop)
+    client
+        .execute("block-dirty-bitmap-disable", args)
+        .await
+        .map(drop)
 }
 
 /// `block-dirty-bitmap-enable {node, name}`.
 pub async fn enable_bitmap(client: &Client, node: &str, name: &str) -> Result<()> {
     let args = json!({ "node": node, "name": name });
-    client.execute("block-dirty-bitmap-enable", args).await.map(drop)
+    client
+        .execute("block-dirty-bitmap-enable", args)
+        .await
+        .map(drop)
 }
 
 /// `block-dirty-bitmap-merge {node, target, bitmaps}`: target |= each source.
-pub async fn merge_bitmaps(client: &Client, node: &str, target: &str, sources: &[&str]) -> Result<()> {
+pub async fn merge_bitmaps(
+    client: &Client,
+    node: &str,
+    target: &str,
+    sources: &[&str],
+) -> Result<()> {
     let args = json!({ "node": node, "target": target, "bitmaps": sources });
-    client.execute("block-dirty-bitmap-merge", args).await.map(drop)
+    client
+        .execute("block-dirty-bitmap-merge", args)
+        .await
+        .map(drop)
 }
 
 /// Checkpoint rotation as one `transaction`: `block-dirty-bitmap-disable` the previous
 /// checkpoint (if any) and `block-dirty-bitmap-add` the new one, persistent.
-pub async fn rotate_checkpoint(client: &Client, node: &str, previous: Option<&str>, new: &str) -> Result<()> {
+pub async fn rotate_checkpoint(
+    client: &Client,
+    node: &str,
+    previous: Option<&str>,
+    new: &str,
+) -> Result<()> {
     let mut actions = Vec::new();
     if let Some(old) = previous {
-        actions.push(action("block-dirty-bitmap-disable", json!({ "node": node, "name": old })));
+        actions.push(action(
+            "block-dirty-bitmap-disable",
+            json!({ "node": node, "name": old }),
+        ));
     }
     actions.push(action(
         "block-dirty-bitmap-add",

@@ -59,7 +59,12 @@ impl Leftovers {
 }
 
 /// Tear down a read point (see the module docs). Idempotent; tolerates parts already gone.
-pub async fn teardown(client: &Client, rp: &ReadPoint, outcome: Outcome, limit: Duration) -> Result<()> {
+pub async fn teardown(
+    client: &Client,
+    rp: &ReadPoint,
+    outcome: Outcome,
+    limit: Duration,
+) -> Result<()> {
     let mut errors = Vec::new();
     let found = find_objects(client, &rp.object_prefix(), &rp.work_dir).await?;
     remove_objects(client, &found, limit, &mut errors).await;
@@ -82,9 +87,17 @@ async fn settle_bitmaps(client: &Client, rp: &ReadPoint, outcome: Outcome) -> Re
     let nodes = list_nodes(client).await?;
     let mut actions = Vec::new();
     for d in &rp.disks {
-        let Some(node) = nodes.iter().find(|n| n.node_name == d.node) else { continue };
-        let new = rp.new_bitmap.as_deref().filter(|b| d.new_bitmap_added && node.bitmap(b).is_some());
-        let old = d.previous_bitmap.as_deref().filter(|b| node.bitmap(b).is_some() && Some(*b) != new);
+        let Some(node) = nodes.iter().find(|n| n.node_name == d.node) else {
+            continue;
+        };
+        let new = rp
+            .new_bitmap
+            .as_deref()
+            .filter(|b| d.new_bitmap_added && node.bitmap(b).is_some());
+        let old = d
+            .previous_bitmap
+            .as_deref()
+            .filter(|b| node.bitmap(b).is_some() && Some(*b) != new);
         let arg = |name: &str| json!({ "node": d.node, "name": name });
         match (outcome, new, old) {
             (Outcome::Committed, _, Some(old)) if d.new_bitmap_added => {
@@ -127,7 +140,9 @@ pub async fn find_leftovers(
                     found.frozen_checkpoints.push(node.node_name.clone());
                 }
             } else if b.name.starts_with(PREFIX) {
-                found.stray_bitmaps.push((node.node_name.clone(), b.name.clone()));
+                found
+                    .stray_bitmaps
+                    .push((node.node_name.clone(), b.name.clone()));
             }
         }
     }
@@ -157,21 +172,39 @@ pub async fn clean_leftovers(
     let mut errors = Vec::new();
     remove_objects(client, &found, limit, &mut errors).await;
     let mut actions = Vec::new();
-    let mut touched: Vec<&str> = found.stray_bitmaps.iter().map(|(n, _)| n.as_str()).collect();
+    let mut touched: Vec<&str> = found
+        .stray_bitmaps
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
     touched.extend(found.frozen_checkpoints.iter().map(String::as_str));
     touched.sort_unstable();
     touched.dedup();
     for node in touched {
-        let strays: Vec<&str> = found.stray_bitmaps.iter().filter(|(n, _)| n == node).map(|(_, b)| b.as_str()).collect();
-        if let (Some(keep), true) = (keep_bitmap, found.frozen_checkpoints.iter().any(|n| n == node)) {
+        let strays: Vec<&str> = found
+            .stray_bitmaps
+            .iter()
+            .filter(|(n, _)| n == node)
+            .map(|(_, b)| b.as_str())
+            .collect();
+        if let (Some(keep), true) = (
+            keep_bitmap,
+            found.frozen_checkpoints.iter().any(|n| n == node),
+        ) {
             if !strays.is_empty() {
                 let merge = json!({ "node": node, "target": keep, "bitmaps": strays });
                 actions.push(action("block-dirty-bitmap-merge", merge));
             }
-            actions.push(action("block-dirty-bitmap-enable", json!({ "node": node, "name": keep })));
+            actions.push(action(
+                "block-dirty-bitmap-enable",
+                json!({ "node": node, "name": keep }),
+            ));
         }
         for b in strays {
-            actions.push(action("block-dirty-bitmap-remove", json!({ "node": node, "name": b })));
+            actions.push(action(
+                "block-dirty-bitmap-remove",
+                json!({ "node": node, "name": b }),
+            ));
         }
     }
     if let Err(e) = transaction(client, actions).await {
@@ -192,7 +225,11 @@ pub async fn clean_leftovers(
 /// name does.
 async fn find_objects(client: &Client, prefix: &str, dir: &Path) -> Result<Leftovers> {
     let mut found = Leftovers {
-        exports: exports(client).await?.into_iter().filter(|e| e.starts_with(prefix)).collect(),
+        exports: exports(client)
+            .await?
+            .into_iter()
+            .filter(|e| e.starts_with(prefix))
+            .collect(),
         ..Leftovers::default()
     };
     for j in client.query_jobs().await? {
@@ -222,11 +259,18 @@ async fn find_objects(client: &Client, prefix: &str, dir: &Path) -> Result<Lefto
 }
 
 fn file_name_starts(p: &Path, prefix: &str) -> bool {
-    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix))
+    p.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(prefix))
 }
 
 /// Steps 1–4 of the module docs for `found`; failures go to `errors`.
-async fn remove_objects(client: &Client, found: &Leftovers, limit: Duration, errors: &mut Vec<String>) {
+async fn remove_objects(
+    client: &Client,
+    found: &Leftovers,
+    limit: Duration,
+    errors: &mut Vec<String>,
+) {
     for id in &found.exports {
         let args = json!({ "id": id, "mode": "hard" });
         if let Err(e) = client.execute("block-export-del", args).await {
@@ -244,7 +288,10 @@ async fn remove_objects(client: &Client, found: &Leftovers, limit: Duration, err
         }
     }
     for node in &found.nodes {
-        if let Err(e) = client.execute("blockdev-del", json!({ "node-name": node })).await {
+        if let Err(e) = client
+            .execute("blockdev-del", json!({ "node-name": node }))
+            .await
+        {
             if !super::is_not_found(&e) {
                 errors.push(format!("node {node}: {e}"));
             }
@@ -262,7 +309,9 @@ async fn remove_objects(client: &Client, found: &Leftovers, limit: Duration, err
 /// Ids from `query-block-exports`.
 async fn exports(client: &Client) -> Result<Vec<String>> {
     let v = client.execute("query-block-exports", Value::Null).await?;
-    let arr = v.as_array().ok_or_else(|| bad("query-block-exports", "not an array"))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| bad("query-block-exports", "not an array"))?;
     Ok(arr
         .iter()
         .filter_map(|e| e.get("id").and_then(Value::as_str).map(String::from))
@@ -277,7 +326,11 @@ async fn wait_exports_gone(client: &Client, ids: &[String], limit: Duration) -> 
     let deadline = Instant::now() + limit;
     loop {
         let mark = client.event_mark();
-        let left: Vec<String> = exports(client).await?.into_iter().filter(|e| ids.contains(e)).collect();
+        let left: Vec<String> = exports(client)
+            .await?
+            .into_iter()
+            .filter(|e| ids.contains(e))
+            .collect();
         if left.is_empty() {
             return Ok(());
         }
@@ -288,7 +341,9 @@ async fn wait_exports_gone(client: &Client, ids: &[String], limit: Duration) -> 
                 timeout: limit,
             });
         }
-        client.wait_any_event(mark, (deadline - now).min(Duration::from_millis(200))).await;
+        client
+            .wait_any_event(mark, (deadline - now).min(Duration::from_millis(200)))
+            .await;
     }
 }
 

@@ -45,7 +45,9 @@ pub fn check_name(kind: &str, name: &str) -> Result<()> {
     let rest = name.strip_prefix(PREFIX).unwrap_or("");
     let ok = !rest.is_empty()
         && rest.len() <= 100
-        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -88,7 +90,14 @@ mod tests {
     #[test]
     fn names() {
         assert!(check_name("bitmap", "holdfast-cp-1_a").is_ok());
-        for bad in ["", "holdfast-", "cp1", "holdfast-a b", "holdfast-ä", "Holdfast-x"] {
+        for bad in [
+            "",
+            "holdfast-",
+            "cp1",
+            "holdfast-a b",
+            "holdfast-ä",
+            "Holdfast-x",
+        ] {
             assert!(check_name("bitmap", bad).is_err(), "{bad}");
         }
         let t = token();

@@ -68,10 +68,17 @@ pub async fn list_nodes(client: &Client) -> Result<Vec<BlockNode>> {
     let v = client
         .execute("query-named-block-nodes", json!({ "flat": true }))
         .await?;
-    let arr = v.as_array().ok_or_else(|| bad("query-named-block-nodes", "not an array"))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| bad("query-named-block-nodes", "not an array"))?;
     let mut nodes = Vec::with_capacity(arr.len());
     for n in arr {
-        let node = parse_node(n).ok_or_else(|| bad("query-named-block-nodes", "node without node-name/drv/image"))?;
+        let node = parse_node(n).ok_or_else(|| {
+            bad(
+                "query-named-block-nodes",
+                "node without node-name/drv/image",
+            )
+        })?;
         if !node.node_name.starts_with('#') {
             nodes.push(node);
         }
@@ -105,7 +112,11 @@ pub(super) fn resolve<'a>(nodes: &'a [BlockNode], name: &str) -> Result<&'a Bloc
     attached.ok_or_else(|| {
         QmpError::NotFound(format!(
             "disk {name:?} (no node, drive or device of that name; named nodes: {})",
-            nodes.iter().map(|n| n.node_name.as_str()).collect::<Vec<_>>().join(", ")
+            nodes
+                .iter()
+                .map(|n| n.node_name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))
     })
 }
@@ -118,7 +129,9 @@ fn qdev_id(qdev: &str) -> Option<&str> {
 /// (BlockBackend name, qdev, attached node name) from `query-block`.
 async fn query_block(client: &Client) -> Result<Vec<(String, String, String)>> {
     let v = client.execute("query-block", Value::Null).await?;
-    let arr = v.as_array().ok_or_else(|| bad("query-block", "not an array"))?;
+    let arr = v
+        .as_array()
+        .ok_or_else(|| bad("query-block", "not an array"))?;
     Ok(arr
         .iter()
         .filter_map(|b| {
@@ -144,10 +157,17 @@ fn parse_node(n: &Value) -> Option<BlockNode> {
     Some(BlockNode {
         node_name: n.get("node-name")?.as_str()?.to_string(),
         driver: n.get("drv")?.as_str()?.to_string(),
-        file: n.get("file").and_then(Value::as_str).unwrap_or("").to_string(),
+        file: n
+            .get("file")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
         virtual_size: image.get("virtual-size")?.as_u64()?,
         read_only: n.get("ro").and_then(Value::as_bool).unwrap_or(false),
-        backing_file: n.get("backing_file").and_then(Value::as_str).map(String::from),
+        backing_file: n
+            .get("backing_file")
+            .and_then(Value::as_str)
+            .map(String::from),
         bitmaps,
         snapshots,
         device: None,
@@ -206,7 +226,10 @@ mod tests {
         assert!(node.bitmap("b").unwrap().recording);
         assert_eq!(node.snapshots[0].vm_clock_ns, 1_000_000_002);
         assert!(parse_node(&json!({"node-name": "x"})).is_none());
-        assert_eq!(qdev_id("/machine/peripheral/vdb/virtio-backend"), Some("vdb"));
+        assert_eq!(
+            qdev_id("/machine/peripheral/vdb/virtio-backend"),
+            Some("vdb")
+        );
         assert_eq!(qdev_id("sda"), None);
     }
 }

@@ -112,7 +112,11 @@ pub struct ReadPoint {
 /// (`guest-ping`, `guest-fsfreeze-freeze`, transaction, `guest-fsfreeze-thaw`; thaw is sent
 /// whenever freeze was); an agent that does not answer fails the read point, which the caller
 /// may retry without quiescing (crash-consistent).
-pub async fn create_read_point(client: &Client, req: &ReadPointRequest, quiesce: Option<&Agent>) -> Result<ReadPoint> {
+pub async fn create_read_point(
+    client: &Client,
+    req: &ReadPointRequest,
+    quiesce: Option<&Agent>,
+) -> Result<ReadPoint> {
     let mut rp = plan(client, req).await?;
     match build(client, req, &mut rp, quiesce).await {
         Ok(()) => Ok(rp),
@@ -129,13 +133,18 @@ pub async fn create_read_point(client: &Client, req: &ReadPointRequest, quiesce:
 /// Check everything and name everything; creates nothing.
 async fn plan(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
     if req.disks.is_empty() {
-        return Err(QmpError::Invalid("a read point needs at least one disk".into()));
+        return Err(QmpError::Invalid(
+            "a read point needs at least one disk".into(),
+        ));
     }
     if let Some(b) = &req.new_bitmap {
         check_name("bitmap", b)?;
     }
     if !req.work_dir.is_absolute() {
-        return Err(QmpError::Invalid(format!("work_dir {} must be absolute", req.work_dir.display())));
+        return Err(QmpError::Invalid(format!(
+            "work_dir {} must be absolute",
+            req.work_dir.display()
+        )));
     }
     std::fs::create_dir_all(&req.work_dir)
         .map_err(|e| QmpError::io(format!("creating {}", req.work_dir.display()), e))?;
@@ -148,16 +157,27 @@ async fn plan(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
     let mut disks = Vec::new();
     for (i, d) in req.disks.iter().enumerate() {
         let node = super::nodes::resolve(&nodes, &d.disk)?;
-        if disks.iter().any(|x: &ReadPointDisk| x.node == node.node_name) {
-            return Err(QmpError::Invalid(format!("disk {} is listed twice", d.disk)));
+        if disks
+            .iter()
+            .any(|x: &ReadPointDisk| x.node == node.node_name)
+        {
+            return Err(QmpError::Invalid(format!(
+                "disk {} is listed twice",
+                d.disk
+            )));
         }
-        if let Some(b) = req.new_bitmap.as_deref().filter(|b| node.bitmap(b).is_some()) {
+        if let Some(b) = req
+            .new_bitmap
+            .as_deref()
+            .filter(|b| node.bitmap(b).is_some())
+        {
             return Err(QmpError::Invalid(format!(
                 "bitmap {b} already exists on node {}; a read point did not finish: run clean_leftovers",
                 node.node_name
             )));
         }
-        let (exported_bitmap, bitmap_note) = usable_previous(node, d.previous_bitmap.as_deref(), req);
+        let (exported_bitmap, bitmap_note) =
+            usable_previous(node, d.previous_bitmap.as_deref(), req);
         let export = format!("{id}-e{i}");
         disks.push(ReadPointDisk {
             disk: d.disk.clone(),
@@ -187,9 +207,16 @@ async fn plan(client: &Client, req: &ReadPointRequest) -> Result<ReadPoint> {
 }
 
 /// Whether the previous checkpoint can serve as the delta of this backup.
-fn usable_previous(node: &BlockNode, prev: Option<&str>, req: &ReadPointRequest) -> (Option<String>, Option<String>) {
+fn usable_previous(
+    node: &BlockNode,
+    prev: Option<&str>,
+    req: &ReadPointRequest,
+) -> (Option<String>, Option<String>) {
     let Some(prev) = prev else {
-        return (None, Some("no previous checkpoint: read all allocated extents".into()));
+        return (
+            None,
+            Some("no previous checkpoint: read all allocated extents".into()),
+        );
     };
     let why = match node.bitmap(prev) {
         None => "does not exist on the node",
@@ -200,10 +227,20 @@ fn usable_previous(node: &BlockNode, prev: Option<&str>, req: &ReadPointRequest)
         Some(_) if req.new_bitmap.as_deref() == Some(prev) => "has the same name as the new bitmap",
         Some(_) => return (Some(prev.to_string()), None),
     };
-    (None, Some(format!("previous bitmap {prev} {why}: read all allocated extents")))
+    (
+        None,
+        Some(format!(
+            "previous bitmap {prev} {why}: read all allocated extents"
+        )),
+    )
 }
 
-async fn build(client: &Client, req: &ReadPointRequest, rp: &mut ReadPoint, quiesce: Option<&Agent>) -> Result<()> {
+async fn build(
+    client: &Client,
+    req: &ReadPointRequest,
+    rp: &mut ReadPoint,
+    quiesce: Option<&Agent>,
+) -> Result<()> {
     for (i, d) in rp.disks.iter().enumerate() {
         create_fleecing_image(client, &rp.id, i, d, req.timeout).await?;
     }
@@ -215,7 +252,10 @@ async fn build(client: &Client, req: &ReadPointRequest, rp: &mut ReadPoint, quie
                     "sync": "none", "auto-dismiss": false }),
         ));
         if let Some(prev) = &d.exported_bitmap {
-            actions.push(action("block-dirty-bitmap-disable", json!({ "node": d.node, "name": prev })));
+            actions.push(action(
+                "block-dirty-bitmap-disable",
+                json!({ "node": d.node, "name": prev }),
+            ));
         }
         if let Some(new) = &rp.new_bitmap {
             actions.push(action(
@@ -268,17 +308,28 @@ async fn create_fleecing_image(
     let temp = format!("{id}-t{i}");
     let create = |options: Value| json!({ "job-id": job, "options": options });
     client
-        .execute("blockdev-create", create(json!({ "driver": "file", "filename": file, "size": 0 })))
+        .execute(
+            "blockdev-create",
+            create(json!({ "driver": "file", "filename": file, "size": 0 })),
+        )
         .await?;
     client.wait_job(&job, limit).await?;
     client
-        .execute("blockdev-add", json!({ "driver": "file", "filename": file, "node-name": temp }))
+        .execute(
+            "blockdev-add",
+            json!({ "driver": "file", "filename": file, "node-name": temp }),
+        )
         .await?;
     client
-        .execute("blockdev-create", create(json!({ "driver": "qcow2", "file": temp, "size": d.size })))
+        .execute(
+            "blockdev-create",
+            create(json!({ "driver": "qcow2", "file": temp, "size": d.size })),
+        )
         .await?;
     let made = client.wait_job(&job, limit).await;
-    client.execute("blockdev-del", json!({ "node-name": temp })).await?;
+    client
+        .execute("blockdev-del", json!({ "node-name": temp }))
+        .await?;
     made?;
     let args = json!({ "driver": "qcow2", "node-name": d.fleece_node,
                        "file": { "driver": "file", "filename": file }, "backing": d.node });
@@ -313,7 +364,10 @@ async fn ensure_nbd_server(client: &Client, nbd: &NbdServer, socket: &Path) -> R
 /// Something accepts connections on this unix socket.
 pub(crate) async fn listening(socket: &Path) -> bool {
     let connect = tokio::net::UnixStream::connect(socket);
-    matches!(tokio::time::timeout(Duration::from_secs(2), connect).await, Ok(Ok(_)))
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), connect).await,
+        Ok(Ok(_))
+    )
 }
 
 pub(crate) fn path_str(p: &Path) -> Result<&str> {
@@ -328,4 +382,5 @@ impl ReadPoint {
     }
 }
 
-const _: () = assert!(RP_PREFIX.len() + 6 + 4 < super::MAX_NODE_NAME && PREFIX.len() < RP_PREFIX.len());
+const _: () =
+    assert!(RP_PREFIX.len() + 6 + 4 < super::MAX_NODE_NAME && PREFIX.len() < RP_PREFIX.len());

@@ -42,8 +42,15 @@ pub struct RunState {
 pub async fn run_state(client: &Client) -> Result<RunState> {
     let v = client.execute("query-status", Value::Null).await?;
     Ok(RunState {
-        running: v.get("running").and_then(Value::as_bool).ok_or_else(|| bad("query-status", "no running"))?,
-        status: v.get("status").and_then(Value::as_str).unwrap_or("").to_string(),
+        running: v
+            .get("running")
+            .and_then(Value::as_bool)
+            .ok_or_else(|| bad("query-status", "no running"))?,
+        status: v
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
     })
 }
 
@@ -65,12 +72,19 @@ pub async fn save_internal_snapshot(
 ) -> Result<()> {
     check_name("snapshot tag", tag)?;
     if devices.is_empty() {
-        return Err(QmpError::Invalid("a snapshot needs at least one disk".into()));
+        return Err(QmpError::Invalid(
+            "a snapshot needs at least one disk".into(),
+        ));
     }
     let Some(vmstate) = vmstate else {
         let actions = devices
             .iter()
-            .map(|d| action("blockdev-snapshot-internal-sync", json!({ "device": d, "name": tag })))
+            .map(|d| {
+                action(
+                    "blockdev-snapshot-internal-sync",
+                    json!({ "device": d, "name": tag }),
+                )
+            })
             .collect();
         return transaction(client, actions).await;
     };
@@ -134,11 +148,20 @@ pub async fn load_internal_snapshot(
 /// Delete internal snapshot `tag` from every node of `devices` that has it: the
 /// `snapshot-delete` job, or (qemu-storage-daemon has no snapshot jobs) a
 /// `blockdev-snapshot-delete-internal-sync` per node. Deleting what is gone is not an error.
-pub async fn delete_internal_snapshot(client: &Client, tag: &str, devices: &[String], limit: Duration) -> Result<()> {
+pub async fn delete_internal_snapshot(
+    client: &Client,
+    tag: &str,
+    devices: &[String],
+    limit: Duration,
+) -> Result<()> {
     let nodes = list_nodes(client).await?;
     let having: Vec<&String> = devices
         .iter()
-        .filter(|d| nodes.iter().any(|n| &n.node_name == *d && n.snapshots.iter().any(|s| s.tag == tag)))
+        .filter(|d| {
+            nodes
+                .iter()
+                .any(|n| &n.node_name == *d && n.snapshots.iter().any(|s| s.tag == tag))
+        })
         .collect();
     if having.is_empty() {
         return Ok(());
@@ -150,7 +173,9 @@ pub async fn delete_internal_snapshot(client: &Client, tag: &str, devices: &[Str
         Err(e) if e.class() == Some("CommandNotFound") => {
             for d in having {
                 let args = json!({ "device": d, "name": tag });
-                client.execute("blockdev-snapshot-delete-internal-sync", args).await?;
+                client
+                    .execute("blockdev-snapshot-delete-internal-sync", args)
+                    .await?;
             }
             Ok(())
         }
@@ -209,7 +234,10 @@ pub async fn create_overlays(client: &Client, reqs: &[OverlayRequest]) -> Result
 /// the overlay file. Done already (overlay node gone) is fine.
 pub async fn commit_overlay(client: &Client, ov: &Overlay, limit: Duration) -> Result<()> {
     check_name("overlay node", &ov.overlay_node)?;
-    let exists = list_nodes(client).await?.iter().any(|n| n.node_name == ov.overlay_node);
+    let exists = list_nodes(client)
+        .await?
+        .iter()
+        .any(|n| n.node_name == ov.overlay_node);
     if exists {
         let job = format!("{PREFIX}cj{}", token());
         let args = json!({ "job-id": job, "device": ov.overlay_node, "base-node": ov.base,
@@ -227,6 +255,9 @@ pub async fn commit_overlay(client: &Client, ov: &Overlay, limit: Duration) -> R
     match std::fs::remove_file(&ov.file) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(QmpError::io(format!("removing overlay {}", ov.file.display()), e)),
+        Err(e) => Err(QmpError::io(
+            format!("removing overlay {}", ov.file.display()),
+            e,
+        )),
     }
 }

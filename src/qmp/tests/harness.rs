@@ -43,7 +43,9 @@ impl Proc {
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         Proc { child, log }
     }
 
@@ -104,7 +106,10 @@ fn images(dir: &Path, n: usize, size_mib: u64) -> Vec<(String, PathBuf)> {
 
 fn blockdev_args(cmd: &mut Command, name: &str, img: &Path) {
     cmd.arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name={name}-file", img.display()))
+        .arg(format!(
+            "driver=file,filename={},node-name={name}-file",
+            img.display()
+        ))
         .arg("--blockdev")
         .arg(format!("driver=qcow2,file={name}-file,node-name={name}"));
 }
@@ -121,10 +126,16 @@ pub async fn qsd(n: usize, size_mib: u64) -> Qemu {
         blockdev_args(&mut cmd, name, img);
     }
     cmd.arg("--chardev")
-        .arg(format!("socket,path={},server=on,wait=off,id=mon", qmp.display()))
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=mon",
+            qmp.display()
+        ))
         .args(["--monitor", "chardev=mon"])
         .arg("--chardev")
-        .arg(format!("socket,path={},server=on,wait=off,id=mon2", dir.path().join("qmp2.sock").display()))
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=mon2",
+            dir.path().join("qmp2.sock").display()
+        ))
         .args(["--monitor", "chardev=mon2"]);
     let proc = Proc::spawn(cmd, dir.path().join("qemu.log"));
     let disks = disks.into_iter().map(|(n, p)| (n, p, None)).collect();
@@ -146,15 +157,22 @@ pub async fn vm(n: usize, size_mib: u64, agent: bool) -> Qemu {
     for (i, (name, img)) in disks.into_iter().enumerate() {
         blockdev_args(&mut cmd, &name, &img);
         let id = format!("ide{i}");
-        cmd.arg("-device").arg(format!("ide-hd,drive={name},bus=ide.{i},id={id}"));
+        cmd.arg("-device")
+            .arg(format!("ide-hd,drive={name},bus=ide.{i},id={id}"));
         out.push((name, img, Some(id)));
     }
     let qga = dir.path().join("qga.sock");
     if agent {
         cmd.arg("-chardev")
-            .arg(format!("socket,path={},server=on,wait=off,id=qga0", qga.display()))
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                qga.display()
+            ))
             .args(["-device", "virtio-serial"])
-            .args(["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
+            .args([
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]);
     }
     let proc = Proc::spawn(cmd, dir.path().join("qemu.log"));
     finish(proc, dir, qmp, out, agent.then_some(qga)).await
@@ -170,7 +188,11 @@ async fn finish(
     let deadline = std::time::Instant::now() + T;
     while !qmp.exists() {
         assert!(!proc.exited(), "QEMU exited at start:\n{}", proc.log());
-        assert!(std::time::Instant::now() < deadline, "no QMP socket after {T:?}:\n{}", proc.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no QMP socket after {T:?}:\n{}",
+            proc.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = Client::connect(&qmp, T).await.expect("QMP connect");
@@ -258,7 +280,10 @@ pub struct State {
 
 pub async fn state(client: &Client) -> State {
     let nodes: Vec<BlockNode> = list_nodes(client).await.expect("nodes");
-    let exports = client.execute("query-block-exports", Value::Null).await.expect("exports");
+    let exports = client
+        .execute("query-block-exports", Value::Null)
+        .await
+        .expect("exports");
     let mut s = State {
         nodes: nodes.iter().map(|n| n.node_name.clone()).collect(),
         exports: exports
@@ -267,10 +292,20 @@ pub async fn state(client: &Client) -> State {
             .iter()
             .map(|e| e["id"].as_str().unwrap_or("").to_string())
             .collect(),
-        jobs: client.query_jobs().await.expect("jobs").into_iter().map(|j| j.id).collect(),
+        jobs: client
+            .query_jobs()
+            .await
+            .expect("jobs")
+            .into_iter()
+            .map(|j| j.id)
+            .collect(),
         bitmaps: nodes
             .iter()
-            .flat_map(|n| n.bitmaps.iter().map(|b| (n.node_name.clone(), b.name.clone(), b.recording)))
+            .flat_map(|n| {
+                n.bitmaps
+                    .iter()
+                    .map(|b| (n.node_name.clone(), b.name.clone(), b.recording))
+            })
             .collect(),
     };
     s.nodes.sort();

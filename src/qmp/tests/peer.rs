@@ -57,7 +57,10 @@ async fn qmp_garbage_from_peer_is_an_error() {
     .await;
     let c = Client::connect(&path, SHORT).await.expect("connect");
     let e = c.execute("query-status", Value::Null).await.unwrap_err();
-    assert!(matches!(e, QmpError::Disconnected(ref m) if m.contains("not JSON")), "{e}");
+    assert!(
+        matches!(e, QmpError::Disconnected(ref m) if m.contains("not JSON")),
+        "{e}"
+    );
     let again = c.execute("query-status", Value::Null).await.unwrap_err();
     assert!(matches!(again, QmpError::Disconnected(_)), "{again}");
 }
@@ -72,15 +75,22 @@ async fn qmp_peer_closing_mid_reply_is_an_error() {
     .await;
     let c = Client::connect(&path, SHORT).await.expect("connect");
     let e = c.execute("query-status", Value::Null).await.unwrap_err();
-    assert!(matches!(e, QmpError::Disconnected(ref m) if m.contains("middle")), "{e}");
+    assert!(
+        matches!(e, QmpError::Disconnected(ref m) if m.contains("middle")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
 async fn qmp_silent_peer_times_out() {
     // No greeting at all.
-    let (_d, path) = fake(|_s| async move { tokio::time::sleep(Duration::from_secs(5)).await }).await;
+    let (_d, path) =
+        fake(|_s| async move { tokio::time::sleep(Duration::from_secs(5)).await }).await;
     let t0 = Instant::now();
-    let e = Client::connect(&path, Duration::from_millis(500)).await.err().expect("must fail");
+    let e = Client::connect(&path, Duration::from_millis(500))
+        .await
+        .err()
+        .expect("must fail");
     assert!(matches!(e, QmpError::Handshake { .. }), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(3));
     // Greeting, then no reply to a command.
@@ -102,9 +112,15 @@ async fn qmp_silent_peer_times_out() {
 
 #[tokio::test]
 async fn qmp_wrong_peers_and_missing_socket() {
-    let e = Client::connect("/nonexistent/holdfast-qmp.sock", SHORT).await.err().expect("fails");
+    let e = Client::connect("/nonexistent/holdfast-qmp.sock", SHORT)
+        .await
+        .err()
+        .expect("fails");
     let msg = e.to_string();
-    assert!(msg.contains("/nonexistent/holdfast-qmp.sock") && msg.contains("is the VM running"), "{msg}");
+    assert!(
+        msg.contains("/nonexistent/holdfast-qmp.sock") && msg.contains("is the VM running"),
+        "{msg}"
+    );
     // A peer whose first line is not a greeting (e.g. a guest-agent socket answering junk).
     let (_d, path) = fake(|mut s| async move {
         let _ = s.get_mut().write_all(b"{\"return\": 5}\n").await;
@@ -122,7 +138,10 @@ async fn qmp_wrong_peers_and_missing_socket() {
     .await;
     let c = Client::connect(&path, SHORT).await.expect("connect");
     let e = c.execute("x", Value::Null).await.unwrap_err();
-    assert!(matches!(e, QmpError::Disconnected(ref m) if m.contains("without a valid id")), "{e}");
+    assert!(
+        matches!(e, QmpError::Disconnected(ref m) if m.contains("without a valid id")),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -152,26 +171,57 @@ async fn qmp_concurrent_commands_get_their_own_replies() {
     assert_eq!(rb.expect("b"), json!("cmd-b"));
     let e = ra.unwrap_err();
     assert_eq!(e.class(), Some("GenericError"));
-    assert!(e.to_string().contains("cmd-a") && e.to_string().contains("nope"), "{e}");
-    let ev = c.wait_event(mark, SHORT, |e| e.name == "STOP").await.expect("event kept");
+    assert!(
+        e.to_string().contains("cmd-a") && e.to_string().contains("nope"),
+        "{e}"
+    );
+    let ev = c
+        .wait_event(mark, SHORT, |e| e.name == "STOP")
+        .await
+        .expect("event kept");
     assert_eq!(ev.timestamp, (1, 2));
-    let got = tokio::time::timeout(SHORT, sub.recv()).await.expect("in time").expect("event");
+    let got = tokio::time::timeout(SHORT, sub.recv())
+        .await
+        .expect("in time")
+        .expect("event");
     assert_eq!((got.name.as_str(), got.seq), ("STOP", ev.seq));
 }
 
 #[tokio::test]
 async fn qmp_error_replies_from_real_qemu() {
     let q = qsd(1, 16).await;
-    let e = q.client.execute("no-such-command", Value::Null).await.unwrap_err();
+    let e = q
+        .client
+        .execute("no-such-command", Value::Null)
+        .await
+        .unwrap_err();
     assert_eq!(e.class(), Some("CommandNotFound"), "{e}");
-    let e = q.client.execute("blockdev-del", json!({"node-name": "nope"})).await.unwrap_err();
-    assert!(e.to_string().contains("blockdev-del") && e.class().is_some(), "{e}");
-    let e = q.client.wait_job("holdfast-nojob", Duration::from_secs(1)).await.unwrap_err();
+    let e = q
+        .client
+        .execute("blockdev-del", json!({"node-name": "nope"}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("blockdev-del") && e.class().is_some(),
+        "{e}"
+    );
+    let e = q
+        .client
+        .wait_job("holdfast-nojob", Duration::from_secs(1))
+        .await
+        .unwrap_err();
     assert!(matches!(e, QmpError::NotFound(_)), "{e}");
     // Still usable afterwards, and the version came from the greeting.
-    q.client.execute("query-jobs", Value::Null).await.expect("usable");
+    q.client
+        .execute("query-jobs", Value::Null)
+        .await
+        .expect("usable");
     assert!(q.client.version().major >= 10, "{}", q.client.version());
-    let t = q.client.execute_timeout("query-version", Value::Null, T).await.expect("version");
+    let t = q
+        .client
+        .execute_timeout("query-version", Value::Null, T)
+        .await
+        .expect("version");
     assert!(t["qemu"]["major"].as_u64().is_some());
 }
 
@@ -191,7 +241,9 @@ pub(super) async fn fake_agent() -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<S
             let v: Value = serde_json::from_slice(&text).unwrap_or(Value::Null);
             let cmd = v["execute"].as_str().unwrap_or("").to_string();
             if cmd != "guest-sync-delimited" {
-                seen.lock().unwrap_or_else(|p| p.into_inner()).push(cmd.clone());
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(cmd.clone());
             }
             let reply = match cmd.as_str() {
                 "guest-sync-delimited" => {
@@ -199,7 +251,9 @@ pub(super) async fn fake_agent() -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<S
                     let mut out = vec![0xff];
                     out.extend_from_slice(b"{\"return\": 12345}\n{\"return\": {}}\n");
                     out.push(0xff);
-                    out.extend_from_slice(format!("{}\n", json!({"return": v["arguments"]["id"]})).as_bytes());
+                    out.extend_from_slice(
+                        format!("{}\n", json!({"return": v["arguments"]["id"]})).as_bytes(),
+                    );
                     out
                 }
                 "guest-ping" => b"{\"return\": {}}\n".to_vec(),
@@ -207,9 +261,11 @@ pub(super) async fn fake_agent() -> (tempfile::TempDir, PathBuf, Arc<Mutex<Vec<S
                     frozen = cmd == "guest-fsfreeze-freeze";
                     b"{\"return\": 2}\n".to_vec()
                 }
-                "guest-fsfreeze-status" => {
-                    format!("{{\"return\": \"{}\"}}\n", if frozen { "frozen" } else { "thawed" }).into_bytes()
-                }
+                "guest-fsfreeze-status" => format!(
+                    "{{\"return\": \"{}\"}}\n",
+                    if frozen { "frozen" } else { "thawed" }
+                )
+                .into_bytes(),
                 _ => b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"no\"}}\n".to_vec(),
             };
             if s.get_mut().write_all(&reply).await.is_err() {
@@ -227,11 +283,23 @@ async fn agent_resyncs_past_stale_replies() {
     let a = Agent::new(&path, SHORT);
     a.ping().await.expect("ping");
     assert_eq!(a.fsfreeze_freeze().await.expect("freeze"), 2);
-    assert_eq!(a.fsfreeze_status().await.expect("status"), FreezeStatus::Frozen);
+    assert_eq!(
+        a.fsfreeze_status().await.expect("status"),
+        FreezeStatus::Frozen
+    );
     assert_eq!(a.fsfreeze_thaw().await.expect("thaw"), 2);
-    assert_eq!(a.fsfreeze_status().await.expect("status"), FreezeStatus::Thawed);
+    assert_eq!(
+        a.fsfreeze_status().await.expect("status"),
+        FreezeStatus::Thawed
+    );
     let e = a.execute("guest-bogus", Value::Null).await.unwrap_err();
-    assert!(matches!(e, QmpError::AgentCommand { ref class, .. } if class == "CommandNotFound"), "{e}");
-    let e = Agent::new("/nonexistent/qga.sock", SHORT).ping().await.unwrap_err();
+    assert!(
+        matches!(e, QmpError::AgentCommand { ref class, .. } if class == "CommandNotFound"),
+        "{e}"
+    );
+    let e = Agent::new("/nonexistent/qga.sock", SHORT)
+        .ping()
+        .await
+        .unwrap_err();
     assert!(matches!(e, QmpError::AgentConnect { .. }), "{e}");
 }
