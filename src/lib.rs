@@ -22,6 +22,7 @@ pub mod image;
 pub mod jobs;
 pub mod names;
 pub mod nbd;
+pub mod qmp;
 #[cfg(feature = "appliance")]
 pub mod repo;
 pub mod source;
