@@ -194,6 +194,6 @@ mod tests {
         assert_eq!(s.display(), b"readme.TXT");
         assert_eq!(checksum(b"README  TXT"), checksum(&s.name));
         e[0] = 0x80;
-        assert_eq!(parse_short(&e).unwrap().display(), "çeadme.TXT".as_bytes());
+        assert_eq!(parse_short(&e).unwrap().display(), "Çeadme.TXT".as_bytes());
     }
 }
