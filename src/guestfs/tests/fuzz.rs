@@ -38,8 +38,9 @@ impl Device for Patched {
     }
 }
 
-/// Visits everything reachable (bounded), reading the start of every file.
-fn walk(fs: &dyn Filesystem, read_data: bool) {
+/// Visits everything reachable (bounded), reading the start of every file; returns the
+/// number of entries seen.
+fn walk(fs: &dyn Filesystem, read_data: bool) -> usize {
     let mut seen = HashSet::new();
     let mut stack = vec![fs.root()];
     let mut steps = 0;
@@ -67,22 +68,27 @@ fn walk(fs: &dyn Filesystem, read_data: bool) {
         }
     }
     let _ = fs.resolve(b"a/b/c/deep.txt");
+    steps
 }
 
-/// Opens the filesystem (or the partitions of a disk) and walks it.
-fn exercise(dev: Arc<dyn Device>, read_data: bool) {
+/// Opens the filesystem (or the partitions of a disk) and walks it; returns the number of
+/// partitions plus entries seen.
+fn exercise(dev: Arc<dyn Device>, read_data: bool) -> usize {
+    let mut seen = 0;
     if let Ok(parts) = partitions(&*dev) {
+        seen += parts.len();
         for p in parts.iter().take(8) {
             if let Ok(s) = Slice::partition(dev.clone(), p) {
                 if let Ok(Some(fs)) = open(Arc::new(s)) {
-                    walk(&*fs, read_data);
+                    seen += walk(&*fs, read_data);
                 }
             }
         }
     }
     if let Ok(Some(fs)) = open(dev) {
-        walk(&*fs, read_data);
+        seen += walk(&*fs, read_data);
     }
+    seen
 }
 
 /// Byte ranges read while opening and walking without file data: the metadata areas.
@@ -96,10 +102,18 @@ fn metadata_ranges(base: &Arc<Vec<u8>>) -> Vec<(u64, usize)> {
     r
 }
 
+/// Variants per image: 200, or `GUESTFS_FUZZ_VARIANTS` for a longer local run.
 fn fuzz_image(name: &str, img: &Path, variants: u64) {
+    let variants = std::env::var("GUESTFS_FUZZ_VARIANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(variants);
     let base = Arc::new(std::fs::read(img).unwrap());
     let ranges = metadata_ranges(&base);
     let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    let nonzero: Vec<u64> = ranges
+        .iter()
+        .flat_map(|&(off, len)| (off..off + len as u64).filter(|&p| base[p as usize] != 0))
+        .collect::<std::collections::BTreeSet<u64>>()
+        .into_iter()
+        .collect();
     let mut rng = 0x5eed_0000 ^ name.len() as u64 ^ blake3::hash(name.as_bytes()).as_bytes()[0] as u64;
     let mut next = move || {
         rng ^= rng << 13;
@@ -107,26 +121,42 @@ fn fuzz_image(name: &str, img: &Path, variants: u64) {
         rng ^= rng << 17;
         rng
     };
+    let mut deep = 0;
     for v in 0..variants {
         let mut patches = Vec::new();
         for _ in 0..1 + next() % 8 {
-            let mut k = next() % total;
-            let &(off, _) = ranges.iter().find(|r| { let hit = k < r.1 as u64; if !hit { k -= r.1 as u64; } hit }).unwrap();
-            let at = off + k;
+            // Mostly hit bytes that carry something (zeros are mostly unused space).
+            let at = if next() % 4 != 0 && !nonzero.is_empty() {
+                nonzero[(next() % nonzero.len() as u64) as usize]
+            } else {
+                let mut k = next() % total;
+                let r = ranges.iter().find(|r| {
+                    let hit = k < r.1 as u64;
+                    if !hit {
+                        k -= r.1 as u64;
+                    }
+                    hit
+                });
+                r.unwrap().0 + k
+            };
             patches.push((at, base[at as usize] ^ (1 + (next() % 255) as u8)));
         }
         let dev = Arc::new(Patched { base: base.clone(), patches: patches.clone(), reads: None });
         let (tx, rx) = mpsc::channel();
         let h = std::thread::spawn(move || {
-            exercise(dev, true);
-            let _ = tx.send(());
+            let _ = tx.send(exercise(dev, true));
         });
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(()) => h.join().unwrap(),
+            Ok(n) => {
+                h.join().unwrap();
+                deep += (n > 0) as u64;
+            }
             Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{name} variant {v} panicked; patches {patches:?}"),
             Err(mpsc::RecvTimeoutError::Timeout) => panic!("{name} variant {v} hangs; patches {patches:?}"),
         }
     }
+    println!("{name}: {variants} variants over {total} metadata bytes, {deep} still readable");
+    assert!(deep * 4 >= variants, "most variants must get past the superblock for the fuzzing to mean something");
 }
 
 fn small_tree(dir: &Path) -> std::path::PathBuf {
@@ -184,14 +214,15 @@ fn fuzz_partition_tables() {
     run(Command::new(tool("sgdisk", "gdisk")).args(["-n", "1:2048:+2M", "-n", "2:0:0"]).arg(&img));
     fuzz_image("gpt", &img, 200);
     let img = t.path().join("mbr.img");
-    blank(&img, 8 << 20);
+    blank(&img, 64 << 20);
     let mut child = Command::new(tool("sfdisk", "fdisk"))
         .arg("-q")
         .arg(&img)
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let script = "label: dos\nstart=2048, size=2048, type=83\nstart=4096, size=8192, type=5\nstart=6144, size=1024, type=83\nstart=8192, size=1024, type=83\n";
+    let script = "label: dos\nstart=2048, size=8192, type=83\nstart=10240, size=81920, type=5\n\
+                  start=12288, size=4096, type=83\nstart=18432, size=4096, type=c\n";
     std::io::Write::write_all(child.stdin.as_mut().unwrap(), script.as_bytes()).unwrap();
     drop(child.stdin.take());
     assert!(child.wait().unwrap().success());
