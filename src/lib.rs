@@ -12,6 +12,7 @@
 #[cfg(feature = "appliance")]
 pub mod catalog;
 pub mod chunk;
+pub mod guestfs;
 #[cfg(feature = "appliance")]
 pub mod fuse;
 #[cfg(feature = "appliance")]
