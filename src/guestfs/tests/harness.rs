@@ -152,6 +152,12 @@ fn add_links_and_owners(root: &Path) {
     std::os::unix::fs::symlink("/nonexistent/target", root.join("a/dangling")).unwrap();
     fs::hard_link(root.join("a/hello.txt"), root.join("hard1")).unwrap();
     fs::hard_link(root.join("a/hello.txt"), root.join("a/b/hard2")).unwrap();
+    // Enough names that NTFS spills them into extension records (an attribute list).
+    fs::create_dir(root.join("links")).unwrap();
+    for i in 0..150 {
+        let name = format!("links/a rather long hard link name number {i:03}");
+        fs::hard_link(root.join("a/b/c/deep.txt"), root.join(name)).unwrap();
+    }
     fs::set_permissions(root.join("a/hello.txt"), fs::Permissions::from_mode(0o640)).unwrap();
     fs::set_permissions(root.join("big.bin"), fs::Permissions::from_mode(0o4755)).unwrap();
     std::os::unix::fs::chown(root.join("big.bin"), Some(1234), Some(5678)).unwrap();
