@@ -102,7 +102,7 @@ impl ExtFs {
                 "meta_bg block",
             )?;
             add(
-                fdb + gb,
+                add(fdb, gb, "meta_bg block")?,
                 self.has_super(first_group) as u64,
                 "meta_bg block",
             )?
