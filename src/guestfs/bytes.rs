@@ -8,7 +8,12 @@ use super::error::{corrupt, Result};
 pub(crate) fn sub<'a>(b: &'a [u8], off: usize, len: usize, what: &str) -> Result<&'a [u8]> {
     off.checked_add(len)
         .and_then(|end| b.get(off..end))
-        .ok_or_else(|| corrupt(format!("{what}: {len} bytes at {off} overrun a {}-byte structure", b.len())))
+        .ok_or_else(|| {
+            corrupt(format!(
+                "{what}: {len} bytes at {off} overrun a {}-byte structure",
+                b.len()
+            ))
+        })
 }
 
 fn arr<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N]> {
@@ -19,7 +24,9 @@ fn arr<const N: usize>(b: &[u8], off: usize) -> Result<[u8; N]> {
 }
 
 pub(crate) fn u8_at(b: &[u8], off: usize) -> Result<u8> {
-    b.get(off).copied().ok_or_else(|| corrupt(format!("byte {off} overruns a {}-byte structure", b.len())))
+    b.get(off)
+        .copied()
+        .ok_or_else(|| corrupt(format!("byte {off} overruns a {}-byte structure", b.len())))
 }
 pub(crate) fn le16(b: &[u8], off: usize) -> Result<u16> {
     Ok(u16::from_le_bytes(arr(b, off)?))
@@ -47,11 +54,13 @@ pub(crate) fn fold(name: &[u8]) -> Vec<u8> {
 
 /// `a * b` or `Corrupt`.
 pub(crate) fn mul(a: u64, b: u64, what: &str) -> Result<u64> {
-    a.checked_mul(b).ok_or_else(|| corrupt(format!("{what} overflows")))
+    a.checked_mul(b)
+        .ok_or_else(|| corrupt(format!("{what} overflows")))
 }
 /// `a + b` or `Corrupt`.
 pub(crate) fn add(a: u64, b: u64, what: &str) -> Result<u64> {
-    a.checked_add(b).ok_or_else(|| corrupt(format!("{what} overflows")))
+    a.checked_add(b)
+        .ok_or_else(|| corrupt(format!("{what} overflows")))
 }
 
 #[cfg(test)]

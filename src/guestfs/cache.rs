@@ -24,7 +24,11 @@ pub(crate) struct Lru<K, V> {
 impl<K: Hash + Eq + Clone, V: Clone> Lru<K, V> {
     pub(crate) fn new(budget: usize) -> Self {
         Lru {
-            inner: Mutex::new(Inner { map: HashMap::new(), cost: 0, tick: 0 }),
+            inner: Mutex::new(Inner {
+                map: HashMap::new(),
+                cost: 0,
+                tick: 0,
+            }),
             budget,
         }
     }
@@ -95,7 +99,10 @@ pub(crate) struct ChunkCache {
 
 impl ChunkCache {
     pub(crate) fn new(dev: Arc<dyn Device>, budget_bytes: usize) -> Self {
-        ChunkCache { dev, chunks: Lru::new(budget_bytes) }
+        ChunkCache {
+            dev,
+            chunks: Lru::new(budget_bytes),
+        }
     }
 
     fn chunk(&self, index: u64) -> Result<Arc<Vec<u8>>> {

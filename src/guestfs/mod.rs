@@ -109,7 +109,10 @@ impl Device for Slice {
             Some(end) if end <= self.len => self.dev.read_at(buf, self.start + offset),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("read at {offset} past the end of a {}-byte partition", self.len),
+                format!(
+                    "read at {offset} past the end of a {}-byte partition",
+                    self.len
+                ),
             )),
         }
     }
@@ -219,7 +222,10 @@ pub trait Filesystem: Send + Sync {
     /// `lookup`, following no symlinks.
     fn resolve(&self, path: &[u8]) -> Result<Attr> {
         let mut attr = self.getattr(self.root())?;
-        for comp in path.split(|&b| b == b'/').filter(|c| !c.is_empty() && *c != b".") {
+        for comp in path
+            .split(|&b| b == b'/')
+            .filter(|c| !c.is_empty() && *c != b".")
+        {
             if attr.kind != Kind::Dir {
                 return Err(GuestFsError::NotDir);
             }
@@ -234,9 +240,15 @@ pub trait Filesystem: Send + Sync {
 pub fn open(dev: Arc<dyn Device>) -> Result<Option<Box<dyn Filesystem>>> {
     type Opener = fn(Arc<dyn Device>) -> Result<Option<Box<dyn Filesystem>>>;
     let openers: [(&str, Opener); 3] = [
-        ("ntfs", |d| Ok(ntfs::Ntfs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))),
-        ("ext", |d| Ok(ext::ExtFs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))),
-        ("fat", |d| Ok(fat::FatFs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))),
+        ("ntfs", |d| {
+            Ok(ntfs::Ntfs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))
+        }),
+        ("ext", |d| {
+            Ok(ext::ExtFs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))
+        }),
+        ("fat", |d| {
+            Ok(fat::FatFs::open(d)?.map(|f| Box::new(f) as Box<dyn Filesystem>))
+        }),
     ];
     for (name, opener) in openers {
         match opener(dev.clone()) {

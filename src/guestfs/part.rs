@@ -68,7 +68,11 @@ fn parse_mbr(sector: &[u8]) -> Option<[MbrEntry; 4]> {
     if sector.get(510..512)? != [0x55, 0xaa] {
         return None;
     }
-    let mut out = [MbrEntry { kind: 0, lba: 0, sectors: 0 }; 4];
+    let mut out = [MbrEntry {
+        kind: 0,
+        lba: 0,
+        sectors: 0,
+    }; 4];
     for (i, e) in out.iter_mut().enumerate() {
         let at = 446 + i * 16;
         *e = MbrEntry {
@@ -168,7 +172,7 @@ fn parse_gpt_header(b: &[u8]) -> Result<GptHeader> {
         entry_size: le32(b, 84)?,
         entries_crc: le32(b, 88)?,
     };
-    if hdr.entry_size < 128 || hdr.entry_size % 8 != 0 {
+    if hdr.entry_size < 128 || !hdr.entry_size.is_multiple_of(8) {
         return Err(corrupt("GPT entry size out of range"));
     }
     if hdr.count as u64 * hdr.entry_size as u64 > MAX_ENTRY_BYTES {
@@ -186,7 +190,10 @@ fn guid_text(g: &[u8]) -> String {
         "{d1:08x}-{d2:04x}-{d3:04x}-{:02x}{:02x}-{}",
         g[8],
         g[9],
-        g[10..16].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        g[10..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -203,8 +210,12 @@ fn parse_gpt_entries(arr: &[u8], entry_size: usize, sector: u64) -> Result<Vec<P
             continue;
         }
         let start = first.checked_mul(sector);
-        let len = (last - first).checked_add(1).and_then(|n| n.checked_mul(sector));
-        let (Some(start), Some(len)) = (start, len) else { continue };
+        let len = (last - first)
+            .checked_add(1)
+            .and_then(|n| n.checked_mul(sector));
+        let (Some(start), Some(len)) = (start, len) else {
+            continue;
+        };
         let mut name = utf16le(sub(e, 56, 72, "GPT name")?);
         let nul = name.iter().position(|&c| c == 0).unwrap_or(name.len());
         name.truncate(nul);
@@ -230,9 +241,13 @@ fn read_gpt(dev: &dyn Device) -> Result<Option<Vec<Partition>>> {
             }
             let mut b = vec![0u8; sector as usize];
             read_exact(dev, &mut b, lba * sector)?;
-            let Ok(h) = parse_gpt_header(&b) else { continue };
+            let Ok(h) = parse_gpt_header(&b) else {
+                continue;
+            };
             let len = h.count as usize * h.entry_size as usize;
-            let Some(off) = h.entries_lba.checked_mul(sector) else { continue };
+            let Some(off) = h.entries_lba.checked_mul(sector) else {
+                continue;
+            };
             if off.checked_add(len as u64).is_none_or(|e| e > dev.size()) {
                 continue;
             }
@@ -241,7 +256,11 @@ fn read_gpt(dev: &dyn Device) -> Result<Option<Vec<Partition>>> {
             if crc32fast::hash(&arr) != h.entries_crc {
                 continue;
             }
-            return Ok(Some(parse_gpt_entries(&arr, h.entry_size as usize, sector)?));
+            return Ok(Some(parse_gpt_entries(
+                &arr,
+                h.entry_size as usize,
+                sector,
+            )?));
         }
     }
     Ok(None)

@@ -40,8 +40,10 @@ pub(super) fn parse_block(
             // 64 KiB blocks encode a full-block record this way.
             rec_len = 65536;
         }
-        if rec_len < 8 || rec_len % 4 != 0 || at + rec_len > b.len() {
-            return Err(corrupt(format!("directory entry at {at} has record length {rec_len}")));
+        if rec_len < 8 || !rec_len.is_multiple_of(4) || at + rec_len > b.len() {
+            return Err(corrupt(format!(
+                "directory entry at {at} has record length {rec_len}"
+            )));
         }
         let (name_len, code) = if filetype {
             (u8_at(b, at + 6)? as usize, u8_at(b, at + 7)?)

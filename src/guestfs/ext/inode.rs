@@ -8,11 +8,24 @@ pub(super) const INCOMPAT_FILETYPE: u32 = 0x2;
 pub(super) const INCOMPAT_META_BG: u32 = 0x10;
 pub(super) const INCOMPAT_64BIT: u32 = 0x80;
 /// Incompatible features this reader understands; anything else is refused.
-const INCOMPAT_KNOWN: u32 = 0x2 | 0x4 | 0x10 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000
-    | 0x4000 | 0x8000 | 0x10000 | 0x20000;
+const INCOMPAT_KNOWN: u32 = 0x2
+    | 0x4
+    | 0x10
+    | 0x40
+    | 0x80
+    | 0x100
+    | 0x200
+    | 0x400
+    | 0x2000
+    | 0x4000
+    | 0x8000
+    | 0x10000
+    | 0x20000;
 /// Features that only ext4 has (incompat, ro_compat).
-const INCOMPAT_EXT4: u32 = 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x20000;
-const RO_COMPAT_EXT4: u32 = 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x1000 | 0x2000 | 0x8000;
+const INCOMPAT_EXT4: u32 =
+    0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x20000;
+const RO_COMPAT_EXT4: u32 =
+    0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x1000 | 0x2000 | 0x8000;
 pub(super) const RO_COMPAT_HUGE_FILE: u32 = 0x8;
 const COMPAT_HAS_JOURNAL: u32 = 0x4;
 
@@ -63,7 +76,11 @@ pub(super) fn parse_super(b: &[u8]) -> Result<Option<Super>> {
     if inode_size < 128 || !inode_size.is_power_of_two() || inode_size as u64 > block_size {
         return Err(corrupt(format!("ext inode size {inode_size}")));
     }
-    let desc_size = if incompat & INCOMPAT_64BIT != 0 { le16(b, 254)? as u32 } else { 32 };
+    let desc_size = if incompat & INCOMPAT_64BIT != 0 {
+        le16(b, 254)? as u32
+    } else {
+        32
+    };
     if !(32..=1024).contains(&desc_size) || !desc_size.is_power_of_two() {
         return Err(corrupt(format!("ext group descriptor size {desc_size}")));
     }
@@ -77,7 +94,10 @@ pub(super) fn parse_super(b: &[u8]) -> Result<Option<Super>> {
         return Err(corrupt("ext group geometry"));
     }
     let groups = (blocks_count - first_data_block as u64).div_ceil(blocks_per_group as u64);
-    if groups.checked_mul(inodes_per_group as u64).is_none_or(|n| n < inodes_count as u64) {
+    if groups
+        .checked_mul(inodes_per_group as u64)
+        .is_none_or(|n| n < inodes_count as u64)
+    {
         return Err(corrupt("ext inode count does not fit the groups"));
     }
     let kind = if incompat & INCOMPAT_EXT4 != 0 || ro_compat & RO_COMPAT_EXT4 != 0 {
@@ -148,7 +168,10 @@ pub(super) fn kind_of_mode(mode: u16) -> Result<Kind> {
 
 /// Seconds with the ext4 epoch bits and nanoseconds of an `_extra` field.
 fn time(secs: u32, extra: Option<u32>) -> Time {
-    let mut t = Time { secs: secs as i32 as i64, nanos: 0 };
+    let mut t = Time {
+        secs: secs as i32 as i64,
+        nanos: 0,
+    };
     if let Some(x) = extra {
         t.secs += ((x & 3) as i64) << 32;
         t.nanos = (x >> 2).min(999_999_999);
@@ -158,11 +181,19 @@ fn time(secs: u32, extra: Option<u32>) -> Time {
 
 /// Parses one on-disk inode (`b` is `inode_size` bytes).
 pub(super) fn parse_inode(b: &[u8], sb: &Super) -> Result<Inode> {
-    let extra_isize = if b.len() > 128 { le16(b, 128)? as usize } else { 0 };
+    let extra_isize = if b.len() > 128 {
+        le16(b, 128)? as usize
+    } else {
+        0
+    };
     let extra_end = 128usize.saturating_add(extra_isize).min(b.len());
     // An `_extra` field exists when it lies inside the inode's extra area.
     let field = |off: usize| -> Result<Option<u32>> {
-        if off + 4 <= extra_end { le32(b, off).map(Some) } else { Ok(None) }
+        if off + 4 <= extra_end {
+            le32(b, off).map(Some)
+        } else {
+            Ok(None)
+        }
     };
     let flags = le32(b, 32)?;
     let blocks_lo = le32(b, 28)? as u64;
@@ -223,9 +254,13 @@ fn inline_xattr(b: &[u8], start: usize) -> Result<Option<Vec<u8>>> {
         let name = sub(b, at + 16, name_len, "xattr name")?;
         if index == 7 && name == b"data" {
             if value_inum != 0 {
-                return Err(GuestFsError::Unsupported("inline data in an EA inode".into()));
+                return Err(GuestFsError::Unsupported(
+                    "inline data in an EA inode".into(),
+                ));
             }
-            return Ok(Some(sub(b, base + value_offs, value_size, "inline data xattr")?.to_vec()));
+            return Ok(Some(
+                sub(b, base + value_offs, value_size, "inline data xattr")?.to_vec(),
+            ));
         }
         at += (16 + name_len).next_multiple_of(4);
     }
@@ -249,7 +284,13 @@ mod tests {
     #[test]
     fn time_epoch_bits_and_nanos() {
         assert_eq!(time(0xffff_ffff, None), Time { secs: -1, nanos: 0 });
-        assert_eq!(time(0xffff_ffff, Some(1 | (5 << 2))), Time { secs: (1 << 32) - 1, nanos: 5 });
+        assert_eq!(
+            time(0xffff_ffff, Some(1 | (5 << 2))),
+            Time {
+                secs: (1 << 32) - 1,
+                nanos: 5
+            }
+        );
     }
 
     #[test]

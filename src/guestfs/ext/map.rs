@@ -54,28 +54,53 @@ pub(super) fn extent_step(b: &[u8], lblk: u64, end: u64, want_depth: Option<u16>
             break;
         }
     }
-    let next_key = |i: usize| -> Result<u64> { if i + 1 < n { key(i + 1) } else { Ok(end) } };
+    let next_key = |i: usize| -> Result<u64> {
+        if i + 1 < n {
+            key(i + 1)
+        } else {
+            Ok(end)
+        }
+    };
     let Some(i) = found else {
         let first = if n > 0 { key(0)? } else { end };
         let len = first.max(lblk + 1) - lblk;
-        return Ok(Step::Done(Run { logical: lblk, len, physical: None }));
+        return Ok(Step::Done(Run {
+            logical: lblk,
+            len,
+            physical: None,
+        }));
     };
     let e = sub(b, 12 + i * 12, 12, "extent entry")?;
     if depth > 0 {
         let block = le32(e, 4)? as u64 | (le16(e, 8)? as u64) << 32;
-        return Ok(Step::Child { block, end: next_key(i)?.min(end) });
+        return Ok(Step::Child {
+            block,
+            end: next_key(i)?.min(end),
+        });
     }
     let start = key(i)?;
     let raw_len = le16(e, 4)? as u64;
-    let (len, unwritten) = if raw_len > 32768 { (raw_len - 32768, true) } else { (raw_len, false) };
+    let (len, unwritten) = if raw_len > 32768 {
+        (raw_len - 32768, true)
+    } else {
+        (raw_len, false)
+    };
     let phys = le32(e, 8)? as u64 | (le16(e, 6)? as u64) << 32;
     if lblk < start + len {
         let off = lblk - start;
         let physical = (!unwritten).then_some(phys + off);
-        return Ok(Step::Done(Run { logical: lblk, len: len - off, physical }));
+        return Ok(Step::Done(Run {
+            logical: lblk,
+            len: len - off,
+            physical,
+        }));
     }
     let hole_end = next_key(i)?.min(end).max(lblk + 1);
-    Ok(Step::Done(Run { logical: lblk, len: hole_end - lblk, physical: None }))
+    Ok(Step::Done(Run {
+        logical: lblk,
+        len: hole_end - lblk,
+        physical: None,
+    }))
 }
 
 /// Depth of the root node, to check children against.
@@ -103,7 +128,9 @@ pub(super) fn indirect_path(lblk: u64, per: u64) -> Result<(usize, Vec<u64>)> {
             return Ok((12 + level, path));
         }
         rel -= span;
-        span = span.checked_mul(per).ok_or_else(|| corrupt("indirect span overflows"))?;
+        span = span
+            .checked_mul(per)
+            .ok_or_else(|| corrupt("indirect span overflows"))?;
     }
     Err(corrupt("block number beyond the triple-indirect range"))
 }
@@ -111,7 +138,10 @@ pub(super) fn indirect_path(lblk: u64, per: u64) -> Result<(usize, Vec<u64>)> {
 /// The 32-bit pointer `i` of a pointer block.
 pub(super) fn ptr(b: &[u8], i: u64) -> Result<u64> {
     let at = usize::try_from(i).map_err(|_| corrupt("pointer index"))?;
-    Ok(le32(b, at.checked_mul(4).ok_or_else(|| corrupt("pointer index"))?)? as u64)
+    Ok(le32(
+        b,
+        at.checked_mul(4).ok_or_else(|| corrupt("pointer index"))?,
+    )? as u64)
 }
 
 #[cfg(test)]
@@ -123,8 +153,14 @@ mod tests {
         assert_eq!(indirect_path(3, 256).unwrap(), (3, vec![]));
         assert_eq!(indirect_path(12, 256).unwrap(), (12, vec![0]));
         assert_eq!(indirect_path(12 + 256, 256).unwrap(), (13, vec![0, 0]));
-        assert_eq!(indirect_path(12 + 256 + 257, 256).unwrap(), (13, vec![1, 1]));
-        assert_eq!(indirect_path(12 + 256 + 65536, 256).unwrap(), (14, vec![0, 0, 0]));
+        assert_eq!(
+            indirect_path(12 + 256 + 257, 256).unwrap(),
+            (13, vec![1, 1])
+        );
+        assert_eq!(
+            indirect_path(12 + 256 + 65536, 256).unwrap(),
+            (14, vec![0, 0, 0])
+        );
         assert!(indirect_path(u64::MAX / 2, 256).is_err());
     }
 
@@ -142,8 +178,22 @@ mod tests {
             Step::Done(r) => r,
             Step::Child { .. } => panic!(),
         };
-        assert_eq!(run(0), Run { logical: 0, len: 10, physical: None });
-        assert_eq!(run(12), Run { logical: 12, len: 3, physical: Some(102) });
+        assert_eq!(
+            run(0),
+            Run {
+                logical: 0,
+                len: 10,
+                physical: None
+            }
+        );
+        assert_eq!(
+            run(12),
+            Run {
+                logical: 12,
+                len: 3,
+                physical: Some(102)
+            }
+        );
         assert_eq!(run(15).physical, None);
         b[2] = 200;
         assert!(extent_step(&b, 0, LBLK_END, None).is_err());

@@ -22,7 +22,7 @@ use self::map::{Run, Step, LBLK_END};
 use super::bytes::{add, le32, mul};
 use super::cache::{ChunkCache, Lru};
 use super::error::{corrupt, GuestFsError, Result};
-use super::{Attr, DirEntry, Device, Filesystem, Kind};
+use super::{Attr, Device, DirEntry, Filesystem, Kind};
 
 /// Largest directory read.
 pub const MAX_DIR_BYTES: u64 = 256 << 20;
@@ -54,7 +54,9 @@ impl ExtFs {
         }
         let mut raw = vec![0u8; 1024];
         super::read_exact(&*dev, &mut raw, 1024)?;
-        let Some(sb) = inode::parse_super(&raw)? else { return Ok(None) };
+        let Some(sb) = inode::parse_super(&raw)? else {
+            return Ok(None);
+        };
         let fs = ExtFs {
             meta: ChunkCache::new(dev.clone(), 32 << 20),
             dev,
@@ -79,7 +81,7 @@ impl ExtFs {
         }
         [3u64, 5, 7].iter().any(|&p| {
             let mut g = group;
-            while g % p == 0 {
+            while g.is_multiple_of(p) {
                 g /= p;
             }
             g == 1
@@ -94,19 +96,33 @@ impl ExtFs {
         let meta_bg = self.sb.incompat & inode::INCOMPAT_META_BG != 0;
         let block = if meta_bg && blk >= self.sb.first_meta_bg as u64 {
             let first_group = mul(blk, per_block, "meta_bg group")?;
-            let gb = mul(first_group, self.sb.blocks_per_group as u64, "meta_bg block")?;
-            add(fdb + gb, self.has_super(first_group) as u64, "meta_bg block")?
+            let gb = mul(
+                first_group,
+                self.sb.blocks_per_group as u64,
+                "meta_bg block",
+            )?;
+            add(
+                add(fdb, gb, "meta_bg block")?,
+                self.has_super(first_group) as u64,
+                "meta_bg block",
+            )?
         } else {
             add(fdb + 1, blk, "descriptor block")?
         };
-        add(mul(block, self.bs(), "descriptor")?, idx * self.sb.desc_size as u64, "descriptor")
+        add(
+            mul(block, self.bs(), "descriptor")?,
+            idx * self.sb.desc_size as u64,
+            "descriptor",
+        )
     }
 
     fn inode_table(&self, g: u64) -> Result<u64> {
         if g >= self.sb.groups {
             return Err(corrupt(format!("block group {g} beyond the last")));
         }
-        let d = self.meta.read_vec(self.desc_offset(g)?, self.sb.desc_size as usize)?;
+        let d = self
+            .meta
+            .read_vec(self.desc_offset(g)?, self.sb.desc_size as usize)?;
         let mut block = le32(&d, 8)? as u64;
         if self.sb.desc_size >= 64 {
             block |= (le32(&d, 0x28)? as u64) << 32;
@@ -168,8 +184,12 @@ impl ExtFs {
                 Step::Done(run) => return Ok(run),
                 Step::Child { block, end } => {
                     // Each level must be one shallower, so this loop ends within 5 steps.
-                    depth = depth.checked_sub(1).ok_or_else(|| corrupt("extent tree depth"))?;
-                    let node = self.meta.read_vec(mul(block, self.bs(), "extent node")?, self.bs() as usize)?;
+                    depth = depth
+                        .checked_sub(1)
+                        .ok_or_else(|| corrupt("extent tree depth"))?;
+                    let node = self
+                        .meta
+                        .read_vec(mul(block, self.bs(), "extent node")?, self.bs() as usize)?;
                     step = map::extent_step(&node, lblk, end, Some(depth))?;
                 }
             }
@@ -182,19 +202,32 @@ impl ExtFs {
         let mut p = map::ptr(&i.block, slot as u64)?;
         if path.is_empty() {
             let mut len = 1;
-            while p != 0 && slot as u64 + len < 12 && map::ptr(&i.block, slot as u64 + len)? == p + len {
+            while p != 0
+                && slot as u64 + len < 12
+                && map::ptr(&i.block, slot as u64 + len)? == p + len
+            {
                 len += 1;
             }
-            return Ok(Run { logical: lblk, len, physical: (p != 0).then_some(p) });
+            return Ok(Run {
+                logical: lblk,
+                len,
+                physical: (p != 0).then_some(p),
+            });
         }
         // Blocks covered by the current pointer, and lblk's position inside them.
         let mut span = per.pow(path.len() as u32);
         let mut rel = path.iter().fold(0u64, |acc, &d| acc * per + d);
         for (level, &idx) in path.iter().enumerate() {
             if p == 0 {
-                return Ok(Run { logical: lblk, len: span - rel, physical: None });
+                return Ok(Run {
+                    logical: lblk,
+                    len: span - rel,
+                    physical: None,
+                });
             }
-            let block = self.meta.read_vec(mul(p, self.bs(), "indirect block")?, self.bs() as usize)?;
+            let block = self
+                .meta
+                .read_vec(mul(p, self.bs(), "indirect block")?, self.bs() as usize)?;
             span /= per;
             rel %= span;
             p = map::ptr(&block, idx)?;
@@ -203,7 +236,11 @@ impl ExtFs {
                 while p != 0 && idx + len < per && map::ptr(&block, idx + len)? == p + len {
                     len += 1;
                 }
-                return Ok(Run { logical: lblk, len, physical: (p != 0).then_some(p) });
+                return Ok(Run {
+                    logical: lblk,
+                    len,
+                    physical: (p != 0).then_some(p),
+                });
             }
         }
         Err(corrupt("indirect walk ended early"))
@@ -215,7 +252,9 @@ impl ExtFs {
             return inline_read(i, offset, buf);
         }
         if i.flags & (inode::FL_ENCRYPT | inode::FL_COMPR) != 0 {
-            return Err(GuestFsError::Unsupported("encrypted or compressed ext file".into()));
+            return Err(GuestFsError::Unsupported(
+                "encrypted or compressed ext file".into(),
+            ));
         }
         let bs = self.bs();
         let mut done = 0usize;
@@ -244,7 +283,8 @@ impl ExtFs {
     }
 
     fn load_dir(&self, ino: u64) -> Result<Arc<Dir>> {
-        self.dirs.get_or(ino, || self.parse_dir(ino), |d| d.entries.len() + 1)
+        self.dirs
+            .get_or(ino, || self.parse_dir(ino), |d| d.entries.len() + 1)
     }
 
     fn parse_dir(&self, ino: u64) -> Result<Arc<Dir>> {
@@ -260,7 +300,10 @@ impl ExtFs {
             dir::parse_block(&i.inline_tail, filetype, &mut raw, MAX_DIR_ENTRIES)?;
         } else {
             if i.size > MAX_DIR_BYTES {
-                return Err(GuestFsError::TooLarge(format!("directory of {} bytes", i.size)));
+                return Err(GuestFsError::TooLarge(format!(
+                    "directory of {} bytes",
+                    i.size
+                )));
             }
             let bs = self.bs() as usize;
             let mut data = vec![0u8; (i.size as usize).next_multiple_of(bs)];
@@ -290,7 +333,9 @@ fn inline_read(i: &Inode, offset: u64, buf: &mut [u8]) -> Result<()> {
         *b = if pos < 60 {
             i.block[pos]
         } else {
-            *i.inline_tail.get(pos - 60).ok_or_else(|| corrupt("inline data shorter than the file"))?
+            *i.inline_tail
+                .get(pos - 60)
+                .ok_or_else(|| corrupt("inline data shorter than the file"))?
         };
     }
     Ok(())
@@ -343,7 +388,10 @@ impl Filesystem for ExtFs {
             return Err(GuestFsError::NotSymlink);
         }
         if i.size > MAX_LINK {
-            return Err(GuestFsError::TooLarge(format!("symlink of {} bytes", i.size)));
+            return Err(GuestFsError::TooLarge(format!(
+                "symlink of {} bytes",
+                i.size
+            )));
         }
         let mut target = vec![0u8; i.size as usize];
         let xattr_blocks = if i.file_acl != 0 { self.bs() / 512 } else { 0 };

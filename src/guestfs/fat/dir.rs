@@ -69,13 +69,21 @@ impl Short {
                 .iter()
                 .map(|&c| {
                     let ch = cp437(c);
-                    if lower { ch.to_ascii_lowercase() } else { ch }
+                    if lower {
+                        ch.to_ascii_lowercase()
+                    } else {
+                        ch
+                    }
                 })
                 .collect()
         };
         let base = part(&raw[..8], self.case & 0x08 != 0);
         let ext = part(&raw[8..], self.case & 0x10 != 0);
-        if ext.is_empty() { base.into_bytes() } else { format!("{base}.{ext}").into_bytes() }
+        if ext.is_empty() {
+            base.into_bytes()
+        } else {
+            format!("{base}.{ext}").into_bytes()
+        }
     }
 }
 
@@ -91,7 +99,9 @@ fn cp437(c: u8) -> char {
 
 /// The checksum of a short name that its long-name entries carry.
 fn checksum(name: &[u8; 11]) -> u8 {
-    name.iter().fold(0u8, |s, &c| ((s & 1) << 7).wrapping_add(s >> 1).wrapping_add(c))
+    name.iter().fold(0u8, |s, &c| {
+        ((s & 1) << 7).wrapping_add(s >> 1).wrapping_add(c)
+    })
 }
 
 /// One live entry: its display name, its index (in 32-byte slots) in the directory data, and
@@ -111,11 +121,16 @@ pub(super) fn parse_dir(data: &[u8]) -> Result<Vec<Entry>> {
         if e[11] & 0x3f == ATTR_LFN && e[0] != 0xe5 {
             let ord = e[0] & 0x1f;
             let mut units = [0u16; 13];
-            for (k, off) in [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30].iter().enumerate() {
+            for (k, off) in [1, 3, 5, 7, 9, 14, 16, 18, 20, 22, 24, 28, 30]
+                .iter()
+                .enumerate()
+            {
                 units[k] = le16(e, *off)?;
             }
             lfn = match lfn.take() {
-                _ if e[0] & 0x40 != 0 && (1..=20).contains(&ord) => Some((e[13], ord - 1, vec![units])),
+                _ if e[0] & 0x40 != 0 && (1..=20).contains(&ord) => {
+                    Some((e[13], ord - 1, vec![units]))
+                }
                 Some((sum, next, mut parts)) if ord == next && ord >= 1 && sum == e[13] => {
                     parts.push(units);
                     Some((sum, ord - 1, parts))
@@ -140,7 +155,13 @@ pub(super) fn parse_dir(data: &[u8]) -> Result<Vec<Entry>> {
 
 /// Joins long-name parts (stored last part first) up to the NUL terminator.
 fn long_name(parts: &[[u16; 13]]) -> Vec<u8> {
-    let units: Vec<u16> = parts.iter().rev().flatten().copied().take_while(|&u| u != 0).collect();
+    let units: Vec<u16> = parts
+        .iter()
+        .rev()
+        .flatten()
+        .copied()
+        .take_while(|&u| u != 0)
+        .collect();
     char::decode_utf16(units)
         .map(|r| r.unwrap_or(char::REPLACEMENT_CHARACTER))
         .collect::<String>()
@@ -160,11 +181,16 @@ fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
 
 /// A FAT date and time (taken as UTC) plus 10 ms units; invalid dates give the epoch.
 pub(super) fn fat_time(date: u16, time: u16, tenths: u8) -> Time {
-    let (y, m, d) = (1980 + (date >> 9) as i64, ((date >> 5) & 0xf) as u32, (date & 0x1f) as u32);
+    let (y, m, d) = (
+        1980 + (date >> 9) as i64,
+        ((date >> 5) & 0xf) as u32,
+        (date & 0x1f) as u32,
+    );
     if !(1..=12).contains(&m) || d == 0 {
         return Time::default();
     }
-    let secs_of_day = (time >> 11) as i64 * 3600 + ((time >> 5) & 0x3f) as i64 * 60 + (time & 0x1f) as i64 * 2;
+    let secs_of_day =
+        (time >> 11) as i64 * 3600 + ((time >> 5) & 0x3f) as i64 * 60 + (time & 0x1f) as i64 * 2;
     let tenths = tenths.min(199) as i64;
     Time {
         secs: days_from_civil(y, m, d) * 86_400 + secs_of_day + tenths / 100,
@@ -181,7 +207,13 @@ mod tests {
         // 2024-02-29 13:45:30
         let date = ((2024 - 1980) << 9) | (2 << 5) | 29;
         let time = (13 << 11) | (45 << 5) | 15;
-        assert_eq!(fat_time(date, time, 150), Time { secs: 1_709_214_330 + 1, nanos: 500_000_000 });
+        assert_eq!(
+            fat_time(date, time, 150),
+            Time {
+                secs: 1_709_214_330 + 1,
+                nanos: 500_000_000
+            }
+        );
         assert_eq!(fat_time(0, 0, 0), Time::default());
     }
 

@@ -20,7 +20,7 @@ use self::dir::{Entry, Short};
 use super::bytes::{fold, le16, le32, u8_at};
 use super::cache::{ChunkCache, Lru};
 use super::error::{corrupt, GuestFsError, Result};
-use super::{Attr, DirEntry, Device, Filesystem, Kind, Time};
+use super::{Attr, Device, DirEntry, Filesystem, Kind, Time};
 
 /// Largest directory read: 65,536 entries of 32 bytes.
 pub const MAX_DIR_BYTES: u64 = 65_536 * 32;
@@ -49,8 +49,14 @@ fn parse_boot(b: &[u8]) -> Result<Option<Geometry>> {
     let reserved = le16(b, 14)? as u64;
     let nfats = u8_at(b, 16)? as u64;
     let root_entries = le16(b, 17)? as u64;
-    let total = match le16(b, 19)? { 0 => le32(b, 32)? as u64, n => n as u64 };
-    let fat_sectors = match le16(b, 22)? { 0 => le32(b, 36)? as u64, n => n as u64 };
+    let total = match le16(b, 19)? {
+        0 => le32(b, 32)? as u64,
+        n => n as u64,
+    };
+    let fat_sectors = match le16(b, 22)? {
+        0 => le32(b, 36)? as u64,
+        n => n as u64,
+    };
     if !matches!(bps, 512 | 1024 | 2048 | 4096)
         || !spc.is_power_of_two()
         || reserved == 0
@@ -105,6 +111,9 @@ struct Dir {
     bytes: u64,
 }
 
+/// Where a directory's bytes lie on the device: `(offset, length)` pieces in order.
+type Spans = Vec<(u64, u64)>;
+
 /// Contiguous cluster runs `(first cluster, count)` of a file, in file order.
 type Runs = Arc<Vec<(u32, u32)>>;
 
@@ -125,7 +134,9 @@ impl FatFs {
         }
         let mut boot = [0u8; 512];
         super::read_exact(&*dev, &mut boot, 0)?;
-        let Some(geo) = parse_boot(&boot)? else { return Ok(None) };
+        let Some(geo) = parse_boot(&boot)? else {
+            return Ok(None);
+        };
         let fs = FatFs {
             meta: ChunkCache::new(dev.clone(), 16 << 20),
             dev,
@@ -167,7 +178,9 @@ impl FatFs {
             return Ok(None);
         }
         if !self.valid_cluster(v) {
-            return Err(corrupt(format!("cluster chain points at invalid cluster {v:#x}")));
+            return Err(corrupt(format!(
+                "cluster chain points at invalid cluster {v:#x}"
+            )));
         }
         Ok(Some(v))
     }
@@ -217,11 +230,12 @@ impl FatFs {
     }
 
     fn load_dir(&self, ino: u64) -> Result<Arc<Dir>> {
-        self.dirs.get_or(ino, || self.read_dir(ino), |d| d.entries.len() + 1)
+        self.dirs
+            .get_or(ino, || self.read_dir(ino), |d| d.entries.len() + 1)
     }
 
     /// Reads a directory's bytes and the device offset of each of its clusters' starts.
-    fn dir_bytes(&self, ino: u64) -> Result<(Vec<u8>, Vec<(u64, u64)>)> {
+    fn dir_bytes(&self, ino: u64) -> Result<(Vec<u8>, Spans)> {
         let g = &self.geo;
         let first = if ino == ROOT {
             if g.bits != 32 {
@@ -271,10 +285,18 @@ impl FatFs {
                 rel -= len;
             }
             let off = off.ok_or_else(|| corrupt("directory slot outside its clusters"))?;
-            let kind = if short.is_dir() { Kind::Dir } else { Kind::File };
+            let kind = if short.is_dir() {
+                Kind::Dir
+            } else {
+                Kind::File
+            };
             d.by_name.entry(name.clone()).or_insert(d.entries.len());
             d.by_fold.entry(fold(&name)).or_insert(d.entries.len());
-            d.entries.push(DirEntry { name, ino: off / 32, kind });
+            d.entries.push(DirEntry {
+                name,
+                ino: off / 32,
+                kind,
+            });
             d.shorts.push(short);
         }
         Ok(Arc::new(d))
@@ -284,7 +306,15 @@ impl FatFs {
         let cs = self.geo.cluster_size;
         let Some(s) = s else {
             let bytes = self.load_dir(ROOT)?.bytes;
-            return Ok(fat_attr(ROOT, Kind::Dir, bytes, 0o755, Time::default(), Time::default(), None));
+            return Ok(fat_attr(
+                ROOT,
+                Kind::Dir,
+                bytes,
+                0o755,
+                Time::default(),
+                Time::default(),
+                None,
+            ));
         };
         let (kind, size) = if s.is_dir() {
             (Kind::Dir, self.load_dir(ino)?.bytes)
@@ -310,11 +340,23 @@ impl FatFs {
 
     fn file_runs(&self, s: &Short) -> Result<Runs> {
         let need = (s.size as u64).div_ceil(self.geo.cluster_size);
-        self.runs.get_or((s.cluster, s.size), || Ok(Arc::new(self.chain(s.cluster, need)?)), |r| r.len() + 1)
+        self.runs.get_or(
+            (s.cluster, s.size),
+            || Ok(Arc::new(self.chain(s.cluster, need)?)),
+            |r| r.len() + 1,
+        )
     }
 }
 
-fn fat_attr(ino: u64, kind: Kind, size: u64, perm: u16, mtime: Time, atime: Time, crtime: Option<Time>) -> Attr {
+fn fat_attr(
+    ino: u64,
+    kind: Kind,
+    size: u64,
+    perm: u16,
+    mtime: Time,
+    atime: Time,
+    crtime: Option<Time>,
+) -> Attr {
     Attr {
         ino,
         kind,

@@ -54,11 +54,23 @@ const TAG_MOUNT_POINT: u32 = 0xa000_0003;
 /// Merges every attribute of type `ty` named `name` into one stream: a resident value, or
 /// the runs of all its extents in VCN order (sizes come from the first extent).
 pub(super) fn unnamed_stream(attrs: &[Attribute], ty: u32, name: &[u8]) -> Result<Option<Stream>> {
-    let mut parts: Vec<&Attribute> = attrs.iter().filter(|a| a.ty == ty && a.name == name).collect();
-    let Some(first) = parts.first() else { return Ok(None) };
+    let mut parts: Vec<&Attribute> = attrs
+        .iter()
+        .filter(|a| a.ty == ty && a.name == name)
+        .collect();
+    let Some(first) = parts.first() else {
+        return Ok(None);
+    };
     if let Body::Resident(v) = &first.body {
         let len = v.len() as u64;
-        return Ok(Some(Stream { size: len, allocated: 0, init: len, flags: first.flags, resident: Some(v.clone()), runs: Vec::new() }));
+        return Ok(Some(Stream {
+            size: len,
+            allocated: 0,
+            init: len,
+            flags: first.flags,
+            resident: Some(v.clone()),
+            runs: Vec::new(),
+        }));
     }
     parts.sort_by_key(|a| match &a.body {
         Body::NonResident { start_vcn, .. } => *start_vcn,
@@ -67,14 +79,29 @@ pub(super) fn unnamed_stream(attrs: &[Attribute], ty: u32, name: &[u8]) -> Resul
     let mut s = Stream::default();
     let mut next_vcn = 0u64;
     for (i, p) in parts.iter().enumerate() {
-        let Body::NonResident { start_vcn, runs, alloc, size, init, compressed } = &p.body else {
+        let Body::NonResident {
+            start_vcn,
+            runs,
+            alloc,
+            size,
+            init,
+            compressed,
+        } = &p.body
+        else {
             return Err(corrupt("resident and non-resident extents mixed"));
         };
         if *start_vcn != next_vcn {
             return Err(corrupt("attribute extents leave a gap"));
         }
         if i == 0 {
-            s = Stream { size: *size, allocated: compressed.unwrap_or(*alloc), init: (*init).min(*size), flags: p.flags, resident: None, runs: Vec::new() };
+            s = Stream {
+                size: *size,
+                allocated: compressed.unwrap_or(*alloc),
+                init: (*init).min(*size),
+                flags: p.flags,
+                resident: None,
+                runs: Vec::new(),
+            };
         }
         if s.runs.len() + runs.len() > MAX_RUNS {
             return Err(GuestFsError::TooLarge("stream has too many runs".into()));
@@ -87,9 +114,14 @@ pub(super) fn unnamed_stream(attrs: &[Attribute], ty: u32, name: &[u8]) -> Resul
 
 /// The whole value of an attribute, up to [`MAX_SMALL_VALUE`] bytes.
 fn small_value(fs: &Ntfs, attrs: &[Attribute], ty: u32, name: &[u8]) -> Result<Option<Vec<u8>>> {
-    let Some(s) = unnamed_stream(attrs, ty, name)? else { return Ok(None) };
+    let Some(s) = unnamed_stream(attrs, ty, name)? else {
+        return Ok(None);
+    };
     if s.size > MAX_SMALL_VALUE {
-        return Err(GuestFsError::TooLarge(format!("attribute {ty:#x} of {} bytes", s.size)));
+        return Err(GuestFsError::TooLarge(format!(
+            "attribute {ty:#x} of {} bytes",
+            s.size
+        )));
     }
     let mut v = vec![0u8; s.size as usize];
     fs.read_stream(&s, 0, &mut v, true)?;
@@ -109,7 +141,9 @@ fn list_records(list: &[u8], rn: u64) -> Result<BTreeSet<u64>> {
         if r != rn {
             out.insert(r);
             if out.len() > MAX_LIST_RECORDS {
-                return Err(GuestFsError::TooLarge("attribute list names too many records".into()));
+                return Err(GuestFsError::TooLarge(
+                    "attribute list names too many records".into(),
+                ));
             }
         }
         at += len;
@@ -128,7 +162,9 @@ pub(super) fn load(fs: &Ntfs, rn: u64) -> Result<File> {
         for ext in list_records(&list, rn)? {
             let r = record::parse_record(&fs.raw_record(ext)?, MAX_RUNS)?;
             if r.base != rn || r.flags & record::RECORD_IN_USE == 0 {
-                return Err(corrupt(format!("extension record {ext} does not belong to {rn}")));
+                return Err(corrupt(format!(
+                    "extension record {ext} does not belong to {rn}"
+                )));
             }
             attrs.extend(r.attrs.into_iter().filter(|a| a.ty != 0x20));
         }
@@ -137,7 +173,11 @@ pub(super) fn load(fs: &Ntfs, rn: u64) -> Result<File> {
         (0x10, Body::Resident(v)) => Some(v.clone()),
         _ => None,
     });
-    let time = |off: usize| si.as_ref().and_then(|v| le64(v, off).ok()).map_or(Time::default(), record::nt_time);
+    let time = |off: usize| {
+        si.as_ref()
+            .and_then(|v| le64(v, off).ok())
+            .map_or(Time::default(), record::nt_time)
+    };
     let file_attrs = si.as_ref().and_then(|v| le32(v, 32).ok()).unwrap_or(0);
     let nlink = attrs
         .iter()
@@ -149,7 +189,11 @@ pub(super) fn load(fs: &Ntfs, rn: u64) -> Result<File> {
         .count() as u32;
     let mut f = File {
         rn,
-        kind: if rec.flags & record::RECORD_DIR != 0 { Kind::Dir } else { Kind::File },
+        kind: if rec.flags & record::RECORD_DIR != 0 {
+            Kind::Dir
+        } else {
+            Kind::File
+        },
         nlink,
         rdev: 0,
         crtime: time(0),
@@ -217,7 +261,11 @@ fn interix(fs: &Ntfs, f: &mut File) -> Result<()> {
         }
         Some(b"IntxCHR\0") | Some(b"IntxBLK\0") => {
             let (major, minor) = (le64(&v, 8)? as u32, le64(&v, 16)? as u32);
-            f.kind = if v[4] == b'C' { Kind::CharDev } else { Kind::BlockDev };
+            f.kind = if v[4] == b'C' {
+                Kind::CharDev
+            } else {
+                Kind::BlockDev
+            };
             f.rdev = (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12);
         }
         _ if v.is_empty() => f.kind = Kind::Fifo,

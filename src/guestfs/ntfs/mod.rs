@@ -22,7 +22,7 @@ use self::record::{Boot, FileName, Run};
 use super::bytes::fold;
 use super::cache::{ChunkCache, Lru};
 use super::error::{corrupt, GuestFsError, Result};
-use super::{Attr, DirEntry, Device, Filesystem, Kind};
+use super::{Attr, Device, DirEntry, Filesystem, Kind};
 
 /// Most runs decoded for one stream.
 pub const MAX_RUNS: usize = 1 << 20;
@@ -59,13 +59,16 @@ impl Ntfs {
         }
         let mut bs = [0u8; 512];
         super::read_exact(&*dev, &mut bs, 0)?;
-        let Some(boot) = record::parse_boot(&bs)? else { return Ok(None) };
+        let Some(boot) = record::parse_boot(&bs)? else {
+            return Ok(None);
+        };
         // Bootstrap: $MFT's own record sits at the MFT start; its $DATA says where the rest is.
         let mut raw = vec![0u8; boot.record_size as usize];
         super::read_exact(&*dev, &mut raw, boot.mft_offset)?;
         record::apply_fixups(&mut raw, b"FILE")?;
         let rec0 = record::parse_record(&raw, MAX_RUNS)?;
-        let mft = file::unnamed_stream(&rec0.attrs, 0x80, b"")?.ok_or_else(|| corrupt("$MFT has no data"))?;
+        let mft = file::unnamed_stream(&rec0.attrs, 0x80, b"")?
+            .ok_or_else(|| corrupt("$MFT has no data"))?;
         let mut fs = Ntfs {
             meta: ChunkCache::new(dev.clone(), 32 << 20),
             dev,
@@ -100,7 +103,8 @@ impl Ntfs {
     }
 
     fn file(&self, rn: u64) -> Result<Arc<File>> {
-        self.files.get_or(rn, || file::load(self, rn).map(Arc::new), |f| 1 + f.cost())
+        self.files
+            .get_or(rn, || file::load(self, rn).map(Arc::new), |f| 1 + f.cost())
     }
 
     /// Reads `buf.len()` bytes of a stream at `offset` (bytes past the initialized size are
@@ -113,7 +117,9 @@ impl Ntfs {
             return Ok(());
         }
         if s.flags & (record::FLAG_COMPRESSED | record::FLAG_ENCRYPTED) != 0 {
-            return Err(GuestFsError::Unsupported("compressed or encrypted NTFS file".into()));
+            return Err(GuestFsError::Unsupported(
+                "compressed or encrypted NTFS file".into(),
+            ));
         }
         let cs = self.boot.cluster_size;
         let mut done = 0usize;
@@ -147,7 +153,11 @@ impl Ntfs {
     }
 
     fn load_dir(&self, rn: u64) -> Result<Arc<Dir>> {
-        self.dirs.get_or(rn, || self.read_dir(rn).map(Arc::new), |d| d.entries.len() + 1)
+        self.dirs.get_or(
+            rn,
+            || self.read_dir(rn).map(Arc::new),
+            |d| d.entries.len() + 1,
+        )
     }
 
     fn read_dir(&self, rn: u64) -> Result<Dir> {
@@ -156,12 +166,19 @@ impl Ntfs {
             return Err(GuestFsError::NotDir);
         }
         let mut raw: Vec<(u64, FileName)> = Vec::new();
-        let root = f.index_root.as_deref().ok_or_else(|| corrupt("directory without $I30 root"))?;
+        let root = f
+            .index_root
+            .as_deref()
+            .ok_or_else(|| corrupt("directory without $I30 root"))?;
         record::parse_index_entries(record::index_area(root, 16)?, &mut raw, MAX_DIR_ENTRIES)?;
         if let Some(alloc) = &f.index_alloc {
             self.read_index_alloc(&f, alloc, root, &mut raw)?;
         }
-        let mut d = Dir { entries: Vec::new(), by_name: HashMap::new(), by_fold: HashMap::new() };
+        let mut d = Dir {
+            entries: Vec::new(),
+            by_name: HashMap::new(),
+            by_fold: HashMap::new(),
+        };
         for (child, key) in raw {
             let hidden = key.namespace == record::NAMESPACE_DOS
                 || key.name == b"."
@@ -181,19 +198,32 @@ impl Ntfs {
             };
             d.by_fold.entry(fold(&key.name)).or_insert(d.entries.len());
             d.by_name.insert(key.name.clone(), d.entries.len());
-            d.entries.push(DirEntry { name: key.name, ino: child, kind });
+            d.entries.push(DirEntry {
+                name: key.name,
+                ino: child,
+                kind,
+            });
         }
         Ok(d)
     }
 
     /// Adds the entries of every in-use index record of the allocation.
-    fn read_index_alloc(&self, f: &File, alloc: &Stream, root: &[u8], out: &mut Vec<(u64, FileName)>) -> Result<()> {
+    fn read_index_alloc(
+        &self,
+        f: &File,
+        alloc: &Stream,
+        root: &[u8],
+        out: &mut Vec<(u64, FileName)>,
+    ) -> Result<()> {
         let irs = super::bytes::le32(root, 8)? as u64;
         if !(512..=65536).contains(&irs) || !irs.is_power_of_two() {
             return Err(corrupt(format!("index record size {irs}")));
         }
         if alloc.size > MAX_INDEX_BYTES {
-            return Err(GuestFsError::TooLarge(format!("index allocation of {} bytes", alloc.size)));
+            return Err(GuestFsError::TooLarge(format!(
+                "index allocation of {} bytes",
+                alloc.size
+            )));
         }
         let mut data = vec![0u8; alloc.size as usize];
         self.read_stream(alloc, 0, &mut data, false)?;
@@ -214,11 +244,19 @@ impl Ntfs {
     fn attr(&self, f: &File) -> Attr {
         let (size, blocks) = match f.kind {
             Kind::Dir => (f.index_alloc.as_ref().map_or(0, |s| s.size), 0),
-            _ => f.data.as_ref().map_or((0, 0), |s| (s.size, s.allocated.div_ceil(512))),
+            _ => f
+                .data
+                .as_ref()
+                .map_or((0, 0), |s| (s.size, s.allocated.div_ceil(512))),
         };
         let (size, blocks) = match f.kind {
             Kind::Symlink => (f.link.as_ref().map_or(0, |l| l.len() as u64), blocks),
-            Kind::Dir => (size, f.index_alloc.as_ref().map_or(0, |s| s.allocated.div_ceil(512))),
+            Kind::Dir => (
+                size,
+                f.index_alloc
+                    .as_ref()
+                    .map_or(0, |s| s.allocated.div_ceil(512)),
+            ),
             _ => (size, blocks),
         };
         Attr {

@@ -31,7 +31,11 @@ pub(super) fn parse_boot(b: &[u8]) -> Result<Option<Boot>> {
     }
     let bps = le16(b, 11)? as u64;
     let spc_raw = u8_at(b, 13)?;
-    let spc = if spc_raw <= 0x80 { spc_raw as u64 } else { 1u64 << (256 - spc_raw as u32).min(31) };
+    let spc = if spc_raw <= 0x80 {
+        spc_raw as u64
+    } else {
+        1u64 << (256 - spc_raw as u32).min(31)
+    };
     if !matches!(bps, 256..=4096) || !bps.is_power_of_two() || spc == 0 || !spc.is_power_of_two() {
         return Err(corrupt("NTFS sector or cluster size"));
     }
@@ -46,18 +50,27 @@ pub(super) fn parse_boot(b: &[u8]) -> Result<Option<Boot>> {
     let mft_offset = le64(b, 0x30)?
         .checked_mul(cluster_size)
         .ok_or_else(|| corrupt("NTFS MFT position overflows"))?;
-    Ok(Some(Boot { cluster_size, record_size, mft_offset }))
+    Ok(Some(Boot {
+        cluster_size,
+        record_size,
+        mft_offset,
+    }))
 }
 
 /// Checks the magic and applies the update sequence array to a multi-sector record in place.
 pub(super) fn apply_fixups(buf: &mut [u8], magic: &[u8; 4]) -> Result<()> {
     if sub(buf, 0, 4, "record magic")? != magic {
-        return Err(corrupt(format!("record lacks its {} magic", String::from_utf8_lossy(magic))));
+        return Err(corrupt(format!(
+            "record lacks its {} magic",
+            String::from_utf8_lossy(magic)
+        )));
     }
     let usa = le16(buf, 4)? as usize;
     let count = le16(buf, 6)? as usize;
     if count == 0 || (count - 1) * 512 != buf.len() {
-        return Err(corrupt("update sequence count does not match the record size"));
+        return Err(corrupt(
+            "update sequence count does not match the record size",
+        ));
     }
     let usn = le16(buf, usa)?;
     for i in 1..count {
@@ -89,7 +102,10 @@ pub(super) fn decode_runs(b: &[u8], mut vcn: u64, out: &mut Vec<Run>, max: usize
             return Err(corrupt("runlist field sizes"));
         }
         let field = sub(b, at + 1, len_size + off_size, "runlist entry")?;
-        let len = field[..len_size].iter().rev().fold(0u64, |a, &x| a << 8 | x as u64);
+        let len = field[..len_size]
+            .iter()
+            .rev()
+            .fold(0u64, |a, &x| a << 8 | x as u64);
         let run_lcn = if off_size == 0 {
             None
         } else {
@@ -98,17 +114,27 @@ pub(super) fn decode_runs(b: &[u8], mut vcn: u64, out: &mut Vec<Run>, max: usize
             if off_size < 8 && raw[off_size - 1] & 0x80 != 0 {
                 delta -= 1i64 << (8 * off_size);
             }
-            lcn = lcn.checked_add(delta).ok_or_else(|| corrupt("runlist LCN overflows"))?;
+            lcn = lcn
+                .checked_add(delta)
+                .ok_or_else(|| corrupt("runlist LCN overflows"))?;
             Some(u64::try_from(lcn).map_err(|_| corrupt("negative LCN"))?)
         };
         if len == 0 || len > 1 << 48 {
             return Err(corrupt("runlist length"));
         }
         if out.len() >= max {
-            return Err(crate::guestfs::GuestFsError::TooLarge(format!("more than {max} runs")));
+            return Err(crate::guestfs::GuestFsError::TooLarge(format!(
+                "more than {max} runs"
+            )));
         }
-        out.push(Run { vcn, len, lcn: run_lcn });
-        vcn = vcn.checked_add(len).ok_or_else(|| corrupt("runlist VCN overflows"))?;
+        out.push(Run {
+            vcn,
+            len,
+            lcn: run_lcn,
+        });
+        vcn = vcn
+            .checked_add(len)
+            .ok_or_else(|| corrupt("runlist VCN overflows"))?;
         at += 1 + len_size + off_size;
     }
     Ok(())
@@ -155,7 +181,11 @@ pub(super) const RECORD_DIR: u16 = 0x2;
 pub(super) fn parse_record(b: &[u8], max_runs: usize) -> Result<Record> {
     let first = le16(b, 20)? as usize;
     let used = (le32(b, 24)? as usize).min(b.len());
-    let mut rec = Record { flags: le16(b, 22)?, base: le64(b, 32)? & 0xffff_ffff_ffff, attrs: Vec::new() };
+    let mut rec = Record {
+        flags: le16(b, 22)?,
+        base: le64(b, 32)? & 0xffff_ffff_ffff,
+        attrs: Vec::new(),
+    };
     let mut at = first;
     // Each attribute is at least 16 bytes, so this loop is bounded by the record size.
     while at + 8 <= used {
@@ -177,7 +207,12 @@ pub(super) fn parse_record(b: &[u8], max_runs: usize) -> Result<Record> {
 fn parse_attribute(a: &[u8], ty: u32, max_runs: usize) -> Result<Attribute> {
     let non_resident = u8_at(a, 8)? != 0;
     let name_len = u8_at(a, 9)? as usize;
-    let name = utf16le(sub(a, le16(a, 10)? as usize, name_len * 2, "attribute name")?);
+    let name = utf16le(sub(
+        a,
+        le16(a, 10)? as usize,
+        name_len * 2,
+        "attribute name",
+    )?);
     let flags = le16(a, 12)?;
     let body = if !non_resident {
         let (vlen, voff) = (le32(a, 16)? as usize, le16(a, 20)? as usize);
@@ -186,8 +221,15 @@ fn parse_attribute(a: &[u8], ty: u32, max_runs: usize) -> Result<Attribute> {
         let start_vcn = le64(a, 16)?;
         let runs_off = le16(a, 32)? as usize;
         let mut runs = Vec::new();
-        decode_runs(sub(a, runs_off, a.len().saturating_sub(runs_off), "runlist")?, start_vcn, &mut runs, max_runs)?;
-        let compressed = (flags & (FLAG_COMPRESSED | 0x8000) != 0 && a.len() >= 72).then(|| le64(a, 64)).transpose()?;
+        decode_runs(
+            sub(a, runs_off, a.len().saturating_sub(runs_off), "runlist")?,
+            start_vcn,
+            &mut runs,
+            max_runs,
+        )?;
+        let compressed = (flags & (FLAG_COMPRESSED | 0x8000) != 0 && a.len() >= 72)
+            .then(|| le64(a, 64))
+            .transpose()?;
         Body::NonResident {
             start_vcn,
             runs,
@@ -197,13 +239,21 @@ fn parse_attribute(a: &[u8], ty: u32, max_runs: usize) -> Result<Attribute> {
             compressed,
         }
     };
-    Ok(Attribute { ty, name, flags, body })
+    Ok(Attribute {
+        ty,
+        name,
+        flags,
+        body,
+    })
 }
 
 /// 100 ns intervals since 1601 to Unix time.
 pub(super) fn nt_time(t: u64) -> Time {
     const EPOCH_DIFF: i64 = 11_644_473_600;
-    Time { secs: (t / 10_000_000) as i64 - EPOCH_DIFF, nanos: (t % 10_000_000) as u32 * 100 }
+    Time {
+        secs: (t / 10_000_000) as i64 - EPOCH_DIFF,
+        nanos: (t % 10_000_000) as u32 * 100,
+    }
 }
 
 /// The parts of a `$FILE_NAME` value (an attribute, or an index key) used here.
@@ -229,7 +279,11 @@ pub(super) fn parse_file_name(b: &[u8]) -> Result<FileName> {
 }
 
 /// Parses the index entries in `b` (an index node's entry area) into `(file record, key)`.
-pub(super) fn parse_index_entries(b: &[u8], out: &mut Vec<(u64, FileName)>, max: usize) -> Result<()> {
+pub(super) fn parse_index_entries(
+    b: &[u8],
+    out: &mut Vec<(u64, FileName)>,
+    max: usize,
+) -> Result<()> {
     let mut at = 0usize;
     while at + 16 <= b.len() {
         let len = le16(b, at + 8)? as usize;
@@ -242,7 +296,9 @@ pub(super) fn parse_index_entries(b: &[u8], out: &mut Vec<(u64, FileName)>, max:
             return Err(corrupt("index entry length overruns its node"));
         }
         if out.len() >= max {
-            return Err(crate::guestfs::GuestFsError::TooLarge(format!("directory over {max} entries")));
+            return Err(crate::guestfs::GuestFsError::TooLarge(format!(
+                "directory over {max} entries"
+            )));
         }
         let key = parse_file_name(sub(b, at + 16, key_len, "index key")?)?;
         out.push((le64(b, at)? & 0xffff_ffff_ffff, key));
@@ -274,9 +330,21 @@ mod tests {
         assert_eq!(
             runs,
             vec![
-                Run { vcn: 0, len: 0x18, lcn: Some(0x5634) },
-                Run { vcn: 0x18, len: 0x10, lcn: None },
-                Run { vcn: 0x28, len: 8, lcn: Some(0x5624) },
+                Run {
+                    vcn: 0,
+                    len: 0x18,
+                    lcn: Some(0x5634)
+                },
+                Run {
+                    vcn: 0x18,
+                    len: 0x10,
+                    lcn: None
+                },
+                Run {
+                    vcn: 0x28,
+                    len: 8,
+                    lcn: Some(0x5624)
+                },
             ]
         );
         assert!(decode_runs(&b, 0, &mut Vec::new(), 2).is_err());
@@ -303,6 +371,12 @@ mod tests {
 
     #[test]
     fn nt_epoch() {
-        assert_eq!(nt_time(116_444_736_000_000_000 + 15), Time { secs: 0, nanos: 1500 });
+        assert_eq!(
+            nt_time(116_444_736_000_000_000 + 15),
+            Time {
+                secs: 0,
+                nanos: 1500
+            }
+        );
     }
 }

@@ -24,7 +24,10 @@ impl Device for Patched {
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let end = offset as usize + buf.len();
-        let src = self.base.get(offset as usize..end).ok_or_else(|| std::io::Error::other("past the end"))?;
+        let src = self
+            .base
+            .get(offset as usize..end)
+            .ok_or_else(|| std::io::Error::other("past the end"))?;
         buf.copy_from_slice(src);
         for &(at, v) in &self.patches {
             if at >= offset && (at as usize) < end {
@@ -48,7 +51,9 @@ fn walk(fs: &dyn Filesystem, read_data: bool) -> usize {
         if !seen.insert(dir) || steps > 20_000 {
             continue;
         }
-        let Ok(entries) = fs.readdir(dir) else { continue };
+        let Ok(entries) = fs.readdir(dir) else {
+            continue;
+        };
         for e in entries {
             steps += 1;
             let _ = fs.lookup(dir, &e.name);
@@ -93,7 +98,11 @@ fn exercise(dev: Arc<dyn Device>, read_data: bool) -> usize {
 
 /// Byte ranges read while opening and walking without file data: the metadata areas.
 fn metadata_ranges(base: &Arc<Vec<u8>>) -> Vec<(u64, usize)> {
-    let dev = Arc::new(Patched { base: base.clone(), patches: Vec::new(), reads: Some(Mutex::new(Vec::new())) });
+    let dev = Arc::new(Patched {
+        base: base.clone(),
+        patches: Vec::new(),
+        reads: Some(Mutex::new(Vec::new())),
+    });
     exercise(dev.clone(), false);
     let mut r = dev.reads.as_ref().unwrap().lock().unwrap().clone();
     r.sort();
@@ -104,7 +113,10 @@ fn metadata_ranges(base: &Arc<Vec<u8>>) -> Vec<(u64, usize)> {
 
 /// Variants per image: 200, or `GUESTFS_FUZZ_VARIANTS` for a longer local run.
 fn fuzz_image(name: &str, img: &Path, variants: u64) {
-    let variants = std::env::var("GUESTFS_FUZZ_VARIANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(variants);
+    let variants = std::env::var("GUESTFS_FUZZ_VARIANTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(variants);
     let base = Arc::new(std::fs::read(img).unwrap());
     let ranges = metadata_ranges(&base);
     let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
@@ -114,7 +126,8 @@ fn fuzz_image(name: &str, img: &Path, variants: u64) {
         .collect::<std::collections::BTreeSet<u64>>()
         .into_iter()
         .collect();
-    let mut rng = 0x5eed_0000 ^ name.len() as u64 ^ blake3::hash(name.as_bytes()).as_bytes()[0] as u64;
+    let mut rng =
+        0x5eed_0000 ^ name.len() as u64 ^ blake3::hash(name.as_bytes()).as_bytes()[0] as u64;
     let mut next = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -141,7 +154,11 @@ fn fuzz_image(name: &str, img: &Path, variants: u64) {
             };
             patches.push((at, base[at as usize] ^ (1 + (next() % 255) as u8)));
         }
-        let dev = Arc::new(Patched { base: base.clone(), patches: patches.clone(), reads: None });
+        let dev = Arc::new(Patched {
+            base: base.clone(),
+            patches: patches.clone(),
+            reads: None,
+        });
         let (tx, rx) = mpsc::channel();
         let h = std::thread::spawn(move || {
             let _ = tx.send(exercise(dev, true));
@@ -151,18 +168,33 @@ fn fuzz_image(name: &str, img: &Path, variants: u64) {
                 h.join().unwrap();
                 deep += (n > 0) as u64;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("{name} variant {v} panicked; patches {patches:?}"),
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("{name} variant {v} hangs; patches {patches:?}"),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("{name} variant {v} panicked; patches {patches:?}")
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{name} variant {v} hangs; patches {patches:?}")
+            }
         }
     }
     println!("{name}: {variants} variants over {total} metadata bytes, {deep} still readable");
-    assert!(deep * 4 >= variants, "most variants must get past the superblock for the fuzzing to mean something");
+    assert!(
+        deep * 4 >= variants,
+        "most variants must get past the superblock for the fuzzing to mean something"
+    );
 }
 
 fn small_tree(dir: &Path) -> std::path::PathBuf {
     let src = dir.join("src");
     std::fs::create_dir(&src).unwrap();
-    make_tree(&src, TreeOpts { posix: true, specials: true, huge_sparse: false, many: 0 });
+    make_tree(
+        &src,
+        TreeOpts {
+            posix: true,
+            specials: true,
+            huge_sparse: false,
+            many: 0,
+        },
+    );
     src
 }
 
@@ -170,10 +202,23 @@ fn small_tree(dir: &Path) -> std::path::PathBuf {
 fn fuzz_ext() {
     let t = tempfile::tempdir().unwrap();
     let src = small_tree(t.path());
-    for (i, args) in [&["-t", "ext4"][..], &["-t", "ext2", "-b", "1024"], &["-t", "ext4", "-O", "inline_data"]].iter().enumerate() {
+    for (i, args) in [
+        &["-t", "ext4"][..],
+        &["-t", "ext2", "-b", "1024"],
+        &["-t", "ext4", "-O", "inline_data"],
+    ]
+    .iter()
+    .enumerate()
+    {
         let img = t.path().join(format!("ext{i}.img"));
         blank(&img, 24 << 20);
-        run(Command::new(tool("mke2fs", "e2fsprogs")).arg("-q").arg("-F").args(*args).arg("-d").arg(&src).arg(&img));
+        run(Command::new(tool("mke2fs", "e2fsprogs"))
+            .arg("-q")
+            .arg("-F")
+            .args(*args)
+            .arg("-d")
+            .arg(&src)
+            .arg(&img));
         fuzz_image(&format!("ext{i}"), &img, 200);
     }
 }
@@ -183,13 +228,26 @@ fn fuzz_fat() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     std::fs::create_dir(&src).unwrap();
-    make_tree(&src, TreeOpts { posix: false, specials: false, huge_sparse: false, many: 0 });
+    make_tree(
+        &src,
+        TreeOpts {
+            posix: false,
+            specials: false,
+            huge_sparse: false,
+            many: 0,
+        },
+    );
     for (bits, extra) in [("12", &[][..]), ("32", &["-S", "512", "-s", "1"])] {
         let img = t.path().join(format!("fat{bits}.img"));
         blank(&img, if bits == "12" { 16 << 20 } else { 40 << 20 });
-        run(Command::new(tool("mkfs.vfat", "dosfstools")).args(["-F", bits]).args(extra).arg(&img));
+        run(Command::new(tool("mkfs.vfat", "dosfstools"))
+            .args(["-F", bits])
+            .args(extra)
+            .arg(&img));
         let mut cp = Command::new(tool("mcopy", "mtools"));
-        cp.env("MTOOLS_SKIP_CHECK", "1").args(["-s", "-m", "-i"]).arg(&img);
+        cp.env("MTOOLS_SKIP_CHECK", "1")
+            .args(["-s", "-m", "-i"])
+            .arg(&img);
         for e in std::fs::read_dir(&src).unwrap() {
             cp.arg(e.unwrap().path());
         }
@@ -211,7 +269,9 @@ fn fuzz_partition_tables() {
     let t = tempfile::tempdir().unwrap();
     let img = t.path().join("gpt.img");
     blank(&img, 8 << 20);
-    run(Command::new(tool("sgdisk", "gdisk")).args(["-n", "1:2048:+2M", "-n", "2:0:0"]).arg(&img));
+    run(Command::new(tool("sgdisk", "gdisk"))
+        .args(["-n", "1:2048:+2M", "-n", "2:0:0"])
+        .arg(&img));
     fuzz_image("gpt", &img, 200);
     let img = t.path().join("mbr.img");
     blank(&img, 64 << 20);
