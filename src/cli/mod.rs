@@ -378,7 +378,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let fspec = jobs::browse::FileSpec::parse(&spec)?;
             let repo = std::sync::Arc::new(open()?);
             repo.sync()?;
-            let b = jobs::browse::Browser::new(repo, 256);
+            let b = jobs::browse::Browser::new(repo, 256, false);
             let stdout = std::io::stdout();
             let mut lock = stdout.lock();
             jobs::files::cat(&b, &fspec, &mut lock)?;
@@ -387,7 +387,7 @@ pub fn run(cli: Cli) -> Result<i32> {
             let fspec = jobs::browse::FileSpec::parse(&spec)?;
             let repo = std::sync::Arc::new(open()?);
             repo.sync()?;
-            let b = jobs::browse::Browser::new(repo, 256);
+            let b = jobs::browse::Browser::new(repo, 256, false);
             let r = jobs::files::restore_files(&b, &fspec, &to, &bar)?;
             out.restore_files(&r);
         }

@@ -142,7 +142,7 @@ impl HoldfastFs {
         inodes.nodes.push(Node::Root);
         inodes.ids.insert(Node::Root, 1);
         HoldfastFs {
-            browser: Browser::new(repo, CACHE_CHUNKS),
+            browser: Browser::new(repo, CACHE_CHUNKS, true),
             vm_filter,
             inodes: RwLock::new(inodes),
             backups: Mutex::new(None),
@@ -228,7 +228,7 @@ impl HoldfastFs {
     }
 
     fn fs(&self, d: u32, p: u16) -> std::result::Result<(Arc<DiskView>, Arc<dyn guestfs::Filesystem>), Errno> {
-        let view = self.view(&self.slot(d)?)?;
+        let view = self.view(&*self.slot(d)?)?;
         let fs = view.parts().get(usize::from(p)).and_then(|p| p.fs()).cloned().ok_or(Errno::ENOENT)?;
         Ok((view, fs))
     }
@@ -247,7 +247,7 @@ impl HoldfastFs {
         let btime = |m: &Manifest| UNIX_EPOCH + Duration::from_millis(if m.time_ms > 0 { m.time_ms } else { m.time * 1000 });
         Ok(match node {
             Node::Root => (self.dir_attr(ino, self.mounted), TTL_DYNAMIC),
-            Node::Vm(vm) => (self.dir_attr(ino, btime(&self.latest(vm)?)), TTL_DYNAMIC),
+            Node::Vm(vm) => (self.dir_attr(ino, btime(&*self.latest(vm)?)), TTL_DYNAMIC),
             Node::Backup(vm, id) => (self.dir_attr(ino, btime(&*self.manifest(vm, id)?)), TTL_STATIC),
             Node::Latest(vm) => {
                 let m = self.latest(vm)?;
@@ -391,7 +391,7 @@ impl HoldfastFs {
 impl fuser::Filesystem for HoldfastFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO | fuser::InitFlags::FUSE_CACHE_SYMLINKS | fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO | fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         Ok(())
     }
 
@@ -444,7 +444,12 @@ impl fuser::Filesystem for HoldfastFs {
             Ok(list) => {
                 let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
                 lock(&self.dirs).insert(fh, Arc::new(list));
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                // The root and VM directories change with new backups; the rest never does.
+                let flags = match self.node(ino) {
+                    Ok(Node::Root | Node::Vm(_)) => FopenFlags::empty(),
+                    _ => FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+                };
+                reply.opened(FileHandle(fh), flags);
             }
             Err(e) => reply.error(e),
         }
@@ -452,15 +457,15 @@ impl fuser::Filesystem for HoldfastFs {
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else { return reply.error(Errno::EBADF) };
-        let me = u64::from(ino);
-        let dots = [(".", me), ("..", me)];
-        let total = list.len() + 2;
-        for i in offset as usize..total {
-            let full = if i < 2 {
-                reply.add(INodeNo(dots[i].1), i as u64 + 1, FileType::Directory, dots[i].0)
-            } else {
-                let e = &list[i - 2];
-                reply.add(INodeNo(self.ino(&e.node)), i as u64 + 1, e.kind, &e.name)
+        // Offsets are shared with readdirplus (the kernel may mix them on one handle):
+        // 0 is ".", 1 is "..", 2 + i is entry i.
+        for i in offset as usize..list.len() + 2 {
+            let full = match i {
+                0 | 1 => reply.add(ino, i as u64 + 1, FileType::Directory, if i == 0 { "." } else { ".." }),
+                _ => {
+                    let e = &list[i - 2];
+                    reply.add(INodeNo(self.ino(&e.node)), i as u64 + 1, e.kind, &e.name)
+                }
             };
             if full {
                 break;
@@ -469,11 +474,22 @@ impl fuser::Filesystem for HoldfastFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else { return reply.error(Errno::EBADF) };
-        for (i, e) in list.iter().enumerate().skip(offset as usize) {
-            let Ok((a, ttl)) = self.attr(&e.node) else { continue };
-            if reply.add(a.ino, i as u64 + 1, &e.name, &ttl, &a, Generation(0)) {
+        let me = match self.node(ino).and_then(|n| self.attr(&n)) {
+            Ok(a) => a,
+            Err(e) => return reply.error(e),
+        };
+        for i in offset as usize..list.len() + 2 {
+            let full = match i {
+                0 | 1 => reply.add(ino, i as u64 + 1, if i == 0 { "." } else { ".." }, &me.1, &me.0, Generation(0)),
+                _ => {
+                    let e = &list[i - 2];
+                    let Ok((a, ttl)) = self.attr(&e.node) else { continue };
+                    reply.add(a.ino, i as u64 + 1, &e.name, &ttl, &a, Generation(0))
+                }
+            };
+            if full {
                 break;
             }
         }

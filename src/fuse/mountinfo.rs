@@ -1,7 +1,7 @@
 //! Finding, cleaning and unmounting holdfast's FUSE mounts through `/proc/self/mountinfo`.
 //!
-//! A holdfast mount has the filesystem type `fuse.holdfast` and the source `holdfast:PID` (the
-//! serving process). It is stale when that process is gone: the kernel then answers ENOTCONN
+//! A holdfast mount has the filesystem type `fuse` and the source `holdfast:PID` (the serving
+//! process). It is stale when that process is gone: the kernel then answers ENOTCONN
 //! for the mount point, and the next `holdfast mount` there detaches it first.
 
 use crate::{Error, Result};
@@ -59,7 +59,7 @@ fn absolute(path: &Path) -> PathBuf {
 /// The holdfast mount at `path`, if there is one (the last one mounted there).
 pub fn holdfast_mount(path: &Path) -> Option<MountEntry> {
     let want = absolute(path);
-    mounts().into_iter().rev().find(|m| m.mountpoint == want && m.fstype == "fuse.holdfast")
+    mounts().into_iter().rev().find(|m| m.mountpoint == want && m.fstype.starts_with("fuse") && m.source.starts_with("holdfast:"))
 }
 
 fn serving_pid(m: &MountEntry) -> Option<u32> {
@@ -74,7 +74,7 @@ pub fn clean_stale(path: &Path) -> Result<bool> {
     if !dead {
         return Ok(false);
     }
-    umount2(&m.mountpoint, libc::MNT_DETACH)?;
+    umount2(&m.mountpoint, libc::MNT_DETACH).map_err(|e| Error::io(format!("detach the stale mount {}", path.display()), e))?;
     Ok(true)
 }
 
@@ -92,7 +92,7 @@ fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
 /// The serving process ends once the kernel lets go.
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let Some(m) = holdfast_mount(path) else {
-        return Err(Error::NotFound(format!("{} is not a holdfast mount (see `grep fuse.holdfast /proc/self/mountinfo`)", path.display())));
+        return Err(Error::NotFound(format!("{} is not a holdfast mount (`grep holdfast: /proc/self/mountinfo` lists them)", path.display())));
     };
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&m.mountpoint, flags) {

@@ -96,6 +96,7 @@ pub struct Chunks {
     cache: ChunkCache,
     prefetch: Option<crossbeam_channel::Sender<BlobId>>,
     queued: Arc<Mutex<HashSet<BlobId>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Chunks {
@@ -104,16 +105,17 @@ impl Chunks {
         let cache: ChunkCache = Arc::new(Mutex::new(Cache::new(cache_chunks.max(1))));
         let queued = Arc::new(Mutex::new(HashSet::new()));
         let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
+        let mut threads = Vec::new();
         for _ in 0..2 {
             let (repo, cache, queued, rx) = (repo.clone(), cache.clone(), queued.clone(), rx.clone());
-            std::thread::spawn(move || {
+            threads.push(std::thread::spawn(move || {
                 for id in rx {
                     let _ = load(&repo, &cache, &id);
                     lock(&queued).remove(&id);
                 }
-            });
+            }));
         }
-        Arc::new(Chunks { repo, cache, prefetch: Some(tx), queued })
+        Arc::new(Chunks { repo, cache, prefetch: Some(tx), queued, threads })
     }
 
     pub fn repo(&self) -> &Arc<Repo> {
@@ -139,8 +141,13 @@ impl Chunks {
 }
 
 impl Drop for Chunks {
+    /// Close the queue and wait for the prefetch threads: none may still use the catalog while
+    /// the process exits.
     fn drop(&mut self) {
-        self.prefetch.take(); // closes the channel: the prefetch threads end
+        self.prefetch.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
     }
 }
 

@@ -24,13 +24,15 @@ pub const WHOLE_DISK: &str = "fs";
 
 pub struct Browser {
     chunks: Arc<Chunks>,
+    /// Log damaged reads (a mount: nobody else sees the error text); commands report instead.
+    log_damage: bool,
     disks: Mutex<HashMap<(String, String, String), Arc<DiskView>>>,
 }
 
 impl Browser {
     /// `cache_chunks` decoded chunks are kept for all disks together (64 KiB on average each).
-    pub fn new(repo: Arc<Repo>, cache_chunks: usize) -> Browser {
-        Browser { chunks: Chunks::new(repo, cache_chunks), disks: Mutex::new(HashMap::new()) }
+    pub fn new(repo: Arc<Repo>, cache_chunks: usize, log_damage: bool) -> Browser {
+        Browser { chunks: Chunks::new(repo, cache_chunks), log_damage, disks: Mutex::new(HashMap::new()) }
     }
 
     pub fn repo(&self) -> &Arc<Repo> {
@@ -45,7 +47,7 @@ impl Browser {
         }
         let reader = Arc::new(ImageReader::with_chunks(self.chunks.clone(), disk)?);
         let label = format!("{}@{} disk {}", m.vm, m.id, disk.name);
-        let dev: Arc<dyn Device> = Arc::new(ImageDevice { reader: reader.clone(), label: label.clone() });
+        let dev: Arc<dyn Device> = Arc::new(ImageDevice { reader: reader.clone(), label: label.clone(), log: self.log_damage });
         let view = Arc::new(DiskView { label, reader, dev, parts: OnceLock::new() });
         Ok(lock(&self.disks).entry(key).or_insert(view).clone())
     }
@@ -60,6 +62,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct ImageDevice {
     reader: Arc<ImageReader>,
     label: String,
+    log: bool,
 }
 
 impl Device for ImageDevice {
@@ -72,8 +75,10 @@ impl Device for ImageDevice {
             Ok(n) if n == buf.len() => Ok(()),
             Ok(_) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("read at {offset} past the end of {}", self.label))),
             Err(e) => {
-                tracing::error!("{}: cannot read {} bytes at offset {offset}: {e}", self.label, buf.len());
-                Err(io::Error::other(format!("{}: offset {offset}: {e}", self.label)))
+                if self.log {
+                    tracing::error!("{}: cannot read {} bytes at disk offset {offset}: {e}", self.label, buf.len());
+                }
+                Err(io::Error::other(e.to_string()))
             }
         }
     }
@@ -103,6 +108,8 @@ impl DiskView {
         self.parts.get_or_init(|| match guestfs::partitions(self.dev.as_ref()) {
             Ok(ps) if !ps.is_empty() => ps
                 .iter()
+                // Extended partitions are containers of the logical ones, not volumes.
+                .filter(|p| !matches!(p.kind.as_str(), "0x05" | "0x0f" | "0x85"))
                 .filter_map(|p| match guestfs::Slice::partition(self.dev.clone(), p) {
                     Ok(s) => Some(Arc::new(PartView::new(format!("p{}", p.number), p.start, p.len, false, Arc::new(s), &self.label))),
                     Err(e) => {
@@ -273,7 +280,7 @@ pub fn guest_error(part: &PartView, path: &str, e: guestfs::GuestFsError) -> Err
     let shown = if path.is_empty() { "/".to_string() } else { format!("/{path}") };
     match e {
         G::NotFound => Error::NotFound(format!("{}: no {shown} in its filesystem", part.label())),
-        G::Io { .. } => Error::Damaged(format!("{}: {shown}: {e}; `holdfast verify` names the damaged backups", part.label())),
+        G::Io { .. } => Error::Damaged(format!("{}: {shown}: {e}", part.label())),
         e => Error::Invalid(format!("{}: {shown}: {e}", part.label())),
     }
 }

@@ -217,8 +217,20 @@ fn copy_file(fs: &dyn Filesystem, a: &Attr, dst: &Path, progress: &dyn Progress)
         if n == 0 {
             break;
         }
-        if buf[..n].iter().any(|&b| b != 0) {
-            f.write_all_at(&buf[..n], at).map_err(CopyError::Local)?;
+        // Runs of 4 KiB blocks that are not all zero; the rest stays a hole.
+        let mut i = 0;
+        while i < n {
+            let zero = |k: usize| buf[k..(k + 4096).min(n)].iter().all(|&b| b == 0);
+            if zero(i) {
+                i += 4096;
+                continue;
+            }
+            let start = i;
+            while i < n && !zero(i) {
+                i += 4096;
+            }
+            let end = i.min(n);
+            f.write_all_at(&buf[start..end], at + start as u64).map_err(CopyError::Local)?;
         }
         at += n as u64;
         progress.add(n as u64);

@@ -50,6 +50,30 @@ pub fn disks() -> &'static Path {
     })
 }
 
+/// The disks of testdata/make-fs-disks.sh (GPT, MBR with NTFS and a logical partition, a
+/// whole-disk filesystem) and their source trees, built once per machine into the target dir.
+pub fn fs_disks() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        for (t, p) in [("sgdisk", "gdisk"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g")] {
+            require(t, p);
+        }
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fsdisks-v1");
+        fs::create_dir_all(&dir).unwrap();
+        let lock = fs::File::create(dir.join(".lock")).unwrap();
+        use std::os::unix::io::AsRawFd;
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        let done = dir.join("done");
+        if !done.exists() {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/make-fs-disks.sh");
+            let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();
+            assert!(out.status.success(), "make-fs-disks.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+            fs::write(&done, b"ok").unwrap();
+        }
+        dir
+    })
+}
+
 pub struct Run {
     pub code: i32,
     pub stdout: String,
