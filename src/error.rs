@@ -16,6 +16,8 @@ pub enum Error {
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Name(#[from] crate::names::NameError),
+    #[error(transparent)]
+    Qmp(#[from] crate::qmp::QmpError),
     #[error("{0}")]
     Busy(String),
     #[error("{0}")]

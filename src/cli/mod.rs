@@ -3,6 +3,7 @@
 mod export;
 mod output;
 mod progress;
+mod vm;
 
 use crate::jobs::{self, backup::DiskSpec};
 use crate::repo::Repo;
@@ -29,6 +30,9 @@ pub struct Cli {
     /// No progress bars
     #[arg(long, short, global = true)]
     quiet: bool,
+    /// The VM declarations (QMP sockets, disks) [default: REPO/vms.toml]
+    #[arg(long, global = true, env = "HOLDFAST_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -74,23 +78,39 @@ enum Cmd {
         #[arg(long, requires = "s3")]
         existing: bool,
     },
-    /// Back up the disks of a VM (raw images, block devices or NBD exports); only allocated extents are read
+    /// Back up a VM: its disks as files, block devices or NBD exports, or a running VM through QEMU
     #[command(after_help = "Examples:\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img --disk data=/dev/vg0/web-01-data\n  \
-holdfast backup web-01 --disk root='nbd+unix:///root?socket=/run/qsd.sock' --bitmap hf-1\n\n\
-With --bitmap, only the 4 MiB segments that hold dirty blocks are read; every other segment is\n\
-taken unread from the backup the bitmap started from (--since, default: the latest backup).")]
+holdfast backup web-01 --disk root='nbd+unix:///root?socket=/run/qsd.sock' --bitmap hf-1\n  \
+holdfast backup web-01                       (a VM declared with `holdfast vm add`)\n  \
+holdfast backup web-01 --qmp /run/qemu/web-01.qmp --disk root=disk0 --quiesce\n\n\
+A VM in QEMU is read from a point-in-time read point while it keeps running; only the 4 MiB\n\
+segments its dirty bitmap marks since the last backup are read. With --bitmap (NBD disks), only\n\
+the segments that hold dirty blocks are read; every other segment is taken unread from the\n\
+backup the bitmap started from (--since, default: the latest backup).")]
     Backup {
         /// VM name: letters, digits, '-', '_', '.'
         vm: String,
-        /// A disk as NAME=PATH or NAME=NBD-URI (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH); repeat for each disk
-        #[arg(long = "disk", value_name = "NAME=SOURCE", required = true)]
+        /// A disk as NAME=PATH or NAME=NBD-URI (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH); with --qmp, NAME=NODE; repeat for each disk
+        #[arg(long = "disk", value_name = "NAME=SOURCE")]
         disks: Vec<String>,
         /// Read changed blocks from the NBD context qemu:dirty-bitmap:NAME (NBD disks only)
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "qmp")]
         bitmap: Option<String>,
         /// The backup the bitmap started from (default: the latest backup of the VM)
         #[arg(long, value_name = "ID", requires = "bitmap")]
         since: Option<String>,
+        /// Back up a running VM through its QMP socket (disks as --disk NAME=NODE)
+        #[arg(long, value_name = "SOCKET")]
+        qmp: Option<PathBuf>,
+        /// The VM's guest agent socket (for --quiesce)
+        #[arg(long, value_name = "SOCKET")]
+        agent: Option<PathBuf>,
+        /// Freeze the guest's filesystems around the read point (needs the guest agent)
+        #[arg(long)]
+        quiesce: bool,
+        /// Read every allocated extent, ignoring the dirty bitmap (a VM in QEMU)
+        #[arg(long)]
+        full: bool,
     },
     /// List backups, oldest first
     Backups {
@@ -204,6 +224,23 @@ never overwritten. Nothing is left behind if the copy fails.")]
         #[arg(long)]
         to: PathBuf,
     },
+    /// VMs that run in QEMU: declare them once, then `holdfast backup VM` and snapshots need no more
+    Vm {
+        #[command(subcommand)]
+        cmd: vm::VmCmd,
+    },
+    /// VM snapshots: rollback points taken before risky changes
+    Snapshot {
+        #[command(subcommand)]
+        cmd: vm::SnapshotCmd,
+    },
+    /// Find (and remove) what an interrupted holdfast left in a VM's QEMU
+    Doctor {
+        vm: String,
+        /// Only report
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Catalog maintenance
     Catalog {
         #[command(subcommand)]
@@ -241,6 +278,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     let out = output::Out { json: cli.json };
     let bar = progress::Bar::new(cli.quiet || cli.json);
     let open = || Repo::open(&repo_dir);
+    let config = vm::config_path(cli.config.as_deref(), &repo_dir);
     match cli.cmd {
         Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level, s3, endpoint, region, path_style, cache_size, existing } => {
             let params = crate::chunk::ChunkerParams { segment_size, min_size: chunk_min, avg_size: chunk_avg, max_size: chunk_max };
@@ -254,9 +292,21 @@ pub fn run(cli: Cli) -> Result<i32> {
             };
             out.init(&repo);
         }
-        Cmd::Backup { vm, disks, bitmap, since } => {
+        Cmd::Backup { vm, disks, bitmap, since, qmp, agent, quiesce, full } => {
             crate::names::check("VM", &vm)?;
             let repo = open()?;
+            if qmp.is_some() || disks.is_empty() {
+                if qmp.is_some() && disks.is_empty() {
+                    return Err(Error::Invalid("--qmp needs the disks as --disk NAME=NODE (QEMU block node names)".into()));
+                }
+                let a = vm::VmBackupArgs { vm, qmp, agent, disks, quiesce, full };
+                let m = vm::backup(&repo, &config, a, &bar, cli.json)?;
+                out.backup(&m);
+                return Ok(0);
+            }
+            if quiesce || full || agent.is_some() {
+                return Err(Error::Invalid("--quiesce, --full and --agent are for VMs in QEMU (declared, or with --qmp)".into()));
+            }
             let mut specs = Vec::new();
             for d in &disks {
                 let (name, path) = parse_disk(d)?;
@@ -268,7 +318,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 } else {
                     Box::new(FileSource::open(&path)?)
                 };
-                specs.push(DiskSpec { name, source, since: since.clone() });
+                specs.push(DiskSpec { name, source, since: since.clone(), checkpoint: None });
             }
             let m = jobs::backup::backup(&repo, &vm, specs, &test_hooks(), &bar)?;
             out.backup(&m);
@@ -391,6 +441,15 @@ pub fn run(cli: Cli) -> Result<i32> {
             let r = jobs::files::restore_files(&b, &fspec, &to, &bar)?;
             out.restore_files(&r);
         }
+        Cmd::Vm { cmd } => vm::vm(cmd, &config, &repo_dir, cli.json)?,
+        Cmd::Snapshot { cmd } => {
+            let repo = open()?;
+            vm::snapshot(cmd, &repo, &config, cli.json)?;
+        }
+        Cmd::Doctor { vm: name, dry_run } => {
+            let repo = open()?;
+            vm::doctor(&repo, &config, &name, dry_run, cli.json)?;
+        }
         Cmd::Catalog { cmd: CatalogCmd::Rebuild } => {
             refuse_if_busy(&repo_dir)?;
             let r = crate::repo::rebuild_catalog(&repo_dir)?;
@@ -402,7 +461,7 @@ pub fn run(cli: Cli) -> Result<i32> {
 
 /// Test-only: `HOLDFAST_TEST_PAUSE_BEFORE_COMMIT=PATH` makes a backup create `PATH.waiting`
 /// when all its packs are durable, then wait (at most 5 minutes) until `PATH` exists.
-fn test_hooks() -> jobs::backup::Hooks {
+pub(crate) fn test_hooks() -> jobs::backup::Hooks {
     let Some(flag) = std::env::var_os("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT").map(PathBuf::from) else { return Default::default() };
     jobs::backup::Hooks {
         before_commit: Some(Box::new(move || {

@@ -26,6 +26,9 @@ pub struct DiskSpec {
     /// With a source that tracks changed blocks: the backup its bitmap started from
     /// (None: the latest backup of this VM that has this disk).
     pub since: Option<String>,
+    /// The dirty bitmap this backup starts in the hypervisor (its checkpoint); the next
+    /// incremental of this disk reads it. Recorded in the manifest.
+    pub checkpoint: Option<String>,
 }
 
 /// What an incremental read builds on: the previous backup's segments and the dirty ranges.
@@ -212,6 +215,13 @@ pub(crate) struct NewBlobRef<'b> {
 /// Back up `disks` of `vm`. Returns the committed manifest.
 pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
     crate::names::check("VM", vm)?;
+    let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
+    backup_locked(repo, vm, &lock, disks, hooks, progress)
+}
+
+/// [`backup`] under a VM lock the caller holds (the QEMU cycle holds it from before the read
+/// point until after its teardown).
+pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
     let mut seen = HashSet::new();
     for d in &disks {
         crate::names::check("disk", &d.name)?;
@@ -224,7 +234,6 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     }
     let started = Instant::now();
     let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
-    let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
     // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
     repo.sync()?;
     let time = lock.started_ms() / 1000;
@@ -253,6 +262,7 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
     if let Some(h) = &hooks.before_commit {
         h();
     }
+    super::test_point("before-commit")?;
     let mut stats = std::mem::take(&mut sink.stats);
     stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
     stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
@@ -389,6 +399,7 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
         data_bytes,
         bitmap: base.and_then(|_| d.source.bitmap()),
         since: base.map(|b| b.id.clone()),
+        checkpoint: d.checkpoint.clone(),
     })
 }
 

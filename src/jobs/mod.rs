@@ -8,12 +8,40 @@ pub mod gc;
 pub mod lock;
 pub mod progress;
 pub mod restore;
+pub mod snapshot;
 pub mod stats;
 pub mod verify;
+pub mod vmbackup;
+pub mod vms;
 
 pub use progress::{NoProgress, Progress};
 
 /// Worker threads for CPU-bound stages (hashing, compression, decompression).
 pub fn workers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 64)
+}
+
+/// Test hooks at named stages of a job: `HOLDFAST_TEST_KILL_AT=STAGE` kills this process there
+/// (as `kill -9` would), `HOLDFAST_TEST_FAIL_AT=STAGE` fails the job there with an error, and
+/// `HOLDFAST_TEST_PAUSE_AT=STAGE:PATH` creates `PATH.waiting` and waits (at most 5 minutes)
+/// until `PATH` exists.
+pub(crate) fn test_point(stage: &str) -> crate::Result<()> {
+    let is = |var: &str| std::env::var(var).is_ok_and(|s| s == stage);
+    if is("HOLDFAST_TEST_KILL_AT") {
+        eprintln!("holdfast: HOLDFAST_TEST_KILL_AT={stage}: killing this process");
+        // SAFETY: sending a signal to ourselves.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+    if is("HOLDFAST_TEST_FAIL_AT") {
+        return Err(crate::Error::Invalid(format!("HOLDFAST_TEST_FAIL_AT={stage}: failing here on purpose")));
+    }
+    let pause = std::env::var("HOLDFAST_TEST_PAUSE_AT").ok().and_then(|v| v.strip_prefix(&format!("{stage}:")).map(std::path::PathBuf::from));
+    if let Some(path) = pause {
+        let _ = std::fs::write(path.with_extension("waiting"), b"");
+        let t = std::time::Instant::now();
+        while !path.exists() && t.elapsed() < std::time::Duration::from_secs(300) {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }

@@ -91,6 +91,10 @@ pub struct DiskEntry {
     /// The backup that bitmap started from: clean segments were taken from it unread.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// The hypervisor's dirty bitmap started at this backup's read point: the next incremental
+    /// of this disk reads the changes it records (backups from a running VM only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

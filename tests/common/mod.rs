@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod qemu;
 pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");

@@ -1,0 +1,202 @@
+//! VMs that run in QEMU, declared in the config file (`vms.toml` in the repository unless
+//! `--config`/`HOLDFAST_CONFIG` names another) or on the command line.
+//!
+//! ```toml
+//! [defaults]
+//! snapshot_ttl = "10d"     # how long a user snapshot lives unless --ttl says otherwise
+//! snapshot_limit = 1       # snapshots per VM
+//!
+//! [vm.web-01]
+//! qmp = "/run/qemu/web-01.qmp"          # QEMU's QMP socket (qemu-system or qemu-storage-daemon)
+//! agent = "/run/qemu/web-01.qga"        # optional: the guest agent, for --quiesce
+//! work_dir = "/var/lib/holdfast/work/web-01"   # optional: fleecing images, NBD socket
+//! snapshot_limit = 2                    # optional: overrides [defaults]
+//! [vm.web-01.disks]
+//! root = "disk0"                        # disk name = QEMU block node name
+//! ```
+//!
+//! Invariants: the file is rewritten atomically (temp file, fsync, rename); every name is
+//! checked on load, so a bad hand edit is a clear error naming the VM and the field.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_TTL: Duration = Duration::from_secs(10 * 86400);
+pub const DEFAULT_LIMIT: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Defaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_limit: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    pub qmp: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_ttl: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_limit: Option<u32>,
+    /// Disk name → QEMU block node name.
+    pub disks: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmsFile {
+    #[serde(default)]
+    pub defaults: Defaults,
+    #[serde(default)]
+    pub vm: BTreeMap<String, VmConfig>,
+}
+
+/// A VM as the jobs use it: its name and resolved settings.
+#[derive(Clone, Debug)]
+pub struct Vm {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub agent: Option<PathBuf>,
+    /// Absolute; holdfast's fleecing images and NBD socket for this VM's QEMU.
+    pub work_dir: PathBuf,
+    pub disks: Vec<(String, String)>,
+    pub snapshot_ttl: Duration,
+    pub snapshot_limit: u32,
+}
+
+/// `30m`, `12h`, `10d`, `2w` (or plain seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a duration; write e.g. 12h, 10d or 2w");
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mul = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul).filter(|&x| x > 0).map(Duration::from_secs).ok_or_else(bad)
+}
+
+impl VmsFile {
+    /// The config file `path`; a missing file is an empty one.
+    pub fn load(path: &Path) -> Result<VmsFile> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VmsFile::default()),
+            Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
+        };
+        let f: VmsFile = toml::from_str(&text).map_err(|e| Error::Invalid(format!("{} is not valid: {}", path.display(), e.to_string().replace('\n', " "))))?;
+        for (name, vm) in &f.vm {
+            crate::names::check("VM", name)?;
+            for (disk, node) in &vm.disks {
+                crate::names::check("disk", disk)?;
+                if node.is_empty() {
+                    return Err(Error::Invalid(format!("{}: VM {name}: disk {disk} has an empty node name", path.display())));
+                }
+            }
+            for d in [&vm.snapshot_ttl, &f.defaults.snapshot_ttl].into_iter().flatten() {
+                parse_duration(d).map_err(|e| Error::Invalid(format!("{}: VM {name}: snapshot_ttl {e}", path.display())))?;
+            }
+        }
+        Ok(f)
+    }
+
+    /// Write atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = format!("# holdfast VMs: edit by hand or with `holdfast vm add/remove`\n{}", toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?);
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("vms.toml"), std::process::id()));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+            crate::store::fsync_dir(dir)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::io(format!("write {}", path.display()), e)
+        })
+    }
+
+    /// The VM `name` with its settings resolved; `repo_dir` gives the default work directory.
+    pub fn vm(&self, name: &str, repo_dir: &Path, config_path: &Path) -> Result<Vm> {
+        let c = self.vm.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.vm.keys().map(String::as_str).collect();
+            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
+            Error::NotFound(format!("VM {name:?} is not declared in {} (declared: {known}); add it with `holdfast vm add {name} --qmp SOCKET --disk NAME=NODE`", config_path.display()))
+        })?;
+        self.resolve(name, c, repo_dir)
+    }
+
+    pub fn resolve(&self, name: &str, c: &VmConfig, repo_dir: &Path) -> Result<Vm> {
+        let ttl = c.snapshot_ttl.as_ref().or(self.defaults.snapshot_ttl.as_ref()).map(|s| parse_duration(s)).transpose().map_err(Error::Invalid)?.unwrap_or(DEFAULT_TTL);
+        let limit = c.snapshot_limit.or(self.defaults.snapshot_limit).unwrap_or(DEFAULT_LIMIT);
+        let work = c.work_dir.clone().unwrap_or_else(|| repo_dir.join("work").join(name));
+        let work_dir = std::path::absolute(&work).map_err(|e| Error::io(format!("resolve {}", work.display()), e))?;
+        Ok(Vm {
+            name: name.into(),
+            qmp: c.qmp.clone(),
+            agent: c.agent.clone(),
+            work_dir,
+            disks: c.disks.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            snapshot_ttl: ttl,
+            snapshot_limit: limit,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10d").unwrap(), Duration::from_secs(864000));
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43200));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        for bad in ["", "d", "-1d", "3x", "0d", "1.5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_round_trip_and_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("vms.toml");
+        assert_eq!(VmsFile::load(&p).unwrap(), VmsFile::default());
+        let mut f = VmsFile::default();
+        f.vm.insert("web-01".into(), VmConfig { qmp: "/run/q.sock".into(), agent: None, work_dir: None, snapshot_ttl: Some("3d".into()), snapshot_limit: None, disks: [("root".to_string(), "disk0".to_string())].into() });
+        f.save(&p).unwrap();
+        let g = VmsFile::load(&p).unwrap();
+        assert_eq!(g, f);
+        let vm = g.vm("web-01", d.path(), &p).unwrap();
+        assert_eq!((vm.snapshot_ttl, vm.snapshot_limit), (Duration::from_secs(3 * 86400), 1));
+        assert_eq!(vm.work_dir, d.path().join("work/web-01"));
+        let e = g.vm("db", d.path(), &p).unwrap_err().to_string();
+        assert!(e.contains("VM \"db\" is not declared") && e.contains("declared: web-01"), "{e}");
+        std::fs::write(&p, "[vm.x]\nqmp = 3\n").unwrap();
+        assert!(VmsFile::load(&p).unwrap_err().to_string().contains("is not valid"));
+        std::fs::write(&p, "[vm.x]\nqmp = \"/q\"\nsnapshot_ttl = \"soon\"\n[vm.x.disks]\nroot = \"n\"\n").unwrap();
+        assert!(VmsFile::load(&p).unwrap_err().to_string().contains("snapshot_ttl"));
+    }
+}
