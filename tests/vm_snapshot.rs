@@ -39,6 +39,8 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     let vm = Vm::start(&[("qcow2", 16)], false);
     declare(&repo, &vm, "web", &[]);
     vm.write(0, 0x31, 0, 1 << 20);
+    // Backed up before: the disk carries holdfast's checkpoint bitmap.
+    repo.backup_args(&["web"]);
 
     err(&repo, &["snapshot", "create", "web", "Pre Update"], "use letters, digits, '-' and '_' only (e.g. PreUpdate, not \"Pre Update\")");
     let made = repo.run(&["--json", "snapshot", "create", "web", "PreUpdate", "--memory", "--description", "before the upgrade"]).ok().json();
@@ -65,6 +67,14 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     assert_eq!((r["online"].as_bool(), r["running_after"].as_bool()), (Some(true), Some(true)));
     assert!(vm.running());
     vm.io(0, "read -P 0x31 0 1M");
+    // The reverted disk differs from the last backup where no bitmap looked: the next backup
+    // reads everything, and restores the reverted disk.
+    let after = repo.backup_args(&["web"]);
+    assert!(after["disks"][0]["bitmap"].is_null(), "{after}");
+    let (raw, out) = (repo.tmp("now.raw"), repo.tmp("restored.raw"));
+    vm.snapshot_raw(0, &raw);
+    repo.run(&["restore", "web", "--to", out.to_str().unwrap()]).ok();
+    assert_same(&out, &raw);
 
     // Rename touches only holdfast's record: QEMU's tag stays.
     repo.run(&["snapshot", "rename", "web", "PreUpdate", "BeforeUpgrade"]).ok();
@@ -96,6 +106,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     declare(&repo, &a, "a", &["--snapshot-limit", "2"]);
     declare(&repo, &b, "b", &["--snapshot-limit", "1"]);
     a.write(0, 0x21, 0, 64 << 10);
+    repo.backup_args(&["a"]);
 
     let made = repo.run(&["--json", "snapshot", "create", "--vm", "a", "--vm", "b", "G"]).ok().json();
     assert_eq!(made.as_array().unwrap().len(), 2);
@@ -123,6 +134,8 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     assert_eq!(l[0]["state"], "vm not running");
     a.boot();
     a.io(0, "read -P 0x21 0 64k");
+    let after = repo.backup_args(&["a"]);
+    assert!(after["disks"][0]["bitmap"].is_null(), "a full read after an offline revert: {after}");
     repo.run(&["snapshot", "delete", "a", "G"]).ok();
     assert!(qemu_tags(&a, "disk0").is_empty());
 }
