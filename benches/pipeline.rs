@@ -66,7 +66,7 @@ fn image_reader(c: &mut Criterion) {
     let img = d.path().join("x.img");
     std::fs::write(&img, sample()).unwrap();
     let src = holdfast::source::FileSource::open(&img).unwrap();
-    let m = backup::backup(&repo, "bench", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None }], &Default::default(), &NoProgress).unwrap();
+    let m = backup::backup(&repo, "bench", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None, origin: None }], &Default::default(), &NoProgress).unwrap();
     let mut g = c.benchmark_group("image");
     g.throughput(Throughput::Bytes(16 << 20));
     g.sample_size(10);

@@ -20,6 +20,8 @@ pub enum Error {
     Qmp(#[from] crate::qmp::QmpError),
     #[error("{0}")]
     Busy(String),
+    #[error("interrupted (SIGINT/SIGTERM): nothing was committed; run the command again to finish")]
+    Interrupted,
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -47,6 +49,7 @@ impl Error {
         match self {
             Error::Damaged(_) | Error::Chunk(crate::chunk::ChunkError::Corrupt { .. }) => 3,
             Error::Busy(_) => 4,
+            Error::Interrupted => 130,
             _ => 1,
         }
     }

@@ -51,6 +51,8 @@ ln -s "/usr/share/doc/a/b/c/d/deep.txt/$(printf 'x%.0s' $(seq 1 80))" "$r/home/u
 ln "$r/etc/fstab" "$r/home/user/fstab-hardlink"
 ln "$r/etc/fstab" "$r/srv/fstab-hardlink-2"
 mkfifo "$r/srv/fifo"
+mknod "$r/srv/null-dev" c 1 3
+ln -s usr/share/doc "$r/docs-link"
 for i in $(seq 1 10000); do printf '%d\n' "$i" > "$r/many/f$i"; done
 chown -R 1000:1000 "$r/home/user"
 chown 33:33 "$r/var/lib/app/data.bin"

@@ -84,7 +84,8 @@ fn diff_r(a: &Path, b: &Path) {
     let out = Command::new("diff").args(["-r", "--no-dereference"]).arg(a).arg(b).output().unwrap();
     // diff cannot compare FIFOs and says so even when both are FIFOs (compare_meta checks them).
     let text = String::from_utf8_lossy(&out.stdout);
-    let real = text.lines().filter(|l| !(l.contains(" is a fifo while file ") && l.ends_with(" is a fifo"))).count();
+    let special = |l: &str| (l.contains(" is a fifo while file ") && l.ends_with(" is a fifo")) || (l.contains(" is a character special file while file ") && l.ends_with(" is a character special file"));
+    let real = text.lines().filter(|l| !special(l)).count();
     assert!(out.status.code() == Some(0) || (out.status.code() == Some(1) && real == 0), "diff -r {} {}:\n{}{}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 
@@ -130,6 +131,9 @@ fn compare_meta(src: &Path, got: &Path, fs: Fs, links: bool) {
         }
         if ma.file_type().is_symlink() {
             assert_eq!(std::fs::read_link(&a).unwrap(), std::fs::read_link(&b).unwrap(), "{what}");
+        }
+        if ma.file_type().is_char_device() || ma.file_type().is_block_device() {
+            assert_eq!(ma.rdev(), mb.rdev(), "device number of {what}");
         }
         match fs {
             Fs::Ext => {
@@ -187,6 +191,10 @@ fn mount_shows_every_backup_down_to_the_guest_files() {
     let disk = std::fs::read(d.join("gpt.img")).unwrap();
     assert!(raw == disk[265 << 20..(265 + 16) << 20], "p3.img is the partition's bytes");
     assert_eq!(std::fs::metadata(b.join("gpt/p2.img")).unwrap().len(), 200 << 20);
+    for img in ["gpt.img", "gpt/p2.img"] {
+        let m = std::fs::metadata(b.join(img)).unwrap();
+        assert_eq!((m.mode() & 0o777, m.uid()), (0o400, 0), "{img}: raw images bypass the guest's permissions: root only");
+    }
 
     // Every guest filesystem against its source tree: bytes, then metadata.
     for (got, src, fs) in [
@@ -364,6 +372,8 @@ fn cat_and_restore_files_without_mounting() {
     // A symlink is followed inside the guest; NTFS and FAT work the same way.
     let c = repo.run(&["cat", "web:gpt/p2/home/user/fstab-link"]).ok();
     assert_eq!(c.stdout.as_bytes(), std::fs::read(trees.join("root/etc/fstab")).unwrap());
+    let c = repo.run(&["cat", "web:gpt/p2/docs-link/a/b/c/d/deep.txt"]).ok();
+    assert_eq!(c.stdout.as_bytes(), std::fs::read(trees.join("root/usr/share/doc/a/b/c/d/deep.txt")).unwrap(), "a symlink inside the path");
     let c = repo.run(&["cat", "web:mbr/p2/Users/Public/Documents/readme.txt"]).ok();
     assert_eq!(c.stdout, "windows text\r\n");
     let c = repo.run(&["cat", "web:gpt/p1/loader.conf"]).ok();
@@ -377,7 +387,10 @@ fn cat_and_restore_files_without_mounting() {
     diff_r(&trees.join("root/home/user"), &to.join("user"));
     compare_meta(&trees.join("root/home/user"), &to.join("user"), Fs::Ext, false);
     // The whole filesystem: hard links inside it are links again, the sparse file stays sparse.
-    let r = repo.run(&["--json", "restore-files", "web:gpt/p2", "--to", to.to_str().unwrap()]).ok().json();
+    let r = repo.run(&["--json", "restore-files", "web:gpt/p2/srv", "--to", to.to_str().unwrap()]).ok().json();
+    assert_eq!(u(&r, "/skipped_devices"), 1, "device nodes only with --devices: {r}");
+    assert!(!to.join("srv/null-dev").exists());
+    let r = repo.run(&["--json", "restore-files", "web:gpt/p2", "--to", to.to_str().unwrap(), "--devices"]).ok().json();
     let root = to.join("gpt-p2");
     assert_eq!(r["path"].as_str().unwrap(), root.to_str().unwrap());
     assert_eq!(u(&r, "/hardlinks"), 2);

@@ -56,7 +56,7 @@ proptest! {
         drop(f);
         for round in 0..2 {
             let src = FileSource::open(&img).unwrap();
-            let m = backup::backup(&repo, "vm", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None }], &Default::default(), &NoProgress).unwrap();
+            let m = backup::backup(&repo, "vm", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None, origin: None }], &Default::default(), &NoProgress).unwrap();
             let out = d.path().join(format!("out{round}.img"));
             restore::restore(&repo, &m, &m.disks[0], &out, false, &NoProgress).unwrap();
             prop_assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());

@@ -260,3 +260,94 @@ fn vm_declarations_and_bad_input() {
     repo.run(&["vm", "remove", "web"]).ok();
     bad(&["vm", "remove", "web"], "is not declared");
 }
+
+#[test]
+fn crashes_swapped_disks_foreign_overlays_and_ctrl_c() {
+    let repo = Repo::new();
+    let mut vm = Vm::start(&[("qcow2", 32), ("qcow2", 32)], false);
+    declare(&repo, &vm, "web");
+    let (root, data) = (repo.tmp("root.raw"), repo.tmp("data.raw"));
+    let b1 = repo.backup_args(&["web"]);
+    clean_with_checkpoint(&vm, &b1);
+
+    // The VM shut down and started again: the checkpoint was saved in the image, and the next
+    // backup is still incremental.
+    vm.shutdown();
+    vm.boot();
+    vm.write(0, 0x70, 9 << 20, 64 << 10);
+    let b = repo.backup_args(&["web"]);
+    assert_eq!(disk_entry(&b, "root")["bitmap"], disk_entry(&b1, "root")["checkpoint"], "{b}");
+    assert_eq!(u(&b, "/stats/read_bytes"), SEG);
+    vm.snapshot_raw(0, &root);
+    restore_equals(&repo, "web", "root", &root);
+    // Saved once more, loaded, then QEMU crashes: the bitmaps come back inconsistent. The next
+    // backup removes them and reads everything, instead of failing or trusting them.
+    vm.shutdown();
+    vm.boot();
+    vm.write(0, 0x71, 1 << 20, 64 << 10);
+    vm.crash();
+    vm.boot();
+    let b2 = repo.run(&["--json", "backup", "web"]);
+    assert_eq!(b2.code, 0, "{}", b2.stderr);
+    assert!(b2.stderr.contains("inconsistent bitmap"), "{}", b2.stderr);
+    let b2 = b2.json();
+    assert!(disk_entry(&b2, "root")["bitmap"].is_null(), "a full read after a crash: {b2}");
+    vm.snapshot_raw(0, &root);
+    restore_equals(&repo, "web", "root", &root);
+    clean_with_checkpoint(&vm, &b2);
+
+    // The disks swapped in the declaration: a checkpoint is trusted only for the same image.
+    repo.run(&["vm", "remove", "web"]).ok();
+    let q = vm.qmp.to_str().unwrap().to_string();
+    repo.run(&["vm", "add", "web", "--qmp", &q, "--disk", "root=disk1", "--disk", "data=disk0"]).ok();
+    let b3 = repo.backup_args(&["web"]);
+    for d in ["root", "data"] {
+        assert!(disk_entry(&b3, d)["bitmap"].is_null(), "{d}: read whole after the swap: {b3}");
+    }
+    vm.snapshot_raw(1, &root);
+    vm.snapshot_raw(0, &data);
+    restore_equals(&repo, "web", "root", &root);
+    restore_equals(&repo, "web", "data", &data);
+
+    // An overlay made outside holdfast on top of a declared node: refused, not backed up stale.
+    let ov = vm.dir.path().join("foreign.qcow2");
+    vm.qmp("blockdev-snapshot-sync", serde_json::json!({ "node-name": "disk1", "snapshot-file": ov.to_str().unwrap(), "snapshot-node-name": "foreign", "format": "qcow2" }));
+    let r = repo.run(&["backup", "web"]);
+    assert!(r.err().contains("VM web disk root: node disk1") && r.err().contains("declare the top node"), "{}", r.stderr);
+    vm.qmp("block-commit", serde_json::json!({ "job-id": "c1", "device": "foreign" }));
+    let t = Instant::now();
+    while vm.qmp("query-jobs", serde_json::json!({}))[0]["status"] != "ready" {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    vm.qmp("job-complete", serde_json::json!({ "id": "c1" }));
+    let t = Instant::now();
+    while !vm.qmp("query-jobs", serde_json::json!({})).as_array().unwrap().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = repo.backup_args(&["web"]);
+
+    // Ctrl-C while the backup runs: it stops, commits nothing and takes its read point down.
+    let flag = repo.tmp("go");
+    let child = repo
+        .cmd(&["backup", "web"])
+        .env("HOLDFAST_TEST_PAUSE_AT", format!("after-read-point:{}", flag.display()))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !flag.with_extension("waiting").exists() {
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(Duration::from_millis(200));
+    std::fs::write(&flag, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted") && err.contains("nothing was committed"), "{err}");
+    clean_with_checkpoint(&vm, &last);
+    assert_eq!(repo.run(&["--json", "backups", "web"]).ok().json().as_array().unwrap().len(), 5, "the interrupted run committed nothing");
+}

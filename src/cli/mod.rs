@@ -223,6 +223,9 @@ never overwritten. Nothing is left behind if the copy fails.")]
         /// An existing directory to restore into
         #[arg(long)]
         to: PathBuf,
+        /// Recreate the guest's device nodes too (as root; they are host devices here)
+        #[arg(long)]
+        devices: bool,
     },
     /// VMs that run in QEMU: declare them once, then `holdfast backup VM` and snapshots need no more
     Vm {
@@ -294,6 +297,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Backup { vm, disks, bitmap, since, qmp, agent, quiesce, full } => {
             crate::names::check("VM", &vm)?;
+            jobs::catch_interrupts();
             let repo = open()?;
             if qmp.is_some() || disks.is_empty() {
                 if qmp.is_some() && disks.is_empty() {
@@ -318,7 +322,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                 } else {
                     Box::new(FileSource::open(&path)?)
                 };
-                specs.push(DiskSpec { name, source, since: since.clone(), checkpoint: None });
+                specs.push(DiskSpec { name, source, since: since.clone(), checkpoint: None, origin: None });
             }
             let m = jobs::backup::backup(&repo, &vm, specs, &test_hooks(), &bar)?;
             out.backup(&m);
@@ -433,12 +437,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             let mut lock = stdout.lock();
             jobs::files::cat(&b, &fspec, &mut lock)?;
         }
-        Cmd::RestoreFiles { spec, to } => {
+        Cmd::RestoreFiles { spec, to, devices } => {
             let fspec = jobs::browse::FileSpec::parse(&spec)?;
             let repo = std::sync::Arc::new(open()?);
             repo.sync()?;
             let b = jobs::browse::Browser::new(repo, 256, false);
-            let r = jobs::files::restore_files(&b, &fspec, &to, &bar)?;
+            let r = jobs::files::restore_files(&b, &fspec, &to, devices, &bar)?;
             out.restore_files(&r);
         }
         Cmd::Vm { cmd } => vm::vm(cmd, &config, &repo_dir, cli.json)?,

@@ -163,6 +163,9 @@ impl Out {
         }
         println!("restored {}", r.path.display());
         println!("  {} files ({}), {} directories, {} symlinks, {} hard links, {} special files in {}", r.files, HumanBytes(r.bytes), r.dirs, r.symlinks, r.hardlinks, r.special, HumanDuration(Duration::from_secs_f64(r.seconds)));
+        if r.skipped_devices > 0 {
+            println!("  {} device node(s) left out (--devices, as root, recreates them)", r.skipped_devices);
+        }
     }
 
     pub fn rebuild(&self, r: &SyncReport) {

@@ -77,7 +77,13 @@ and device state too); raw disks get external qcow2 overlays (disk-only).")]
     Revert { vm: String, name: String },
     Rename { vm: String, old: String, new: String },
     /// Delete a snapshot (the VM keeps its current state)
-    Delete { vm: String, name: String },
+    Delete {
+        vm: String,
+        name: String,
+        /// Only drop holdfast's record; QEMU and the image files are not touched
+        #[arg(long)]
+        forget: bool,
+    },
     /// Delete every snapshot past its lifespan (run it from cron or a timer)
     Expire,
 }
@@ -294,9 +300,9 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
                 println!("snapshot {old} of VM {vm} is now {new}");
             }
         }
-        SnapshotCmd::Delete { vm, name } => {
+        SnapshotCmd::Delete { vm, name, forget } => {
             let v = declared(config, &repo.dir, &vm)?;
-            snapshot::delete(repo, &v, &name)?;
+            snapshot::delete(repo, &v, &name, forget)?;
             if !json {
                 println!("deleted snapshot {name} of VM {vm}");
             }

@@ -34,7 +34,7 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Kernel cache lifetime of nodes that never change (everything inside a backup).
@@ -70,7 +70,8 @@ enum Node {
 struct DiskSlot {
     manifest: Arc<Manifest>,
     disk: usize,
-    view: OnceLock<std::result::Result<Arc<DiskView>, String>>,
+    /// Opened on first use; a failure is not kept (the next access tries again).
+    view: Mutex<Option<Arc<DiskView>>>,
 }
 
 #[derive(Default)]
@@ -99,6 +100,22 @@ pub struct HoldfastFs {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Guest inodes get computed inode numbers, so browsing millions of files grows no table:
+/// bit 63 set, then 19 bits of disk slot, 4 bits of partition, 40 bits of guest inode. The few
+/// that do not fit (and every other node) get numbers from the table.
+const PACKED: u64 = 1 << 63;
+
+fn packed(n: &Node) -> Option<u64> {
+    match *n {
+        Node::Fs(d, p, g) if d < (1 << 19) && p < 16 && g < (1 << 40) => Some(PACKED | u64::from(d) << 44 | u64::from(p) << 40 | g),
+        _ => None,
+    }
+}
+
+fn unpack(i: u64) -> Option<Node> {
+    (i & PACKED != 0).then(|| Node::Fs(((i >> 44) & 0x7ffff) as u32, ((i >> 40) & 0xf) as u16, i & ((1 << 40) - 1)))
 }
 
 /// The one mapping of holdfast errors to errno.
@@ -153,6 +170,9 @@ impl HoldfastFs {
     }
 
     fn ino(&self, node: &Node) -> u64 {
+        if let Some(i) = packed(node) {
+            return i;
+        }
         if let Some(i) = self.inodes.read().unwrap_or_else(|p| p.into_inner()).ids.get(node) {
             return *i;
         }
@@ -168,6 +188,9 @@ impl HoldfastFs {
 
     fn node(&self, ino: INodeNo) -> std::result::Result<Node, Errno> {
         let i = u64::from(ino);
+        if let Some(n) = unpack(i) {
+            return Ok(n);
+        }
         let r = self.inodes.read().unwrap_or_else(|p| p.into_inner());
         i.checked_sub(1).and_then(|k| r.nodes.get(k as usize)).cloned().ok_or(Errno::ENOENT)
     }
@@ -210,7 +233,7 @@ impl HoldfastFs {
             return *i;
         }
         let i = w.disks.len() as u32;
-        w.disks.push(Arc::new(DiskSlot { manifest: m.clone(), disk, view: OnceLock::new() }));
+        w.disks.push(Arc::new(DiskSlot { manifest: m.clone(), disk, view: Mutex::new(None) }));
         w.disk_ids.insert(key, i);
         i
     }
@@ -220,16 +243,21 @@ impl HoldfastFs {
     }
 
     fn view(&self, slot: &DiskSlot) -> std::result::Result<Arc<DiskView>, Errno> {
-        let v = slot.view.get_or_init(|| self.browser.disk(&slot.manifest, &slot.manifest.disks[slot.disk]).map_err(|e| e.to_string()));
-        v.clone().map_err(|e| {
+        let mut g = lock(&slot.view);
+        if let Some(v) = g.as_ref() {
+            return Ok(v.clone());
+        }
+        let v = self.browser.disk(&slot.manifest, &slot.manifest.disks[slot.disk]).map_err(|e| {
             tracing::error!("{}@{} disk {}: {e}", slot.manifest.vm, slot.manifest.id, slot.manifest.disks[slot.disk].name);
-            Errno::EIO
-        })
+            errno(&e)
+        })?;
+        *g = Some(v.clone());
+        Ok(v)
     }
 
     fn fs(&self, d: u32, p: u16) -> std::result::Result<(Arc<DiskView>, Arc<dyn guestfs::Filesystem>), Errno> {
         let view = self.view(&*self.slot(d)?)?;
-        let fs = view.parts().get(usize::from(p)).and_then(|p| p.fs()).cloned().ok_or(Errno::ENOENT)?;
+        let fs = view.parts().get(usize::from(p)).and_then(|p| p.fs()).ok_or(Errno::ENOENT)?;
         Ok((view, fs))
     }
 
@@ -238,7 +266,8 @@ impl HoldfastFs {
     }
 
     fn file_attr(&self, ino: u64, size: u64, data: u64, time: SystemTime) -> FileAttr {
-        FileAttr { size, blocks: data.div_ceil(512), kind: FileType::RegularFile, perm: 0o444, nlink: 1, ..self.dir_attr(ino, time) }
+        // Raw disks and partitions hold every guest file, whatever its mode: root only.
+        FileAttr { size, blocks: data.div_ceil(512), kind: FileType::RegularFile, perm: 0o400, nlink: 1, ..self.dir_attr(ino, time) }
     }
 
     /// Attributes of `node`, and how long the kernel may cache them.
@@ -339,6 +368,11 @@ impl HoldfastFs {
             Node::Fs(d, p, gino) => {
                 let (_, fs) = self.fs(*d, *p)?;
                 for e in fs.readdir(*gino).map_err(|e| guest_errno(&e))? {
+                    // A damaged or hostile directory: the kernel rejects a whole listing that
+                    // holds a name it cannot use.
+                    if e.name.is_empty() || e.name.contains(&b'/') || e.name.contains(&0) || e.name == b"." || e.name == b".." {
+                        continue;
+                    }
                     out.push(Entry { name: OsString::from_vec(e.name), node: Node::Fs(*d, *p, e.ino), kind: file_type(e.kind) });
                 }
             }

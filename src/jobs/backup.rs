@@ -29,6 +29,8 @@ pub struct DiskSpec {
     /// The dirty bitmap this backup starts in the hypervisor (its checkpoint); the next
     /// incremental of this disk reads it. Recorded in the manifest.
     pub checkpoint: Option<String>,
+    /// Which hypervisor image the disk was read from (a checkpoint is trusted only for the same).
+    pub origin: Option<String>,
 }
 
 /// What an incremental read builds on: the previous backup's segments and the dirty ranges.
@@ -263,6 +265,9 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         h();
     }
     super::test_point("before-commit")?;
+    if super::interrupted() {
+        return Err(Error::Interrupted);
+    }
     let mut stats = std::mem::take(&mut sink.stats);
     stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
     stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
@@ -400,6 +405,7 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
         bitmap: base.and_then(|_| d.source.bitmap()),
         since: base.map(|b| b.id.clone()),
         checkpoint: d.checkpoint.clone(),
+        origin: d.origin.clone(),
     })
 }
 
@@ -418,6 +424,10 @@ type Pool = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec
 
 fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, next: &AtomicU64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
     loop {
+        if super::interrupted() {
+            let _ = tx.send(Err(Error::Interrupted));
+            return;
+        }
         let no = next.fetch_add(1, Ordering::Relaxed);
         if no.saturating_mul(seg) >= size {
             return;

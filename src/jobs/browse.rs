@@ -17,7 +17,7 @@ use crate::repo::{DiskEntry, Manifest, Repo};
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 /// The name of the pseudo-partition of a disk that is one filesystem without a table.
 pub const WHOLE_DISK: &str = "fs";
@@ -48,7 +48,7 @@ impl Browser {
         let reader = Arc::new(ImageReader::with_chunks(self.chunks.clone(), disk)?);
         let label = format!("{}@{} disk {}", m.vm, m.id, disk.name);
         let dev: Arc<dyn Device> = Arc::new(ImageDevice { reader: reader.clone(), label: label.clone(), log: self.log_damage });
-        let view = Arc::new(DiskView { label, reader, dev, parts: OnceLock::new() });
+        let view = Arc::new(DiskView { label, reader, dev, parts: Mutex::new(None) });
         Ok(lock(&self.disks).entry(key).or_insert(view).clone())
     }
 }
@@ -89,7 +89,8 @@ pub struct DiskView {
     pub label: String,
     pub reader: Arc<ImageReader>,
     dev: Arc<dyn Device>,
-    parts: OnceLock<Vec<Arc<PartView>>>,
+    /// Read once; a failed read is not kept (the next access tries again).
+    parts: Mutex<Option<Vec<Arc<PartView>>>>,
 }
 
 impl DiskView {
@@ -103,9 +104,13 @@ impl DiskView {
     }
 
     /// The partitions (GPT or MBR), or the whole disk as `fs` when it is one filesystem, or
-    /// nothing. A table that cannot be read is logged and shows as no partitions.
-    pub fn parts(&self) -> &[Arc<PartView>] {
-        self.parts.get_or_init(|| match guestfs::partitions(self.dev.as_ref()) {
+    /// nothing. A table that cannot be read is logged and shows as no partitions (this time).
+    pub fn parts(&self) -> Vec<Arc<PartView>> {
+        let mut g = lock(&self.parts);
+        if let Some(p) = g.as_ref() {
+            return p.clone();
+        }
+        let found = match guestfs::partitions(self.dev.as_ref()) {
             Ok(ps) if !ps.is_empty() => ps
                 .iter()
                 // Extended partitions are containers of the logical ones, not volumes.
@@ -120,21 +125,26 @@ impl DiskView {
                 .collect(),
             Ok(_) => {
                 let whole = PartView::new(WHOLE_DISK.into(), 0, self.size(), true, self.dev.clone(), &self.label);
-                if whole.fs().is_some() {
-                    vec![Arc::new(whole)]
-                } else {
-                    Vec::new()
+                match whole.try_fs() {
+                    Ok(Some(_)) => vec![Arc::new(whole)],
+                    Ok(None) => Vec::new(),
+                    Err(_) => return Vec::new(),
                 }
             }
             Err(e) => {
                 tracing::warn!("{}: partition table unreadable: {e}", self.label);
+                if e.is_io() {
+                    return Vec::new();
+                }
                 Vec::new()
             }
-        })
+        };
+        *g = Some(found.clone());
+        found
     }
 
-    pub fn part(&self, name: &str) -> Option<&Arc<PartView>> {
-        self.parts().iter().find(|p| p.name == name)
+    pub fn part(&self, name: &str) -> Option<Arc<PartView>> {
+        self.parts().into_iter().find(|p| p.name == name)
     }
 }
 
@@ -147,27 +157,36 @@ pub struct PartView {
     pub whole: bool,
     dev: Arc<dyn Device>,
     label: String,
-    fs: OnceLock<Option<Arc<dyn Filesystem>>>,
+    /// Opened once; a device error is not kept (the next access tries again).
+    fs: Mutex<Option<Option<Arc<dyn Filesystem>>>>,
 }
 
 impl PartView {
     fn new(name: String, start: u64, len: u64, whole: bool, dev: Arc<dyn Device>, disk_label: &str) -> PartView {
         let label = format!("{disk_label} partition {name}");
-        PartView { name, start, len, whole, dev, label, fs: OnceLock::new() }
+        PartView { name, start, len, whole, dev, label, fs: Mutex::new(None) }
     }
 
     /// The guest filesystem, when holdfast can read it.
-    pub fn fs(&self) -> Option<&Arc<dyn Filesystem>> {
-        self.fs
-            .get_or_init(|| match guestfs::open(self.dev.clone()) {
-                Ok(Some(fs)) => Some(Arc::from(fs)),
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!("{}: filesystem unreadable: {e}", self.label);
-                    None
-                }
-            })
-            .as_ref()
+    pub fn fs(&self) -> Option<Arc<dyn Filesystem>> {
+        self.try_fs().unwrap_or(None)
+    }
+
+    /// Ok(None): no filesystem holdfast reads; Err: the device failed (not remembered).
+    fn try_fs(&self) -> std::result::Result<Option<Arc<dyn Filesystem>>, guestfs::GuestFsError> {
+        let mut g = lock(&self.fs);
+        if let Some(f) = g.as_ref() {
+            return Ok(f.clone());
+        }
+        let f: Option<Arc<dyn Filesystem>> = match guestfs::open(self.dev.clone()) {
+            Ok(f) => f.map(Arc::from),
+            Err(e) => {
+                tracing::warn!("{}: filesystem unreadable: {e}", self.label);
+                return Err(e);
+            }
+        };
+        *g = Some(f.clone());
+        Ok(f)
     }
 
     /// Read the raw partition (short only at its end).
@@ -230,47 +249,64 @@ pub fn locate(b: &Browser, spec: &FileSpec, follow: bool) -> Result<Located> {
         Error::NotFound(format!("backup {}@{} has no disk {:?}; its disks: {}", manifest.vm, manifest.id, spec.disk, names.join(", ")))
     })?;
     let disk = b.disk(&manifest, entry)?;
-    let part = disk.part(&spec.part).cloned().ok_or_else(|| {
-        let names: Vec<&str> = disk.parts().iter().map(|p| p.name.as_str()).collect();
+    let part = disk.part(&spec.part).ok_or_else(|| {
+        let names: Vec<String> = disk.parts().iter().map(|p| p.name.clone()).collect();
         let have = if names.is_empty() { "none holdfast can read".to_string() } else { names.join(", ") };
         Error::NotFound(format!("{} has no partition {:?}; its partitions: {have}", disk.label, spec.part))
     })?;
-    let fs = part.fs().cloned().ok_or_else(|| Error::NotFound(format!("{} holds no filesystem holdfast can read (ext2/3/4, FAT, NTFS); restore it raw with holdfast restore", part.label)))?;
-    let not_found = |e: guestfs::GuestFsError| guest_error(&part, &spec.path, e);
-    let mut path = spec.path.clone();
-    let mut attr = fs.resolve(path.as_bytes()).map_err(not_found)?;
-    let mut hops = 0;
-    while follow && attr.kind == Kind::Symlink {
-        hops += 1;
-        if hops > 40 {
-            return Err(Error::Invalid(format!("{}: too many levels of symbolic links", spec.path)));
-        }
-        let target = String::from_utf8_lossy(&fs.readlink(attr.ino).map_err(not_found)?).to_string();
-        path = if target.starts_with('/') {
-            target.trim_start_matches('/').to_string()
-        } else {
-            let parent = path.rsplit_once('/').map(|(p, _)| p).unwrap_or("");
-            format!("{parent}/{target}")
-        };
-        path = normalize(&path);
-        attr = fs.resolve(path.as_bytes()).map_err(not_found)?;
-    }
+    let fs = part.fs().ok_or_else(|| Error::NotFound(format!("{} holds no filesystem holdfast can read (ext2/3/4, FAT, NTFS); restore it raw with holdfast restore", part.label)))?;
+    let attr = resolve(fs.as_ref(), &spec.path, follow).map_err(|e| match e {
+        Walk::Guest(e) => guest_error(&part, &spec.path, e),
+        Walk::Loop => Error::Invalid(format!("{}: /{}: too many levels of symbolic links", part.label(), spec.path)),
+    })?;
     Ok(Located { manifest, disk, part, fs, attr })
 }
 
-/// Collapse `.`, `..` and empty components (`..` stops at the root).
-fn normalize(p: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                out.pop();
+enum Walk {
+    Guest(guestfs::GuestFsError),
+    Loop,
+}
+
+/// Walk `path` from the filesystem's root, following the symlinks met on the way (and a final
+/// one when `follow`) inside this filesystem: an absolute target starts again at its root, and
+/// `..` never leaves it. At most 40 links.
+fn resolve(fs: &dyn Filesystem, path: &str, follow: bool) -> std::result::Result<guestfs::Attr, Walk> {
+    let mut todo: std::collections::VecDeque<Vec<u8>> = path.split('/').map(|c| c.as_bytes().to_vec()).collect();
+    let mut stack = vec![fs.getattr(fs.root()).map_err(Walk::Guest)?];
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_slice() {
+            b"" | b"." => continue,
+            b".." => {
+                if stack.len() > 1 {
+                    stack.pop();
+                }
+                continue;
             }
-            c => out.push(c),
+            _ => {}
         }
+        let cur = stack.last().map(|a| (a.ino, a.kind)).unwrap_or((fs.root(), Kind::Dir));
+        if cur.1 != Kind::Dir {
+            return Err(Walk::Guest(guestfs::GuestFsError::NotDir));
+        }
+        let a = fs.lookup(cur.0, &c).map_err(Walk::Guest)?.ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))?;
+        if a.kind == Kind::Symlink && (follow || !todo.is_empty()) {
+            links += 1;
+            if links > 40 {
+                return Err(Walk::Loop);
+            }
+            let target = fs.readlink(a.ino).map_err(Walk::Guest)?;
+            if target.first() == Some(&b'/') {
+                stack.truncate(1);
+            }
+            for part in target.split(|&b| b == b'/').rev() {
+                todo.push_front(part.to_vec());
+            }
+            continue;
+        }
+        stack.push(a);
     }
-    out.join("/")
+    stack.pop().ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))
 }
 
 /// A guest filesystem error as a holdfast error: damage is `Damaged` (exit 3), the rest says
@@ -298,7 +334,5 @@ mod tests {
         for bad in ["vm", "vm:", "vm:root", ":root/p1/x", "vm:/p1"] {
             assert!(FileSpec::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(normalize("a/./b/../c//d"), "a/c/d");
-        assert_eq!(normalize("../../x"), "x");
     }
 }

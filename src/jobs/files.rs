@@ -56,6 +56,8 @@ pub struct FilesReport {
     pub symlinks: u64,
     pub hardlinks: u64,
     pub special: u64,
+    /// Device nodes left out (without `--devices`, or when not run as root).
+    pub skipped_devices: u64,
     pub bytes: u64,
     pub seconds: f64,
 }
@@ -77,8 +79,9 @@ impl Drop for TempTree {
     }
 }
 
-/// Copy the file or directory at `spec` into the existing directory `to`.
-pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, progress: &dyn Progress) -> Result<FilesReport> {
+/// Copy the file or directory at `spec` into the existing directory `to`. Device nodes are
+/// recreated only with `devices` (and as root): a guest's device node is a host device here.
+pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, progress: &dyn Progress) -> Result<FilesReport> {
     let started = std::time::Instant::now();
     if !to.is_dir() {
         return Err(Error::NotFound(format!("{} is not a directory; create it first, or pick another --to", to.display())));
@@ -101,6 +104,10 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, progress: &dyn Pro
     let as_root = unsafe { libc::geteuid() } == 0;
     let mut links: HashMap<u64, PathBuf> = HashMap::new();
     for it in &items {
+        if matches!(it.attr.kind, Kind::CharDev | Kind::BlockDev) && !(devices && as_root) {
+            rep.skipped_devices += 1;
+            continue;
+        }
         let dst = if it.rel.as_os_str().is_empty() { tmp.clone() } else { tmp.join(&it.rel) };
         if it.attr.kind != Kind::Dir && it.attr.nlink > 1 {
             if let Some(first) = links.get(&it.attr.ino) {
@@ -121,7 +128,7 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, progress: &dyn Pro
         set_meta(&dst, &it.attr, as_root)?;
     }
     sync_tree(to)?;
-    std::fs::rename(&tmp, &target).map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), target.display()), e))?;
+    rename_noreplace(&tmp, &target)?;
     guard.0 = None;
     crate::store::fsync_dir(to).map_err(|e| Error::io(format!("sync {}", to.display()), e))?;
     progress.end();
@@ -237,6 +244,21 @@ fn copy_file(fs: &dyn Filesystem, a: &Attr, dst: &Path, progress: &dyn Progress)
     }
     f.set_len(a.size).map_err(CopyError::Local)?;
     Ok(())
+}
+
+/// Rename that fails instead of replacing a target created meanwhile.
+fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
+    let (a, b) = (cstr(from)?, cstr(to)?);
+    // SAFETY: valid NUL-terminated paths.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        return Err(Error::Invalid(format!("{} appeared while restoring; holdfast never overwrites: remove it or pick another --to", to.display())));
+    }
+    Err(Error::io(format!("rename {} to {}", from.display(), to.display()), e))
 }
 
 fn cstr(p: &Path) -> Result<CString> {

@@ -148,6 +148,9 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
         if have.iter().any(|s| s.name == args.name) {
             return Err(Error::Invalid(format!("VM {} already has a snapshot named {}; pick another name or delete it first", vm.name, args.name)));
         }
+        if vm.snapshot_limit == 0 {
+            return Err(Error::Invalid(format!("VM {} may hold no snapshots (snapshot_limit = 0 in the config)", vm.name)));
+        }
         if have.len() >= vm.snapshot_limit as usize {
             let list: Vec<String> = have.iter().map(|s| format!("{} (taken {})", s.name, crate::timefmt::rfc3339(s.created_ms / 1000))).collect();
             return Err(Error::Invalid(format!(
@@ -181,16 +184,27 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
 }
 
 fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateArgs, group: &[String]) -> Result<Snapshot> {
+    if vm.disks.is_empty() {
+        return Err(Error::Invalid(format!("VM {} has no disks declared", vm.name)));
+    }
     let client = super::vmbackup::connect(rt, vm)?;
     let mut disks = Vec::new();
     for (name, node) in &vm.disks {
         let n = rt.block_on(ops::find_disk(&client, &active_node(repo, &vm.name, node)?))?;
         disks.push(SnapDisk { name: name.clone(), node: n.node_name, file: n.file, format: n.driver, overlay: None });
     }
-    let internal = disks.iter().all(|d| d.format == "qcow2");
+    // Under an external snapshot the disks are qcow2 overlays; an internal snapshot inside one
+    // would be lost when that overlay is committed or reverted, so keep stacking overlays.
+    let under_overlay = records(repo, Some(&vm.name))?.iter().any(|s| s.kind == Kind::External);
+    let internal = !under_overlay && disks.iter().all(|d| d.format == "qcow2");
     if args.memory && !internal {
-        let raw: Vec<&str> = disks.iter().filter(|d| d.format != "qcow2").map(|d| d.name.as_str()).collect();
-        return Err(Error::Invalid(format!("--memory needs qcow2 disks (QEMU keeps memory state inside one); VM {}'s disk(s) {} are {}: take a disk-only snapshot instead", vm.name, raw.join(", "), disks.iter().find(|d| d.format != "qcow2").map_or("", |d| d.format.as_str()))));
+        let why = if under_overlay {
+            "the VM's disks are under an external snapshot (delete it first)".to_string()
+        } else {
+            let raw: Vec<&str> = disks.iter().filter(|d| d.format != "qcow2").map(|d| d.name.as_str()).collect();
+            format!("VM {}'s disk(s) {} are not qcow2", vm.name, raw.join(", "))
+        };
+        return Err(Error::Invalid(format!("--memory needs qcow2 disks (QEMU keeps memory state inside one): {why}; take a disk-only snapshot instead")));
     }
     let mut r = [0u8; 4];
     getrandom::fill(&mut r).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -216,7 +230,11 @@ fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateA
     let agent = vm.agent.as_ref().filter(|_| args.quiesce).map(|p| Agent::new(p, Duration::from_secs(10)));
     if let Some(a) = &agent {
         rt.block_on(a.ping()).map_err(|e| Error::Invalid(format!("{e}; the VM was not changed: retry without --quiesce")))?;
-        rt.block_on(a.fsfreeze_freeze()).map_err(|e| Error::Invalid(format!("{e}; the VM was not changed: retry without --quiesce")))?;
+        if let Err(e) = rt.block_on(a.fsfreeze_freeze()) {
+            // The freeze may still happen late: always thaw.
+            let thaw = thaw_hard(rt, a).err().map(|t| format!("; the thaw failed too ({t}): the guest's filesystems may still be frozen")).unwrap_or_default();
+            return Err(Error::Invalid(format!("{e}; no snapshot was taken{thaw}; retry without --quiesce")));
+        }
     }
     let taken = if internal {
         snap.vmstate = args.memory.then(|| nodes[0].clone());
@@ -233,19 +251,40 @@ fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateA
         })
     };
     if let Some(a) = &agent {
-        let thawed = rt.block_on(a.fsfreeze_thaw());
-        snap.quiesced = thawed.is_ok() && taken.is_ok();
-        if let Err(e) = thawed {
-            tracing::error!("VM {}: thawing the guest's filesystems failed: {e}", vm.name);
+        match thaw_hard(rt, a) {
+            Ok(()) => snap.quiesced = taken.is_ok(),
+            Err(e) => {
+                let what = if taken.is_ok() { "the snapshot was taken, but " } else { "" };
+                rt.block_on(client.close());
+                if taken.is_ok() {
+                    let _ = save(repo, &snap);
+                }
+                return Err(Error::Invalid(format!("VM {}: {what}thawing the guest's filesystems failed ({e}): they may still be frozen; check the guest", vm.name)));
+            }
         }
     }
+    rt.block_on(client.close()); // one QMP client at a time: free it before any undo
     taken?;
     if let Err(e) = save(repo, &snap) {
-        let _ = remove(repo, rt, vm, &snap);
-        return Err(e);
+        return Err(match remove(repo, rt, vm, &snap) {
+            Ok(()) => e,
+            Err(u) => Error::Invalid(format!("{e}; undoing the snapshot in QEMU failed too ({u}): tag {} is left without a record", snap.tag)),
+        });
     }
-    rt.block_on(client.close());
     Ok(snap)
+}
+
+/// Thaw the guest's filesystems, retrying a few times (a thaw that fails leaves the guest
+/// unable to write).
+fn thaw_hard(rt: &tokio::runtime::Runtime, a: &Agent) -> std::result::Result<(), QmpError> {
+    let mut last = None;
+    for _ in 0..3 {
+        match rt.block_on(a.fsfreeze_thaw()) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| QmpError::Invalid("thaw".into())))
 }
 
 /// The node a disk's data is written to now: the newest holdfast overlay over `node`, or
@@ -340,11 +379,17 @@ fn qemu_img(args: &[&str], missing_ok: bool) -> Result<()> {
     Err(Error::Invalid(format!("qemu-img {} failed: {}", args.join(" "), err.trim().replace('\n', " "))))
 }
 
-pub fn delete(repo: &Repo, vm: &Vm, name: &str) -> Result<Snapshot> {
+/// Delete a snapshot in QEMU and its record; with `forget`, only holdfast's record (for a
+/// snapshot already gone, or one to handle by hand).
+pub fn delete(repo: &Repo, vm: &Vm, name: &str, forget: bool) -> Result<Snapshot> {
     check_name(name)?;
     let _lock = VmLock::acquire(&repo.dir, &vm.name, "snapshot delete")?;
     let s = record(repo, &vm.name, name)?;
-    remove(repo, &runtime()?, vm, &s)?;
+    if forget {
+        repo.store.delete(&key(&s.vm, &s.name))?;
+    } else {
+        remove(repo, &runtime()?, vm, &s)?;
+    }
     Ok(s)
 }
 
@@ -375,6 +420,11 @@ pub fn revert(repo: &Repo, vm: &Vm, name: &str) -> Result<RevertReport> {
     check_name(name)?;
     let _lock = VmLock::acquire(&repo.dir, &vm.name, "snapshot revert")?;
     let s = record(repo, &vm.name, name)?;
+    if s.kind == Kind::External {
+        if let Some(newer) = records(repo, Some(&vm.name))?.into_iter().find(|x| x.kind == Kind::External && x.created_ms > s.created_ms) {
+            return Err(Error::Invalid(format!("snapshot {} of VM {} was taken on top of {name}: delete it first (`holdfast snapshot delete {} {}`), then revert", newer.name, vm.name, vm.name, newer.name)));
+        }
+    }
     let rt = runtime()?;
     let nodes: Vec<String> = s.disks.iter().map(|d| d.node.clone()).collect();
     match (try_connect(&rt, vm)?, &s.kind, &s.vmstate) {
@@ -396,9 +446,21 @@ pub fn revert(repo: &Repo, vm: &Vm, name: &str) -> Result<RevertReport> {
             vm.name, vm.name
         ))),
         (None, Kind::Internal, _) => {
+            // All or nothing: every image must hold the tag before any is touched.
+            for d in &s.disks {
+                let list = std::process::Command::new("qemu-img").args(["snapshot", "-l", "-U", &d.file]).output().map_err(|e| Error::io("run qemu-img (apt-get install qemu-utils)", e))?;
+                if !String::from_utf8_lossy(&list.stdout).split_whitespace().any(|w| w == s.tag) {
+                    return Err(Error::Invalid(format!("disk {} ({}) no longer holds snapshot {name} (tag {}); nothing was reverted", d.name, d.file, s.tag)));
+                }
+            }
             for d in &s.disks {
                 drop_checkpoints_offline(&d.file)?;
-                qemu_img(&["snapshot", "-a", &s.tag, &d.file], false)?;
+            }
+            for (i, d) in s.disks.iter().enumerate() {
+                qemu_img(&["snapshot", "-a", &s.tag, &d.file], false).map_err(|e| {
+                    let done: Vec<&str> = s.disks[..i].iter().map(|d| d.name.as_str()).collect();
+                    if done.is_empty() { e } else { Error::Invalid(format!("{e}; disks {} were already reverted", done.join(", "))) }
+                })?;
             }
             Ok(RevertReport { snapshot: s, online: false, running_after: None })
         }
@@ -430,8 +492,7 @@ pub fn list(repo: &Repo, vms: &[Vm], only: Option<&str>) -> Result<Vec<Listed>> 
     let rt = runtime()?;
     let mut out = Vec::new();
     let all = records(repo, only)?;
-    let mut vm_names: Vec<&str> = all.iter().map(|s| s.vm.as_str()).collect();
-    vm_names.dedup();
+    let vm_names: std::collections::BTreeSet<&str> = all.iter().map(|s| s.vm.as_str()).collect();
     for name in vm_names {
         let nodes = match vms.iter().find(|v| v.name == name) {
             Some(vm) => match try_connect(&rt, vm) {
@@ -476,7 +537,7 @@ pub fn expire(repo: &Repo, vms: &[Vm], now_ms: u64) -> Result<(Vec<Snapshot>, Ve
             failed.push(format!("{}/{}: VM {} is not declared in the config", s.vm, s.name, s.vm));
             continue;
         };
-        match delete(repo, vm, &s.name) {
+        match delete(repo, vm, &s.name, false) {
             Ok(s) => gone.push(s),
             Err(e) => failed.push(format!("{}/{}: {e}", s.vm, s.name)),
         }

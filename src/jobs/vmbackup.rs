@@ -66,7 +66,8 @@ fn describe(l: &ops::Leftovers) -> Vec<String> {
     v.extend(l.nodes.iter().map(|x| format!("block node {x}")));
     v.extend(l.files.iter().map(|x| format!("fleecing file {}", x.display())));
     v.extend(l.stray_bitmaps.iter().map(|(n, b)| format!("bitmap {b} on {n}")));
-    v.extend(l.frozen_checkpoints.iter().map(|n| format!("frozen checkpoint on {n} (re-enabled)")));
+    v.extend(l.frozen_checkpoints.iter().map(|n| format!("frozen checkpoint on {n} (the writes it missed merged in, or removed)")));
+    v.extend(l.broken_bitmaps.iter().map(|(n, b)| format!("inconsistent bitmap {b} on {n} (QEMU did not save it cleanly)")));
     v.extend(l.nbd_server.iter().map(|s| format!("NBD server on {}", s.display())));
     v
 }
@@ -109,13 +110,27 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
     let client = connect(&rt, vm)?;
     let (prev, keep) = last_checkpoint(repo, &vm.name)?;
     let nodes = node_names(vm);
-    let cleaned = rt.block_on(ops::clean_leftovers(&client, &vm.work_dir, keep.as_deref(), Some(&nodes), STEP))?;
     let mut full_reads = Vec::new();
     let mut requests = Vec::new();
-    let mut all_qcow2 = true;
+    let mut origins = Vec::new();
+    let all_nodes = rt.block_on(ops::list_nodes(&client))?;
+    let mut infos = Vec::new();
     for (name, node) in &vm.disks {
         let info = rt.block_on(ops::find_disk(&client, node)).map_err(|e| Error::NotFound(format!("VM {} disk {name}: {e}; check the node name (`holdfast vm list`, or query-named-block-nodes)", vm.name)))?;
-        all_qcow2 &= info.driver == "qcow2";
+        // Reading a node that something sits on top of would back up stale data (and QEMU
+        // opens such a backing node read-only).
+        let top = all_nodes.iter().find(|n| !n.node_name.starts_with(ops::PREFIX) && !info.file.is_empty() && n.backing_file.as_deref() == Some(info.file.as_str()) && n.node_name != info.node_name);
+        if top.is_some() || info.read_only {
+            let what = top.map(|t| format!("has {} ({}) on top of it, an overlay holdfast did not make", t.node_name, t.file)).unwrap_or_else(|| "is read-only: an overlay sits on top of it, or the disk is read-only".into());
+            return Err(Error::Invalid(format!("VM {} disk {name}: node {} {what}; declare the top node as the disk (`holdfast vm remove` / `vm add`)", vm.name, info.node_name)));
+        }
+        infos.push((name.clone(), info));
+    }
+    let cleaned = rt.block_on(ops::clean_leftovers(&client, &vm.work_dir, keep.as_deref(), Some(&nodes), STEP))?;
+    let all_qcow2 = infos.iter().all(|(_, i)| i.driver == "qcow2");
+    for (name, info) in &infos {
+        // Which image this disk is: a checkpoint is trusted only on the same node and file.
+        let origin = format!("qemu node {} file {}", info.node_name, info.file);
         let prev_disk = prev.as_ref().and_then(|m| m.disks.iter().find(|d| &d.name == name));
         if opts.full {
             // The previous checkpoint is still rotated out (and removed at commit); only its
@@ -131,6 +146,12 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
                 full_reads.push((name.clone(), format!("the disk changed size ({} to {} bytes)", d.size, info.virtual_size)));
                 None
             }
+            Some(d) if d.origin.as_deref() != Some(origin.as_str()) => {
+                full_reads.push((name.clone(), format!("the previous backup read it from {}", d.origin.as_deref().unwrap_or("another source"))));
+                None
+            }
+            // No bitmap can follow the previous one on a raw disk: never freeze it then.
+            Some(_) if !all_qcow2 => None,
             Some(d) => {
                 if d.checkpoint.is_none() {
                     full_reads.push((name.clone(), "the previous backup left no checkpoint".into()));
@@ -138,7 +159,8 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
                 d.checkpoint.clone()
             }
         };
-        requests.push(ops::DiskRequest { disk: node.clone(), previous_bitmap: previous });
+        requests.push(ops::DiskRequest { disk: info.node_name.clone(), previous_bitmap: previous });
+        origins.push((info.node_name.clone(), origin));
     }
     let new_bitmap = all_qcow2.then(|| {
         let mut r = [0u8; 2];
@@ -155,7 +177,7 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
     let req = ops::ReadPointRequest { work_dir: vm.work_dir.clone(), disks: requests, new_bitmap, nbd: ops::NbdServer::Own, timeout: STEP };
     let agent = vm.agent.as_ref().filter(|_| opts.quiesce).map(|p| Agent::new(p, AGENT_WAIT));
     let rp = rt.block_on(ops::create_read_point(&client, &req, agent.as_ref())).map_err(|e| match e {
-        e @ (qmp::QmpError::AgentTimeout { .. } | qmp::QmpError::AgentConnect { .. }) => Error::Invalid(format!("{e}; the VM was not changed: retry without --quiesce for a crash-consistent backup")),
+        e @ (qmp::QmpError::AgentTimeout { .. } | qmp::QmpError::AgentConnect { .. }) => Error::Invalid(format!("{e}; no read point was made (holdfast sent a thaw after any freeze): retry without --quiesce for a crash-consistent backup")),
         e => e.into(),
     })?;
     for d in rp.disks.iter().filter(|_| !opts.full) {
@@ -164,10 +186,10 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
             full_reads.push((name, d.bitmap_note.clone().unwrap_or_else(|| "QEMU does not offer the previous checkpoint".into())));
         }
     }
-    let result = test_point("after-read-point").and_then(|_| read_and_commit(repo, vm, &lock, &rp, prev.as_ref(), opts.full, hooks, progress));
+    let result = test_point("after-read-point").and_then(|_| read_and_commit(repo, vm, &lock, &rp, &origins, prev.as_ref(), opts.full, hooks, progress));
     let outcome = if result.is_ok() { ops::Outcome::Committed } else { ops::Outcome::Failed };
     if result.is_ok() {
-        test_point("after-commit")?;
+        let _ = test_point("after-commit"); // the commit stands: only the kill hook applies
     }
     let torn = rt.block_on(ops::teardown(&client, &rp, outcome, STEP));
     rt.block_on(client.close());
@@ -181,14 +203,15 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
 /// Read every disk of the read point (dirty segments only, where a checkpoint was exported)
 /// and commit the backup.
 #[allow(clippy::too_many_arguments)]
-fn read_and_commit(repo: &Repo, vm: &Vm, lock: &VmLock, rp: &ops::ReadPoint, prev: Option<&Manifest>, full: bool, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
+fn read_and_commit(repo: &Repo, vm: &Vm, lock: &VmLock, rp: &ops::ReadPoint, origins: &[(String, String)], prev: Option<&Manifest>, full: bool, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
     let mut specs = Vec::new();
     for d in &rp.disks {
         let name = vm.disks.iter().find(|(_, n)| *n == d.disk).map(|(n, _)| n.clone()).ok_or_else(|| Error::Invalid(format!("read point has unknown disk {}", d.disk)))?;
+        let origin = origins.iter().find(|(n, _)| *n == d.node).map(|(_, o)| o.clone());
         let bitmap = d.exported_bitmap.as_deref().filter(|_| !full);
         let source = NbdSource::connect(&d.uri, bitmap)?;
         let since = bitmap.and(prev).map(|m| m.id.clone());
-        specs.push(DiskSpec { name, source: Box::new(source), since, checkpoint: rp.new_bitmap.clone() });
+        specs.push(DiskSpec { name, source: Box::new(source), since, checkpoint: rp.new_bitmap.clone(), origin });
     }
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     backup_locked(repo, &vm.name, lock, specs, hooks, progress)
@@ -198,6 +221,11 @@ fn read_and_commit(repo: &Repo, vm: &Vm, lock: &VmLock, rp: &ops::ReadPoint, pre
 pub fn doctor(repo: &Repo, vm: &Vm, dry_run: bool) -> Result<Vec<String>> {
     let _lock = VmLock::acquire(&repo.dir, &vm.name, "doctor")?;
     repo.sync()?;
+    let mut active = vm.clone();
+    for (_, node) in active.disks.iter_mut() {
+        *node = super::snapshot::active_node(repo, &vm.name, node)?;
+    }
+    let vm = &active;
     let rt = runtime()?;
     let client = connect(&rt, vm)?;
     let (_, keep) = last_checkpoint(repo, &vm.name)?;

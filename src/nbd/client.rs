@@ -86,6 +86,8 @@ enum OpKind {
         buf: Vec<u8>,
         len: u64,
         covered: u64,
+        /// The caller's buffer to read the data into (its allocation is reused).
+        spare: Vec<u8>,
     },
     Status {
         by_id: BTreeMap<u32, Vec<(u32, u32)>>,
@@ -212,12 +214,19 @@ impl Client {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
+        self.read_with(offset, len, Vec::new()).await
+    }
+
+    /// [`Client::read`] into `spare`'s allocation when it has room: a caller that reuses its
+    /// buffers saves an allocation (and its page faults) per request.
+    pub async fn read_with(&self, offset: u64, len: u32, spare: Vec<u8>) -> Result<Vec<u8>, ClientError> {
         check_cap("read length", len.into(), MAX_PAYLOAD)?;
         let kind = OpKind::Read {
             offset,
             buf: Vec::new(),
             len: len.into(),
             covered: 0,
+            spare,
         };
         match self.submit(CMD_READ, 0, offset, len, &[], kind).await? {
             Output::Data(d) => Ok(d),

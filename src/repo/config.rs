@@ -95,6 +95,10 @@ pub struct DiskEntry {
     /// of this disk reads the changes it records (backups from a running VM only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// The hypervisor image it was read from (`qemu node N file F`): a checkpoint is trusted
+    /// only for the same node and file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -59,7 +59,7 @@ pub fn fs_disks() -> &'static Path {
         for (t, p) in [("sgdisk", "gdisk"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g")] {
             require(t, p);
         }
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fsdisks-v1");
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fsdisks-v2");
         fs::create_dir_all(&dir).unwrap();
         let lock = fs::File::create(dir.join(".lock")).unwrap();
         use std::os::unix::io::AsRawFd;

@@ -95,7 +95,15 @@ impl Vm {
             assert!(t.elapsed() < Duration::from_secs(20), "QEMU did not start: {}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
-        self.client = Some(self.rt.block_on(Client::connect(&self.qmp2, Duration::from_secs(20))).unwrap());
+        loop {
+            match self.rt.block_on(Client::connect(&self.qmp2, Duration::from_secs(20))) {
+                Ok(c) => break self.client = Some(c),
+                Err(e) => {
+                    assert!(t.elapsed() < Duration::from_secs(20), "QMP: {e}: {}", self.log());
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
     }
 
     /// Quit QEMU (cleanly: persistent bitmaps are written) and wait for it.
@@ -110,6 +118,14 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = c.wait();
+    }
+
+    /// Kill QEMU as a crash would (SIGKILL): persistent bitmaps are not saved cleanly.
+    pub fn crash(&mut self) {
+        self.client = None;
+        let mut c = self.child.take().unwrap();
+        let _ = c.kill();
         let _ = c.wait();
     }
 

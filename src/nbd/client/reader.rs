@@ -62,7 +62,8 @@ async fn read_replies<R: AsyncRead + Unpin>(
                 // Data goes straight into its own buffer (the common, large case).
                 let mut off = [0u8; 8];
                 rd.read_exact(&mut off).await?;
-                let data = read_vec(rd, h.len as usize - 8).await?;
+                let spare = take_spare(shared, h.cookie);
+                let data = read_into(rd, spare, h.len as usize - 8).await?;
                 let chunk = Chunk::OffsetData { offset: u64::from_be_bytes(off), data: &[] };
                 on_chunk(shared, &h, chunk, Some(data), ids)?;
             }
@@ -95,7 +96,7 @@ async fn on_simple<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let out = match &mut op.kind {
-        OpKind::Read { len, .. } => Output::Data(read_vec(rd, *len as usize).await?),
+        OpKind::Read { len, spare, .. } => Output::Data(read_into(rd, std::mem::take(spare), *len as usize).await?),
         OpKind::Status { .. } => {
             return Err(ProtoError::Invalid("simple reply to block status").into())
         }
@@ -105,10 +106,21 @@ async fn on_simple<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Exactly `n` bytes into a new buffer, without zero-filling it first. `n` is capped by the
-/// caller (a request length or a checked chunk length).
-async fn read_vec<R: AsyncRead + Unpin>(rd: &mut R, n: usize) -> Result<Vec<u8>, ClientError> {
-    let mut v = Vec::with_capacity(n);
+/// The caller's buffer of a pending READ (empty if it gave none or the op is unknown).
+fn take_spare(shared: &Shared, cookie: u64) -> Vec<u8> {
+    match shared.lock().ops.get_mut(&cookie).map(|op| &mut op.kind) {
+        Some(OpKind::Read { spare, .. }) => std::mem::take(spare),
+        _ => Vec::new(),
+    }
+}
+
+/// Exactly `n` bytes into `v` (cleared; its allocation reused when large enough), without
+/// zero-filling it first. `n` is capped by the caller (a request length or a checked chunk
+/// length).
+async fn read_into<R: AsyncRead + Unpin>(rd: &mut R, mut v: Vec<u8>, n: usize) -> Result<Vec<u8>, ClientError> {
+    v.clear();
+    // read_to_end probes with 32 bytes of room before it sees the end of the `take`.
+    v.reserve(n + 32);
     (&mut *rd).take(n as u64).read_to_end(&mut v).await?;
     if v.len() != n {
         return Err(ClientError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
@@ -159,7 +171,7 @@ fn on_chunk(
 
 /// Fold the data of one OFFSET_DATA chunk into a pending READ.
 fn apply_data(op: &mut Op, offset: u64, data: Vec<u8>) -> Result<(), ProtoError> {
-    let OpKind::Read { offset: base, buf, len, covered } = &mut op.kind else {
+    let OpKind::Read { offset: base, buf, len, covered, .. } = &mut op.kind else {
         return Err(ProtoError::Invalid("chunk type does not match the request"));
     };
     let n = data.len() as u64;
@@ -194,6 +206,7 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
                 buf,
                 len: rlen,
                 covered,
+                ..
             },
         ) => {
             alloc_read(buf, *rlen);
@@ -208,6 +221,7 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
                 buf,
                 len: rlen,
                 covered,
+                ..
             },
         ) => {
             alloc_read(buf, *rlen);

@@ -48,6 +48,9 @@ pub struct Leftovers {
     pub stray_bitmaps: Vec<(String, String)>,
     /// Nodes whose committed checkpoint is frozen (disabled) by an unfinished read point.
     pub frozen_checkpoints: Vec<String>,
+    /// (node, bitmap): holdfast bitmaps QEMU marks inconsistent (it did not save them cleanly,
+    /// e.g. after a crash): they cannot be trusted, merged or enabled, only removed.
+    pub broken_bitmaps: Vec<(String, String)>,
     /// holdfast's NBD server socket, when a server listens on it.
     pub nbd_server: Option<PathBuf>,
 }
@@ -112,6 +115,14 @@ async fn settle_bitmaps(client: &Client, rp: &ReadPoint, outcome: Outcome) -> Re
             (Outcome::Failed, Some(new), _) => {
                 actions.push(action("block-dirty-bitmap-remove", arg(new)));
             }
+            // Frozen with nothing recording after it: the writes since are in no bitmap.
+            (_, None, Some(old))
+                if d.previous_disabled
+                    && !d.new_bitmap_added
+                    && node.bitmap(old).is_some_and(|b| !b.recording) =>
+            {
+                actions.push(action("block-dirty-bitmap-remove", arg(old)));
+            }
             _ => {}
         }
     }
@@ -135,7 +146,11 @@ pub async fn find_leftovers(
             continue;
         }
         for b in &node.bitmaps {
-            if Some(b.name.as_str()) == keep_bitmap {
+            if b.inconsistent && b.name.starts_with(PREFIX) {
+                found
+                    .broken_bitmaps
+                    .push((node.node_name.clone(), b.name.clone()));
+            } else if Some(b.name.as_str()) == keep_bitmap {
                 if !b.recording {
                     found.frozen_checkpoints.push(node.node_name.clone());
                 }
@@ -155,12 +170,15 @@ pub async fn find_leftovers(
     found.nodes.sort();
     found.stray_bitmaps.sort();
     found.frozen_checkpoints.sort();
+    found.broken_bitmaps.sort();
     Ok(found)
 }
 
 /// Remove what [`find_leftovers`] finds. A frozen committed checkpoint gets every stray
 /// holdfast bitmap of its node merged in and is re-enabled (a superset of the writes it missed
-/// is safe; a subset is not). Returns what was found.
+/// is safe; a subset is not); with no stray to merge, the writes it missed are in no bitmap,
+/// so it is removed (the next backup reads everything). Inconsistent holdfast bitmaps are
+/// removed. Returns what was found.
 pub async fn clean_leftovers(
     client: &Client,
     work_dir: &Path,
@@ -178,6 +196,12 @@ pub async fn clean_leftovers(
         .map(|(n, _)| n.as_str())
         .collect();
     touched.extend(found.frozen_checkpoints.iter().map(String::as_str));
+    for (node, b) in &found.broken_bitmaps {
+        actions.push(action(
+            "block-dirty-bitmap-remove",
+            json!({ "node": node, "name": b }),
+        ));
+    }
     touched.sort_unstable();
     touched.dedup();
     for node in touched {
@@ -191,14 +215,19 @@ pub async fn clean_leftovers(
             keep_bitmap,
             found.frozen_checkpoints.iter().any(|n| n == node),
         ) {
-            if !strays.is_empty() {
+            if strays.is_empty() {
+                actions.push(action(
+                    "block-dirty-bitmap-remove",
+                    json!({ "node": node, "name": keep }),
+                ));
+            } else {
                 let merge = json!({ "node": node, "target": keep, "bitmaps": strays });
                 actions.push(action("block-dirty-bitmap-merge", merge));
+                actions.push(action(
+                    "block-dirty-bitmap-enable",
+                    json!({ "node": node, "name": keep }),
+                ));
             }
-            actions.push(action(
-                "block-dirty-bitmap-enable",
-                json!({ "node": node, "name": keep }),
-            ));
         }
         for b in strays {
             actions.push(action(

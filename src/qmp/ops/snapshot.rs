@@ -234,11 +234,27 @@ pub async fn create_overlays(client: &Client, reqs: &[OverlayRequest]) -> Result
 /// the overlay file. Done already (overlay node gone) is fine.
 pub async fn commit_overlay(client: &Client, ov: &Overlay, limit: Duration) -> Result<()> {
     check_name("overlay node", &ov.overlay_node)?;
-    let exists = list_nodes(client)
-        .await?
-        .iter()
-        .any(|n| n.node_name == ov.overlay_node);
-    if exists {
+    let nodes = list_nodes(client).await?;
+    let exists = nodes.iter().any(|n| n.node_name == ov.overlay_node);
+    if !exists {
+        // Never unlink a file holdfast did not just commit: the VM may have been restarted on
+        // the overlay under another node name, or on the base with the overlay's data unmerged.
+        let file = path_str(&ov.file)?;
+        if let Some(n) = nodes.iter().find(|n| n.file == file || n.backing_file.as_deref() == Some(file)) {
+            return Err(QmpError::Invalid(format!(
+                "overlay {file} is in use by node {} (the VM was restarted on it?); holdfast does not know how to merge it back here: shut the VM down and run `qemu-img commit {file}`",
+                n.node_name
+            )));
+        }
+        if ov.file.exists() {
+            return Err(QmpError::Invalid(format!(
+                "overlay node {} is gone from QEMU but {file} still exists: its data may not be in the base; shut the VM down and run `qemu-img commit {file}` (or delete it if it is not needed)",
+                ov.overlay_node
+            )));
+        }
+        return Ok(());
+    }
+    {
         let job = format!("{PREFIX}cj{}", token());
         let args = json!({ "job-id": job, "device": ov.overlay_node, "base-node": ov.base,
                            "auto-dismiss": false });
