@@ -43,7 +43,7 @@ fn backup_restore_dedup_on_real_disks() {
     assert_eq!(list.as_array().unwrap().len(), 3);
     let text = repo.run(&["backups", "vm-a"]).ok().stdout;
     assert!(text.contains(b1["id"].as_str().unwrap()) && text.contains(b3["id"].as_str().unwrap()), "{text}");
-    let shown = repo.run(&["--json", "show", &format!("vm-a@{}", &b3["id"].as_str().unwrap()[..15])]).ok().json();
+    let shown = repo.run(&["--json", "show", &format!("vm-a@{}", &b3["id"].as_str().unwrap()[..18])]).ok().json();
     assert_eq!(shown["id"], b3["id"]);
 
     // Stats add up and verify is clean.

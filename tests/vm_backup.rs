@@ -351,3 +351,42 @@ fn crashes_swapped_disks_foreign_overlays_and_ctrl_c() {
     clean_with_checkpoint(&vm, &last);
     assert_eq!(repo.run(&["--json", "backups", "web"]).ok().json().as_array().unwrap().len(), 5, "the interrupted run committed nothing");
 }
+
+#[test]
+fn qemu_storage_daemon_with_its_own_nbd_server() {
+    let repo = Repo::new();
+    let vm = Vm::start_qsd(&[("qcow2", 32)]);
+    let common::qemu::Runner::Qsd(nbd) = vm.runner.clone() else { unreachable!() };
+    let q = vm.qmp.to_str().unwrap().to_string();
+    // QEMU runs one NBD server: without its socket, holdfast says what to configure.
+    repo.run(&["vm", "add", "other", "--qmp", &q, "--disk", "root=disk0"]).ok();
+    let e = repo.run(&["backup", "other"]);
+    assert!(e.err().contains("QEMU already runs an NBD server") && e.err().contains("--nbd-socket"), "{}", e.stderr);
+    repo.run(&["vm", "add", "qsd", "--qmp", &q, "--disk", "root=disk0", "--nbd-socket", nbd.to_str().unwrap()]).ok();
+
+    let root = repo.tmp("root.raw");
+    let b1 = repo.backup_args(&["qsd"]);
+    vm.snapshot_raw(0, &root);
+    restore_equals(&repo, "qsd", "root", &root);
+    let rs = regions(7, 8, 32 << 20);
+    for &(o, l) in &rs {
+        vm.write(0, 0x3c, o, l);
+    }
+    let b2 = repo.backup_args(&["qsd"]);
+    assert_eq!(disk_entry(&b2, "root")["bitmap"], disk_entry(&b1, "root")["checkpoint"]);
+    assert_eq!(u(&b2, "/stats/read_bytes"), segments(&rs).len() as u64 * SEG);
+    vm.snapshot_raw(0, &root);
+    restore_equals(&repo, "qsd", "root", &root);
+    let (nodes, exports, jobs, _) = vm.holdfast_objects();
+    assert!(nodes.is_empty() && jobs.is_empty() && exports == vec!["live0".to_string()], "only the daemon's own export stays: {exports:?}");
+
+    // Disk-only snapshots work on the daemon; memory state needs a full VM.
+    let made = repo.run(&["--json", "snapshot", "create", "qsd", "Before"]).ok().json();
+    assert_eq!(made[0]["kind"], "Internal");
+    let e = repo.run(&["snapshot", "create", "qsd", "Mem", "--memory"]);
+    assert!(e.err().contains("already has 1 snapshot"), "{}", e.stderr);
+    repo.run(&["snapshot", "delete", "qsd", "Before"]).ok();
+    let e = repo.run(&["snapshot", "create", "qsd", "Mem", "--memory"]);
+    assert!(e.err().contains("--memory needs a full VM (qemu-system)"), "{}", e.stderr);
+    assert!(repo.run(&["--json", "snapshot", "list"]).ok().json().as_array().unwrap().is_empty());
+}

@@ -29,6 +29,9 @@ NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-
         /// Where fleecing images and the NBD socket go [default: REPO/work/NAME]
         #[arg(long, value_name = "DIR")]
         work_dir: Option<PathBuf>,
+        /// The unix socket of an NBD server this QEMU already runs (read points are exported there)
+        #[arg(long, value_name = "SOCKET")]
+        nbd_socket: Option<PathBuf>,
         /// Lifespan of snapshots, e.g. 12h, 10d, 2w [default: 10d]
         #[arg(long, value_name = "DURATION")]
         snapshot_ttl: Option<String>,
@@ -118,7 +121,7 @@ fn parse_node(s: &str) -> Result<(String, String)> {
 pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> {
     let mut f = load(config)?;
     match cmd {
-        VmCmd::Add { name, qmp, disks, agent, work_dir, snapshot_ttl, snapshot_limit, no_check } => {
+        VmCmd::Add { name, qmp, disks, agent, work_dir, nbd_socket, snapshot_ttl, snapshot_limit, no_check } => {
             crate::names::check("VM", &name)?;
             if f.vm.contains_key(&name) {
                 return Err(Error::Invalid(format!("VM {name} is already declared in {}; `holdfast vm remove {name}` first to change it", config.display())));
@@ -133,7 +136,7 @@ pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> 
                     return Err(Error::Invalid(format!("disk {n} is given twice")));
                 }
             }
-            let c = VmConfig { qmp, agent, work_dir, snapshot_ttl, snapshot_limit, disks: map };
+            let c = VmConfig { qmp, agent, work_dir, nbd_socket, snapshot_ttl, snapshot_limit, disks: map };
             if !no_check {
                 let v = f.resolve(&name, &c, repo_dir)?;
                 let rt = vmbackup::runtime()?;
@@ -193,7 +196,7 @@ pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progre
                 let (n, node) = parse_node(d)?;
                 disks.insert(n, node);
             }
-            let c = VmConfig { qmp: qmp.clone(), agent: a.agent.clone(), work_dir: None, snapshot_ttl: None, snapshot_limit: None, disks };
+            let c = VmConfig { qmp: qmp.clone(), agent: a.agent.clone(), work_dir: None, nbd_socket: None, snapshot_ttl: None, snapshot_limit: None, disks };
             VmsFile::default().resolve(&a.vm, &c, &repo.dir)?
         }
         None => {

@@ -234,6 +234,10 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
     if disks.is_empty() {
         return Err(Error::Invalid("no disks to back up; pass --disk NAME=PATH".into()));
     }
+    // `holdfast mount` shows disk X as X.img and X/: a disk named X.img would collide.
+    if let Some(d) = disks.iter().find(|d| d.name.strip_suffix(".img").is_some_and(|base| seen.contains(base))) {
+        return Err(Error::Invalid(format!("disks {} and {} would have the same name in a mount; rename one", d.name, d.name.trim_end_matches(".img"))));
+    }
     let started = Instant::now();
     let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
     // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
@@ -286,19 +290,15 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         return Err(Error::Invalid(format!("backup id {id} exists already; re-run the backup")));
     }
     repo.store.put(&key, &json)?;
+    // One catalog write for the backup and the segment memo (a cache of segment bytes to
+    // segment lists, valid only now that the backup is committed). If it fails, the committed
+    // manifest is still in the store and the next command's sync imports it.
     let mut batch = Batch::default();
     batch.put_backup(vm, &id, &json);
-    repo.catalog.write(batch)?;
-    // The memo is a cache: recorded after the commit, and a failure only costs speed later.
-    if !memos.is_empty() {
-        let mut batch = Batch::default();
-        for (k, m) in &memos {
-            batch.put_segmemo(k, m);
-        }
-        if let Err(e) = repo.catalog.write(batch) {
-            tracing::warn!("could not record the segment memo: {e}");
-        }
+    for (k, m) in &memos {
+        batch.put_segmemo(k, m);
     }
+    repo.catalog.write(batch)?;
     Ok(manifest)
 }
 
@@ -416,7 +416,7 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
 type Reuse<'a> = Option<(&'a [Option<BlobId>], &'a [Extent])>;
 
 /// Reader threads per disk: one for local files (the page cache is fast), more for NBD.
-const READERS: usize = 3;
+const READERS: usize = 8;
 
 /// Segment buffers go back to the readers once processed: no 4 MiB allocation and zero-fill
 /// per segment.

@@ -174,7 +174,7 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
             }
         }
     }
-    let req = ops::ReadPointRequest { work_dir: vm.work_dir.clone(), disks: requests, new_bitmap, nbd: ops::NbdServer::Own, timeout: STEP };
+    let req = ops::ReadPointRequest { work_dir: vm.work_dir.clone(), disks: requests, new_bitmap, nbd: vm.nbd_socket.clone().map(ops::NbdServer::Existing).unwrap_or(ops::NbdServer::Own), timeout: STEP };
     let agent = vm.agent.as_ref().filter(|_| opts.quiesce).map(|p| Agent::new(p, AGENT_WAIT));
     let rp = rt.block_on(ops::create_read_point(&client, &req, agent.as_ref())).map_err(|e| match e {
         e @ (qmp::QmpError::AgentTimeout { .. } | qmp::QmpError::AgentConnect { .. }) => Error::Invalid(format!("{e}; no read point was made (holdfast sent a thaw after any freeze): retry without --quiesce for a crash-consistent backup")),

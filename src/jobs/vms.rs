@@ -10,6 +10,7 @@
 //! qmp = "/run/qemu/web-01.qmp"          # QEMU's QMP socket (qemu-system or qemu-storage-daemon)
 //! agent = "/run/qemu/web-01.qga"        # optional: the guest agent, for --quiesce
 //! work_dir = "/var/lib/holdfast/work/web-01"   # optional: fleecing images, NBD socket
+//! nbd_socket = "/run/qsd/nbd.sock"      # optional: an NBD server this QEMU already runs
 //! snapshot_limit = 2                    # optional: overrides [defaults]
 //! [vm.web-01.disks]
 //! root = "disk0"                        # disk name = QEMU block node name
@@ -44,6 +45,10 @@ pub struct VmConfig {
     pub agent: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_dir: Option<PathBuf>,
+    /// The unix socket of an NBD server this QEMU already runs (QEMU has one): read points are
+    /// exported there instead of on a server holdfast starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_socket: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_ttl: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -69,6 +74,7 @@ pub struct Vm {
     pub agent: Option<PathBuf>,
     /// Absolute; holdfast's fleecing images and NBD socket for this VM's QEMU.
     pub work_dir: PathBuf,
+    pub nbd_socket: Option<PathBuf>,
     pub disks: Vec<(String, String)>,
     pub snapshot_ttl: Duration,
     pub snapshot_limit: u32,
@@ -158,6 +164,7 @@ impl VmsFile {
             qmp: c.qmp.clone(),
             agent: c.agent.clone(),
             work_dir,
+            nbd_socket: c.nbd_socket.clone(),
             disks: c.disks.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
             snapshot_ttl: ttl,
             snapshot_limit: limit,
@@ -185,7 +192,7 @@ mod tests {
         let p = d.path().join("vms.toml");
         assert_eq!(VmsFile::load(&p).unwrap(), VmsFile::default());
         let mut f = VmsFile::default();
-        f.vm.insert("web-01".into(), VmConfig { qmp: "/run/q.sock".into(), agent: None, work_dir: None, snapshot_ttl: Some("3d".into()), snapshot_limit: None, disks: [("root".to_string(), "disk0".to_string())].into() });
+        f.vm.insert("web-01".into(), VmConfig { qmp: "/run/q.sock".into(), agent: None, work_dir: None, nbd_socket: None, snapshot_ttl: Some("3d".into()), snapshot_limit: None, disks: [("root".to_string(), "disk0".to_string())].into() });
         f.save(&p).unwrap();
         let g = VmsFile::load(&p).unwrap();
         assert_eq!(g, f);

@@ -148,7 +148,9 @@ impl Source for NbdSource {
         self.bitmap.clone()
     }
 
+    /// Segments read at once: each spreads its requests over the connections; six keep enough
+    /// requests in flight to hide the round trips (measured: 2, 3, 4, 6, 8 readers).
     fn parallel_readers(&self) -> usize {
-        3
+        6
     }
 }

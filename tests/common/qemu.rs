@@ -31,7 +31,18 @@ pub struct Disk {
     pub qdev: String,
 }
 
+/// What runs the disks.
+#[derive(Clone)]
+pub enum Runner {
+    /// qemu-system-x86_64 with IDE devices (writes through HMP qemu-io).
+    System,
+    /// qemu-storage-daemon with an NBD server on this socket and a writable export `liveN` of
+    /// each disk (writes through it).
+    Qsd(PathBuf),
+}
+
 pub struct Vm {
+    pub runner: Runner,
     child: Option<Child>,
     pub dir: tempfile::TempDir,
     /// For holdfast.
@@ -48,7 +59,17 @@ impl Vm {
     /// A VM with disks of (format, MiB), each filled with a pattern per 4 MiB (so restores
     /// have something to compare), on nodes disk0, disk1, …
     pub fn start(disks: &[(&str, u64)], agent: bool) -> Vm {
+        Vm::start_with(Runner::System, disks, agent)
+    }
+
+    /// qemu-storage-daemon serving `disks`, with its own NBD server (`nbd.sock` in the dir).
+    pub fn start_qsd(disks: &[(&str, u64)]) -> Vm {
+        Vm::start_with(Runner::Qsd(PathBuf::new()), disks, false)
+    }
+
+    fn start_with(runner: Runner, disks: &[(&str, u64)], agent: bool) -> Vm {
         require_qemu();
+        super::require("qemu-storage-daemon", "qemu-utils");
         let dir = tempfile::tempdir().unwrap();
         let mut out = Vec::new();
         for (i, (format, mib)) in disks.iter().enumerate() {
@@ -64,7 +85,11 @@ impl Vm {
             run("qemu-io", &a);
             out.push(Disk { node: format!("disk{i}"), file, format: format.to_string(), qdev: format!("ide{i}") });
         }
-        let mut vm = Vm { child: None, qmp: dir.path().join("qmp.sock"), qmp2: dir.path().join("qmp2.sock"), agent: agent.then(|| dir.path().join("qga.sock")), disks: out, dir, rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(), client: None };
+        let runner = match runner {
+            Runner::Qsd(_) => Runner::Qsd(dir.path().join("nbd.sock")),
+            r => r,
+        };
+        let mut vm = Vm { runner, child: None, qmp: dir.path().join("qmp.sock"), qmp2: dir.path().join("qmp2.sock"), agent: agent.then(|| dir.path().join("qga.sock")), disks: out, dir, rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(), client: None };
         vm.boot();
         vm
     }
@@ -74,6 +99,19 @@ impl Vm {
         assert!(self.child.is_none());
         let _ = std::fs::remove_file(&self.qmp);
         let _ = std::fs::remove_file(&self.qmp2);
+        if let Runner::Qsd(nbd) = &self.runner {
+            let _ = std::fs::remove_file(nbd);
+            let mut cmd = Command::new("qemu-storage-daemon");
+            cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+            for (i, d) in self.disks.iter().enumerate() {
+                cmd.arg("--blockdev").arg(format!("driver=file,filename={},node-name={}-file", d.file.display(), d.node));
+                cmd.arg("--blockdev").arg(format!("driver={},file={}-file,node-name={}", d.format, d.node, d.node));
+                cmd.arg("--export").arg(format!("type=nbd,id=live{i},node-name={},name=live{i},writable=on", d.node));
+            }
+            cmd.arg("--chardev").arg(format!("socket,path={},server=on,wait=off,id=mon1", self.qmp.display())).args(["--monitor", "chardev=mon1"]);
+            cmd.arg("--chardev").arg(format!("socket,path={},server=on,wait=off,id=mon2", self.qmp2.display())).args(["--monitor", "chardev=mon2"]);
+            return self.spawn(cmd);
+        }
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-machine", "q35,accel=tcg", "-m", "64", "-display", "none", "-nodefaults", "-no-user-config"]);
         cmd.arg("-chardev").arg(format!("socket,path={},server=on,wait=off,id=mon1", self.qmp.display())).args(["-mon", "chardev=mon1,mode=control"]);
@@ -87,6 +125,10 @@ impl Vm {
             cmd.arg("-chardev").arg(format!("socket,path={},server=on,wait=off,id=qga0", a.display()));
             cmd.args(["-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
         }
+        self.spawn(cmd);
+    }
+
+    fn spawn(&mut self, mut cmd: Command) {
         let log = std::fs::File::create(self.dir.path().join("qemu.log")).unwrap();
         cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().unwrap());
@@ -155,8 +197,16 @@ impl Vm {
     /// Write `pattern` at [offset, offset + len) of a disk, through the guest's device, and
     /// flush (so the image file shows it).
     pub fn write(&self, disk: usize, pattern: u8, offset: u64, len: u64) {
-        self.io(disk, &format!("write -P {pattern} {offset} {len}"));
-        self.io(disk, "flush");
+        match &self.runner {
+            Runner::System => {
+                self.io(disk, &format!("write -P {pattern} {offset} {len}"));
+                self.io(disk, "flush");
+            }
+            Runner::Qsd(nbd) => {
+                let uri = format!("nbd+unix:///live{disk}?socket={}", nbd.display());
+                run("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {offset} {len}"), "-c", "flush", &uri]);
+            }
+        }
     }
 
     /// The disk's current bytes as a raw file (read beside the running QEMU).

@@ -352,7 +352,8 @@ async fn ensure_nbd_server(client: &Client, nbd: &NbdServer, socket: &Path) -> R
             } else {
                 Err(QmpError::Invalid(format!(
                     "QEMU already runs an NBD server that holdfast did not start (nothing listens on {}); \
-                     pass NbdServer::Existing(its unix socket) or stop it with nbd-server-stop",
+                     give holdfast its unix socket (nbd_socket in the VM's config: `holdfast vm add --nbd-socket PATH`) \
+                     or stop it with nbd-server-stop",
                     socket.display()
                 )))
             }
