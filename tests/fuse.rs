@@ -236,7 +236,7 @@ fn mount_shows_every_backup_down_to_the_guest_files() {
     let b2 = repo.backup("web", &[("whole", &d.join("whole.img"))]);
     let id2 = b2["id"].as_str().unwrap().to_string();
     let t = Instant::now();
-    while std::fs::read_link(mnt.join("web/latest")).unwrap() != PathBuf::from(&id2) {
+    while std::fs::read_link(mnt.join("web/latest")).unwrap().as_os_str() != id2.as_str() {
         assert!(t.elapsed() < Duration::from_secs(10), "latest did not move to {id2}");
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -58,7 +58,7 @@ fn regions(n: usize, size: u64, seed: u64) -> Vec<(u64, u64)> {
         x ^= x << 17;
         x
     };
-    (0..n).map(|_| ((next() % (size - (1 << 20))) & !511, 4096 + (next() % (200 << 10)) & !511)).collect()
+    (0..n).map(|_| ((next() % (size - (1 << 20))) & !511, (4096 + (next() % (200 << 10))) & !511)).collect()
 }
 
 fn dirty_segments(rs: &[(u64, u64)]) -> u64 {

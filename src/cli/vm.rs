@@ -276,7 +276,7 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
             } else if l.is_empty() {
                 println!("no snapshots; take one with `holdfast snapshot create VM NAME`");
             } else {
-                println!("{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}", "VM", "NAME", "CREATED", "SIZE", "MEMORY", "EXPIRES", "STATE");
+                println!("{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE", "VM", "NAME", "CREATED", "SIZE", "MEMORY", "EXPIRES");
                 for x in &l {
                     let s = &x.snapshot;
                     let size = x.size.map(|b| HumanBytes(b).to_string()).unwrap_or_else(|| "?".into());

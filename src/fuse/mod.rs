@@ -82,6 +82,8 @@ struct Inodes {
     disk_ids: HashMap<(String, String, String), u32>,
 }
 
+type BackupList = Arc<Vec<Arc<Manifest>>>;
+
 struct Entry {
     name: OsString,
     node: Node,
@@ -92,7 +94,7 @@ pub struct HoldfastFs {
     browser: Browser,
     vm_filter: Option<String>,
     inodes: RwLock<Inodes>,
-    backups: Mutex<Option<(Instant, Arc<Vec<Arc<Manifest>>>)>>,
+    backups: Mutex<Option<(Instant, BackupList)>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<Entry>>>>,
     next_fh: AtomicU64,
     mounted: SystemTime,
@@ -115,7 +117,7 @@ fn packed(n: &Node) -> Option<u64> {
 }
 
 fn unpack(i: u64) -> Option<Node> {
-    (i & PACKED != 0).then(|| Node::Fs(((i >> 44) & 0x7ffff) as u32, ((i >> 40) & 0xf) as u16, i & ((1 << 40) - 1)))
+    (i & PACKED != 0).then_some(Node::Fs(((i >> 44) & 0x7ffff) as u32, ((i >> 40) & 0xf) as u16, i & ((1 << 40) - 1)))
 }
 
 /// The one mapping of holdfast errors to errno.

@@ -246,7 +246,7 @@ impl ImageReader {
         if self.sequential(offset, end) {
             // Prefetch only when the read enters a new segment, so each segment is queued once.
             let (first, next) = ((offset / self.seg) as usize, (end / self.seg) as usize);
-            if next != first || offset % self.seg == 0 {
+            if next != first || offset.is_multiple_of(self.seg) {
                 self.prefetch_segment(next);
                 self.prefetch_segment(next + 1);
             }

@@ -422,6 +422,7 @@ const READERS: usize = 8;
 /// per segment.
 type Pool = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>);
 
+#[allow(clippy::too_many_arguments)]
 fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, next: &AtomicU64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
     loop {
         if super::interrupted() {
@@ -503,7 +504,7 @@ fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegR
     let level = repo.config.compression.level;
     let mut entries: Vec<SegEntry> = Vec::new();
     let mut local = HashSet::new();
-    for (off, len) in repo.config.chunker.cut(&data) {
+    for (off, len) in repo.config.chunker.cut(data) {
         let bytes = &data[off..off + len];
         if chunk::is_zero(bytes) {
             match entries.last_mut() {

@@ -10,6 +10,7 @@
 //!    of condemnation is still running. Before deleting, the references are computed again: a
 //!    backup that reused a blob before it was condemned has committed by then, and its blobs are
 //!    put back into the catalog instead of being deleted.
+//!
 //! With no backup in flight both steps happen in one run.
 
 use super::lock::{self, VmLock};

@@ -51,7 +51,7 @@ impl VmLock {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<LockState>(&b).ok())
                 .map(|s| {
-                    let pct = if s.total > 0 { format!(", {}% done ({} of {})", s.done * 100 / s.total, human(s.done), human(s.total)) } else { String::new() };
+                    let pct = (s.done * 100).checked_div(s.total).map(|p| format!(", {p}% done ({} of {})", human(s.done), human(s.total))).unwrap_or_default();
                     format!("a {} (pid {}, started {}{pct})", s.op, s.pid, crate::timefmt::rfc3339(s.started_ms / 1000))
                 })
                 .unwrap_or_else(|| "another operation".to_string());

@@ -530,7 +530,7 @@ pub fn list(repo: &Repo, vms: &[Vm], only: Option<&str>) -> Result<Vec<Listed>> 
 pub fn expire(repo: &Repo, vms: &[Vm], now_ms: u64) -> Result<(Vec<Snapshot>, Vec<String>)> {
     let (mut gone, mut failed) = (Vec::new(), Vec::new());
     for s in records(repo, None)? {
-        if !s.expires_ms.is_some_and(|t| t <= now_ms) {
+        if s.expires_ms.is_none_or(|t| t > now_ms) {
             continue;
         }
         let Some(vm) = vms.iter().find(|v| v.name == s.vm) else {

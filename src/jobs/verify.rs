@@ -131,7 +131,7 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(batch) = batches.get(i) else { break };
-                let items: Vec<(BlobId, crate::catalog::ChunkLoc)> = batch.iter().map(|(l, id)| (*id, l.clone())).collect();
+                let items: Vec<(BlobId, crate::catalog::ChunkLoc)> = batch.iter().map(|(l, id)| (*id, *l)).collect();
                 for ((id, loc), r) in items.iter().zip(repo.read_located(repo.uncached.as_ref(), BlobKind::Chunk, &items)) {
                     if let Err(e) = r {
                         found.lock().unwrap_or_else(|p| p.into_inner()).push((*id, e.to_string()));

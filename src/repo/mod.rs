@@ -126,6 +126,8 @@ impl Repo {
     }
 
     /// The store a repository directory points at: itself, or an S3 bucket behind a read cache.
+    /// (the store, the store without the read cache, where it is when remote).
+    #[allow(clippy::type_complexity)]
     fn open_store(dir: &Path) -> Result<(Arc<dyn ObjectStore>, Arc<dyn ObjectStore>, Option<Remote>)> {
         let remote = dir.join(REMOTE_FILE);
         if !remote.exists() {

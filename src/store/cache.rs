@@ -191,7 +191,7 @@ mod tests {
     #[test]
     fn caches_ranges_within_budget_and_never_returns_damaged_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let inner = Arc::new(LocalStore::new(&dir.path().join("store")));
+        let inner = Arc::new(LocalStore::new(dir.path().join("store")));
         let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
         inner.put("packs/aa/p1", &data).unwrap();
         let c = CachedStore::new(inner.clone(), &dir.path().join("cache"), 256 << 10);

@@ -129,7 +129,7 @@ pub fn parse_entries(table: &[u8], digest: &[u8; 32], pack_size: u64) -> Result<
     if blake3::hash(table).as_bytes() != digest {
         return Err("footer checksum mismatch".into());
     }
-    if table.len() % ENTRY_LEN != 0 {
+    if !table.len().is_multiple_of(ENTRY_LEN) {
         return Err("footer length is not a whole number of entries".into());
     }
     let data_end = pack_size

@@ -217,6 +217,7 @@ impl Vm {
     }
 
     /// Everything holdfast may have created: (nodes, exports, jobs, holdfast bitmaps per node).
+    #[allow(clippy::type_complexity)]
     pub fn holdfast_objects(&self) -> (Vec<String>, Vec<String>, Vec<String>, Vec<(String, String, bool)>) {
         let nodes = self.qmp("query-named-block-nodes", json!({ "flat": true }));
         let mut names = Vec::new();

@@ -198,12 +198,13 @@ fn pick(n: u64) -> Option<Fault> {
     (n % 3 == 1).then(|| [Fault::Error, Fault::Hang, Fault::Truncate][(n / 3 % 3) as usize])
 }
 
-/// One client connection: requests one at a time, each on a fresh upstream connection.
+/// One client connection: one request (answered with "Connection: close"), on a fresh
+/// upstream connection.
 fn serve(c: TcpStream, upstream: u16, seq: &AtomicU64, faults: &AtomicU64, stop: &AtomicBool, hang: Duration) {
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut r = BufReader::new(c.try_clone().unwrap());
     let mut w = c;
-    loop {
+    {
         let Some((head, body)) = read_request(&mut r, &mut w) else { return };
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let first = head.lines().next().unwrap_or("").to_string();
@@ -248,7 +249,6 @@ fn serve(c: TcpStream, upstream: u16, seq: &AtomicU64, faults: &AtomicU64, stop:
         }
         // Upstream answered "Connection: close"; so do we.
         let _ = w.shutdown(Shutdown::Both);
-        return;
     }
 }
 
