@@ -14,6 +14,7 @@ pub mod pack;
 pub mod s3;
 
 pub use cache::CachedStore;
+#[cfg(feature = "appliance")]
 pub(crate) use local::fsync_dir;
 pub use local::{pid_alive, LocalStore};
 
