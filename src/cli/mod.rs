@@ -201,6 +201,7 @@ Example:\n  mkdir -p /mnt/holdfast && holdfast mount /mnt/holdfast &\n  ls /mnt/
     },
     /// Unmount a `holdfast mount`; its process then ends
     Umount {
+        /// Where `holdfast mount` mounted the backups
         mountpoint: PathBuf,
         /// Detach now even if files are open there (the mount ends when they close)
         #[arg(long)]
@@ -239,6 +240,7 @@ never overwritten. Nothing is left behind if the copy fails.")]
     },
     /// Find (and remove) what an interrupted holdfast left in a VM's QEMU
     Doctor {
+        /// A VM declared with `holdfast vm add`
         vm: String,
         /// Only report
         #[arg(long)]

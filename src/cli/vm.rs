@@ -16,6 +16,7 @@ pub enum VmCmd {
     #[command(after_help = "Example:\n  holdfast vm add web-01 --qmp /run/qemu/web-01.qmp --disk root=disk0 --agent /run/qemu/web-01.qga\n\n\
 NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-named-block-nodes).")]
     Add {
+        /// The VM's name: letters, digits, '-', '_', '.'
         name: String,
         /// QEMU's QMP unix socket (qemu-system-x86_64 -qmp unix:PATH,server=on,wait=off)
         #[arg(long, value_name = "SOCKET")]
@@ -45,7 +46,10 @@ NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-
     /// List declared VMs
     List,
     /// Forget a VM's declaration (its backups and snapshots stay)
-    Remove { name: String },
+    Remove {
+        /// The VM's name
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -68,16 +72,25 @@ and device state too); raw disks get external qcow2 overlays (disk-only).")]
         /// Freeze the guest's filesystems around the snapshot (needs the guest agent)
         #[arg(long)]
         quiesce: bool,
-        #[arg(long)]
+        /// A note shown by `snapshot list`
+        #[arg(long, value_name = "TEXT")]
         description: Option<String>,
         /// Lifespan, e.g. 12h, 10d [default: the VM's snapshot_ttl, 10d]
         #[arg(long, value_name = "DURATION")]
         ttl: Option<String>,
     },
-    /// List snapshots: name, when, size, memory or not, when it expires
-    List { vm: Option<String> },
+    /// List snapshots: name, when, size, memory or not, when it expires, whether QEMU has it
+    List {
+        /// Only this VM
+        vm: Option<String>,
+    },
     /// Return a VM to a snapshot (memory snapshots while it runs; disk-only ones when it is shut down)
+    #[command(after_help = "A snapshot with memory state is reverted while the VM runs, which then runs on from the\n\
+snapshot. QEMU reverts disk-only snapshots only while the VM is shut down: shut it down, run\n\
+this, start it again. The next backup of the VM reads every disk whole (a revert is invisible\n\
+to dirty bitmaps).")]
     Revert { vm: String, name: String },
+    /// Give a snapshot another name (QEMU's tag stays)
     Rename { vm: String, old: String, new: String },
     /// Delete a snapshot (the VM keeps its current state)
     Delete {
