@@ -27,52 +27,39 @@ pub fn require_cargo_tool(tool: &str, install: &str) {
     assert!(found, "{tool} is missing: install it with `{install}` (scripts/install-deps does)");
 }
 
+/// Run `testdata/SCRIPT DIR` once per machine into `DIR` (in the target dir) after checking its
+/// tools. Several test binaries may start at once: one builds, the others wait (flock).
+fn built_once(script: &str, dir_name: &str, tools: &[(&str, &str)]) -> PathBuf {
+    for (t, p) in tools {
+        require(t, p);
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir_name);
+    fs::create_dir_all(&dir).unwrap();
+    let lock = fs::File::create(dir.join(".lock")).unwrap();
+    use std::os::unix::io::AsRawFd;
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    let done = dir.join("done");
+    if !done.exists() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(script);
+        let out = Command::new("bash").arg(path).arg(&dir).output().unwrap();
+        assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+        fs::write(&done, b"ok").unwrap();
+    }
+    dir
+}
+
 /// The test disks of testdata/make-disks.sh, built once per machine into the target dir.
 pub fn disks() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        for (t, p) in [("sgdisk", "gdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")] {
-            require(t, p);
-        }
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("disks-v3");
-        let done = dir.join("done");
-        // Several test binaries may start at once: one builds, the others wait (flock).
-        fs::create_dir_all(&dir).unwrap();
-        let lock = fs::File::create(dir.join(".lock")).unwrap();
-        use std::os::unix::io::AsRawFd;
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        if !done.exists() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/make-disks.sh");
-            let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();
-            assert!(out.status.success(), "make-disks.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-            fs::write(&done, b"ok").unwrap();
-        }
-        dir
-    })
+    DIR.get_or_init(|| built_once("make-disks.sh", "disks-v3", &[("sgdisk", "gdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")]))
 }
 
 /// The disks of testdata/make-fs-disks.sh (GPT, MBR with NTFS and a logical partition, a
 /// whole-disk filesystem) and their source trees, built once per machine into the target dir.
 pub fn fs_disks() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        for (t, p) in [("sgdisk", "gdisk"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g")] {
-            require(t, p);
-        }
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fsdisks-v2");
-        fs::create_dir_all(&dir).unwrap();
-        let lock = fs::File::create(dir.join(".lock")).unwrap();
-        use std::os::unix::io::AsRawFd;
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        let done = dir.join("done");
-        if !done.exists() {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/make-fs-disks.sh");
-            let out = Command::new("bash").arg(script).arg(&dir).output().unwrap();
-            assert!(out.status.success(), "make-fs-disks.sh failed: {}", String::from_utf8_lossy(&out.stderr));
-            fs::write(&done, b"ok").unwrap();
-        }
-        dir
-    })
+    let tools = [("sgdisk", "gdisk"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g")];
+    DIR.get_or_init(|| built_once("make-fs-disks.sh", "fsdisks-v2", &tools))
 }
 
 pub struct Run {
