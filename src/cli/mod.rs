@@ -306,7 +306,7 @@ pub fn run(cli: Cli) -> Result<i32> {
                     return Err(Error::Invalid("--qmp needs the disks as --disk NAME=NODE (QEMU block node names)".into()));
                 }
                 let a = vm::VmBackupArgs { vm, qmp, agent, disks, quiesce, full };
-                let m = vm::backup(&repo, &config, a, &bar, cli.json)?;
+                let m = vm::backup(&repo, &config, a, &bar)?;
                 out.backup(&m);
                 return Ok(0);
             }

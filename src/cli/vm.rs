@@ -201,7 +201,7 @@ pub struct VmBackupArgs {
 }
 
 /// `holdfast backup VM` of a VM in QEMU: declared, or given with --qmp and --disk NAME=NODE.
-pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progress, json: bool) -> Result<crate::repo::Manifest> {
+pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progress) -> Result<crate::repo::Manifest> {
     let vm = match &a.qmp {
         Some(qmp) => {
             let mut disks = std::collections::BTreeMap::new();
@@ -221,7 +221,7 @@ pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progre
         }
     };
     let r = vmbackup::backup_vm(repo, &vm, &VmBackupOptions { quiesce: a.quiesce, full: a.full }, &super::test_hooks(), progress)?;
-    let _ = json; // notes go to stderr either way
+    // Notes go to stderr, also with --json.
     for c in &r.cleaned {
         eprintln!("holdfast: removed a leftover of an interrupted run: {c}");
     }

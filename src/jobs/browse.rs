@@ -134,9 +134,9 @@ impl DiskView {
             Err(e) => {
                 tracing::warn!("{}: partition table unreadable: {e}", self.label);
                 if e.is_io() {
-                    return Vec::new();
+                    return Vec::new(); // the device failed: try again on the next access
                 }
-                Vec::new()
+                Vec::new() // a damaged table: remembered as none
             }
         };
         *g = Some(found.clone());

@@ -170,7 +170,7 @@ pub fn backup_vm(repo: &Repo, vm: &Vm, opts: &VmBackupOptions, hooks: &Hooks, pr
     if !all_qcow2 {
         for (name, _) in &vm.disks {
             if !full_reads.iter().any(|(n, _)| n == name) {
-                full_reads.push((name.clone(), "a raw disk cannot hold a persistent dirty bitmap".into()));
+                full_reads.push((name.clone(), "the VM has a raw disk, which cannot hold the persistent dirty bitmap every disk's checkpoint needs".into()));
             }
         }
     }
