@@ -63,6 +63,20 @@ impl Mount {
     fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
     }
+
+    /// The stderr seen so far once it holds `needle` (a thread collects stderr,
+    /// so a line written before "mounted" may arrive after it); panics after 10 s.
+    fn log_with(&self, needle: &str) -> String {
+        let t = Instant::now();
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(t.elapsed() < Duration::from_secs(10), "stderr never said {needle:?}: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Mount {
@@ -289,7 +303,7 @@ fn umount_ctrl_c_and_stale_mounts() {
     assert!(is_mounted(&mnt), "SIGKILL leaves the kernel mount behind");
     assert_eq!(std::fs::read_dir(&mnt).unwrap_err().raw_os_error(), Some(libc::ENOTCONN));
     let m = Mount::start(&repo, &mnt, &[]);
-    assert!(m.log().contains("removed a stale holdfast mount"), "{}", m.log());
+    m.log_with("removed a stale holdfast mount");
     assert_eq!(ls(&mnt), vec!["web"]);
     // A second mount on a live one is refused.
     let e = repo.run(&["mount", mnt.to_str().unwrap()]);
@@ -342,8 +356,8 @@ fn damaged_chunk_under_a_file_is_eio_and_the_rest_keeps_working() {
     assert_eq!(std::fs::read(mnt.join("web/latest/whole/fs/dir/file.txt")).unwrap(), b"whole disk\n");
     let e = std::fs::read(&f).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "still EIO, never cached wrong bytes: {e}");
-    let log = m.log();
-    assert!(log.contains(&format!("web@{id} disk whole")) && log.contains("offset"), "the damage is logged with backup and offset: {log}");
+    let log = m.log_with(&format!("web@{id} disk whole"));
+    assert!(log.contains("offset"), "the damage is logged with backup and offset: {log}");
     drop(m);
 
     // cat and restore-files say so with exit 3 and leave nothing behind.
