@@ -22,7 +22,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot, Mutex, Notify};
 use tokio::task::JoinHandle;
-use tokio::time::{timeout, Instant};
+use tokio::time::Instant;
 
 use super::proto::{self, Event, Message, QemuVersion};
 use super::{QmpError, Result};
@@ -264,20 +264,30 @@ async fn read_greeting(
         path: path.to_path_buf(),
         reason,
     };
+    let deadline = Instant::now() + limit;
     let mut line = Vec::new();
-    let got = timeout(limit, read_line_capped(rd, &mut line, proto::MAX_LINE))
-        .await
-        .map_err(|_| fail(format!("no greeting within {limit:?}")))?
-        .map_err(|e| fail(format!("reading greeting: {e}")))?;
-    if !got {
-        return Err(fail("peer closed before the greeting".into()));
+    // QEMU can send an event (seen: RESUME of a VM starting up) on a connection before its
+    // greeting; events before the greeting are skipped, a bounded number of them.
+    for _ in 0..MAX_EVENTS_BEFORE_GREETING {
+        let got = tokio::time::timeout_at(deadline, read_line_capped(rd, &mut line, proto::MAX_LINE))
+            .await
+            .map_err(|_| fail(format!("no greeting within {limit:?}")))?
+            .map_err(|e| fail(format!("reading greeting: {e}")))?;
+        if !got {
+            return Err(fail("peer closed before the greeting".into()));
+        }
+        match proto::parse_message(proto::trim_line(&line)) {
+            Ok(Message::Greeting(v)) => return Ok(v),
+            Ok(Message::Event(e)) => tracing::debug!("QMP event {} before the greeting, skipped", e.name),
+            Ok(other) => return Err(fail(format!("first message is not a greeting: {other:?}"))),
+            Err(e) => return Err(fail(e)),
+        }
     }
-    match proto::parse_message(proto::trim_line(&line)) {
-        Ok(Message::Greeting(v)) => Ok(v),
-        Ok(other) => Err(fail(format!("first message is not a greeting: {other:?}"))),
-        Err(e) => Err(fail(e)),
-    }
+    Err(fail(format!("more than {MAX_EVENTS_BEFORE_GREETING} events and no greeting")))
 }
+
+/// Events tolerated on a new connection before QEMU's greeting.
+const MAX_EVENTS_BEFORE_GREETING: usize = 16;
 
 /// Read one `\n`-terminated line into `buf` (terminator included). `Ok(false)` on EOF before
 /// any byte; an error on EOF mid-line or a line longer than `max`.

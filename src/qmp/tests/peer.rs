@@ -145,6 +145,39 @@ async fn qmp_wrong_peers_and_missing_socket() {
 }
 
 #[tokio::test]
+async fn qmp_events_before_the_greeting_are_skipped_but_bounded() {
+    // QEMU 10 has been seen sending RESUME on a fresh connection before its greeting.
+    const RESUME: &[u8] = b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\r\n";
+    let (_d, path) = fake(|mut s| async move {
+        let _ = s.get_mut().write_all(RESUME).await;
+        negotiate(&mut s).await;
+        let q = line(&mut s).await;
+        let reply = json!({"return": {"running": true}, "id": q["id"]}).to_string() + "\r\n";
+        let _ = s.get_mut().write_all(reply.as_bytes()).await;
+        tokio::time::sleep(SHORT).await;
+    })
+    .await;
+    let c = Client::connect(&path, SHORT).await.expect("an event before the greeting is skipped");
+    let r = c.execute("query-status", Value::Null).await.expect("usable");
+    assert_eq!(r["running"], true);
+    // Events without end and no greeting: refused, not read forever.
+    let (_d, path) = fake(|mut s| async move {
+        for _ in 0..100 {
+            if s.get_mut().write_all(RESUME).await.is_err() {
+                break;
+            }
+        }
+        tokio::time::sleep(SHORT).await;
+    })
+    .await;
+    let e = Client::connect(&path, SHORT).await.err().expect("fails");
+    assert!(
+        matches!(e, QmpError::Handshake { ref reason, .. } if reason.contains("no greeting")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
 async fn qmp_concurrent_commands_get_their_own_replies() {
     let (_d, path) = fake(|mut s| async move {
         negotiate(&mut s).await;
