@@ -41,20 +41,36 @@ pub fn encode(data: &[u8], level: i32) -> (Codec, Vec<u8>) {
 
 /// Decode a stored blob and check that it hashes to `id`.
 pub fn decode(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+    match codec {
+        Codec::Raw => check(keyer, kind, id, stored.to_vec(), raw_len),
+        Codec::Zstd => check(keyer, kind, id, decompress(id, stored, raw_len)?, raw_len),
+    }
+}
+
+/// [`decode`] of a buffer it may keep: a raw blob is checked in place, not copied.
+pub fn decode_owned(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+    match codec {
+        Codec::Raw => check(keyer, kind, id, stored, raw_len),
+        Codec::Zstd => check(keyer, kind, id, decompress(id, &stored, raw_len)?, raw_len),
+    }
+}
+
+fn decompress(id: &BlobId, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+    DECOMPRESSOR
+        .with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = zstd::bulk::Decompressor::new().ok();
+            }
+            let d = d.as_mut().ok_or_else(|| "no zstd context".to_string())?;
+            d.decompress(stored, raw_len).map_err(|e| e.to_string())
+        })
+        .map_err(|e| ChunkError::Corrupt { id: *id, what: format!("does not decompress ({e})") })
+}
+
+/// `data` if it has `raw_len` bytes and hashes to `id`.
+fn check(keyer: &Keyer, kind: BlobKind, id: &BlobId, data: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, ChunkError> {
     let corrupt = |what: String| ChunkError::Corrupt { id: *id, what };
-    let data = match codec {
-        Codec::Raw => stored.to_vec(),
-        Codec::Zstd => DECOMPRESSOR
-            .with(|d| {
-                let mut d = d.borrow_mut();
-                if d.is_none() {
-                    *d = zstd::bulk::Decompressor::new().ok();
-                }
-                let d = d.as_mut().ok_or_else(|| "no zstd context".to_string())?;
-                d.decompress(stored, raw_len).map_err(|e| e.to_string())
-            })
-            .map_err(|e| corrupt(format!("does not decompress ({e})")))?,
-    };
     if data.len() != raw_len {
         return Err(corrupt(format!("has {} bytes, expected {raw_len}", data.len())));
     }

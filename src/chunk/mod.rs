@@ -10,7 +10,7 @@
 mod codec;
 mod id;
 
-pub use codec::{decode, encode, Codec};
+pub use codec::{decode, decode_owned, encode, Codec};
 pub use id::{BlobId, BlobKind, Keyer};
 
 use serde::{Deserialize, Serialize};

@@ -29,6 +29,18 @@ pub fn parse_listen(s: &str) -> Result<Listen> {
     Ok(Listen::Tcp(addr))
 }
 
+/// A serving export decodes and drops thousands of chunk buffers (up to 256 KiB) a second:
+/// glibc would `mmap`/`munmap` the larger ones and trim the heap after bursts, so every new
+/// buffer page-faulted in. Keep them in the heap instead (bounded by the trim threshold).
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator tunables; called before the serving threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 pub struct ExportArgs<'a> {
     pub spec: &'a str,
     pub disk: Option<&'a str>,
@@ -47,6 +59,7 @@ pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
             return Err(Error::Invalid(format!("{} exists; remove it or pick another socket path", p.display())));
         }
     }
+    keep_freed_memory();
     let repo = Arc::new(Repo::open(repo_dir)?);
     repo.sync()?;
     let m = repo.resolve(a.spec)?;
@@ -69,7 +82,10 @@ pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
     let export: Arc<dyn Export> = Arc::new(BackupExport::new(reader, overlay));
     let name = disk.name.clone();
     let server = Server::new(ServerConfig::default(), [(String::new(), export.clone()), (name.clone(), export)]);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| Error::io("start the runtime", e))?;
+    // Few blocking threads: decodes are CPU work, and dozens of threads taking turns on the
+    // cores cost more in switches than they win (measured: 0.94 s → 0.85 s per 1.18 GB on 2 cores).
+    let blocking = (crate::jobs::workers() * 2).max(4);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(blocking).enable_all().build().map_err(|e| Error::io("start the runtime", e))?;
     let mode = if a.writable { "writable (overlay)" } else { "read-only" };
     let result = rt.block_on(async {
         let stop = server.shutdown_handle();

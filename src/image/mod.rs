@@ -42,11 +42,39 @@ impl<V: Clone> Cache<V> {
     }
 }
 
+/// A piece of a read: a range of a decoded (and verified) chunk, or a run of zeros.
+pub enum Part {
+    Chunk(Arc<Vec<u8>>, std::ops::Range<usize>),
+    Zeros(usize),
+}
+
+impl Part {
+    pub fn len(&self) -> usize {
+        match self {
+            Part::Chunk(_, r) => r.len(),
+            Part::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 type Entries = Arc<Vec<(u64, SegEntry)>>;
 /// A cache slot is filled once: readers that want a chunk being decoded wait for that decode
 /// instead of decoding it again. A failed decode leaves `None` and the slot is dropped.
 type Slot = Arc<OnceLock<Option<Arc<Vec<u8>>>>>;
 type ChunkCache = Arc<Mutex<Cache<Slot>>>;
+
+/// Segments queued ahead of a sequential stream (16 MiB).
+const PREFETCH_SEGMENTS: usize = 4;
+
+/// Decoding threads of the prefetch: two per core, so decodes overlap the waits for their
+/// readers (an export measured 0.77 s per 1.18 GB with 2 threads, 0.72 s with 4, on 2 cores).
+fn prefetch_threads() -> usize {
+    (crate::jobs::workers() * 2).clamp(2, 8)
+}
 
 /// Recent ends of reads, one per sequential stream (several clients, or one client with
 /// several connections, interleave their streams).
@@ -90,7 +118,7 @@ fn load(repo: &Repo, chunks: &Mutex<Cache<Slot>>, id: &BlobId) -> Result<Arc<Vec
 }
 
 /// Decoded chunks shared by every reader that holds it (a FUSE mount opens many disks, and
-/// backups of one VM share most chunks), with two prefetch threads fed by a bounded queue.
+/// backups of one VM share most chunks), with prefetch threads fed by a bounded queue.
 pub struct Chunks {
     repo: Arc<Repo>,
     cache: ChunkCache,
@@ -106,7 +134,7 @@ impl Chunks {
         let queued = Arc::new(Mutex::new(HashSet::new()));
         let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
         let mut threads = Vec::new();
-        for _ in 0..2 {
+        for _ in 0..prefetch_threads() {
             let (repo, cache, queued, rx) = (repo.clone(), cache.clone(), queued.clone(), rx.clone());
             threads.push(std::thread::spawn(move || {
                 for id in rx {
@@ -124,6 +152,12 @@ impl Chunks {
 
     fn get(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
         load(&self.repo, &self.cache, id)
+    }
+
+    /// The decoded chunk `id` if it is in the cache now (not while it is being decoded).
+    fn get_now(&self, id: &BlobId) -> Option<Arc<Vec<u8>>> {
+        let slot = lock(&self.cache).get(id)?;
+        slot.get().cloned().flatten()
     }
 
     /// Queue `id` for the prefetch threads; false when the queue is full.
@@ -192,9 +226,17 @@ impl ImageReader {
 
     /// Entries of segment `i` with their offsets inside the segment.
     fn entries(&self, i: usize) -> Result<Option<Entries>> {
-        let Some(id) = self.segs.get(i).copied().flatten() else { return Ok(None) };
+        Ok(self.entries_in(i, false)?.flatten())
+    }
+
+    /// [`Self::entries`]; with `now`, `None` instead of reading the store.
+    fn entries_in(&self, i: usize, now: bool) -> Result<Option<Option<Entries>>> {
+        let Some(id) = self.segs.get(i).copied().flatten() else { return Ok(Some(None)) };
         if let Some(v) = lock(&self.seglists).get(&id) {
-            return Ok(Some(v));
+            return Ok(Some(Some(v)));
+        }
+        if now {
+            return Ok(None);
         }
         let len = self.seg.min(self.size - i as u64 * self.seg);
         let mut at = 0;
@@ -205,7 +247,7 @@ impl ImageReader {
         }
         let v = Arc::new(v);
         lock(&self.seglists).put(id, v.clone());
-        Ok(Some(v))
+        Ok(Some(Some(v)))
     }
 
     fn chunk(&self, id: &BlobId) -> Result<Arc<Vec<u8>>> {
@@ -218,6 +260,10 @@ impl ImageReader {
             if e.compare_exchange(offset, end, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
                 return true;
             }
+        }
+        // The same read again (a non-blocking attempt, then the blocking one): still that stream.
+        if end > offset && self.ends.iter().any(|e| e.load(Ordering::Relaxed) == end) {
+            return true;
         }
         let k = self.next_stream.fetch_add(1, Ordering::Relaxed) as usize % STREAMS;
         self.ends[k].store(end, Ordering::Relaxed);
@@ -238,17 +284,53 @@ impl ImageReader {
 
     /// Fill `buf` from `offset`; reads past the end are cut short. Returns bytes read.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize> {
-        if offset >= self.size {
-            return Ok(0);
+        let mut done = 0;
+        let n = self.walk(offset, buf.len(), false, &mut |p| {
+            let out = &mut buf[done..done + p.len()];
+            match p {
+                Part::Chunk(c, r) => out.copy_from_slice(&c[r]),
+                Part::Zeros(_) => out.fill(0),
+            }
+            done += out.len();
+        })?;
+        Ok(n.unwrap_or(0)) // never None: not `now`
+    }
+
+    /// `[offset, offset + len)` (cut short at the end of the disk) as ranges of decoded chunks
+    /// and runs of zeros, without copying a byte.
+    pub fn read_parts(&self, offset: u64, len: usize) -> Result<Vec<Part>> {
+        let mut parts = Vec::new();
+        self.walk(offset, len, false, &mut |p| parts.push(p))?;
+        Ok(parts)
+    }
+
+    /// [`Self::read_parts`] if every byte is in memory now (decoded chunks, segment lists);
+    /// `None` when it would have to read the store. Never blocks on I/O or on a decode.
+    pub fn read_parts_now(&self, offset: u64, len: usize) -> Option<Result<Vec<Part>>> {
+        let mut parts = Vec::new();
+        match self.walk(offset, len, true, &mut |p| parts.push(p)) {
+            Ok(Some(_)) => Some(Ok(parts)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
         }
-        let n = (buf.len() as u64).min(self.size - offset) as usize;
+    }
+
+    /// Hand the parts of `[offset, offset + len)` to `f` in order; the byte count handed.
+    /// With `now`, only what is in memory: `None` (after handing some parts, perhaps) at the
+    /// first thing that is not.
+    fn walk(&self, offset: u64, len: usize, now: bool, f: &mut dyn FnMut(Part)) -> Result<Option<usize>> {
+        if offset >= self.size {
+            return Ok(Some(0));
+        }
+        let n = (len as u64).min(self.size - offset) as usize;
         let end = offset + n as u64;
         if self.sequential(offset, end) {
             // Prefetch only when the read enters a new segment, so each segment is queued once.
             let (first, next) = ((offset / self.seg) as usize, (end / self.seg) as usize);
             if next != first || offset.is_multiple_of(self.seg) {
-                self.prefetch_segment(next);
-                self.prefetch_segment(next + 1);
+                for k in 0..PREFETCH_SEGMENTS {
+                    self.prefetch_segment(next + k);
+                }
             }
         }
         let mut done = 0;
@@ -257,36 +339,59 @@ impl ImageReader {
             let i = (pos / self.seg) as usize;
             let in_seg = pos % self.seg;
             let want = (n - done).min((self.seg - in_seg).min(self.size - pos) as usize);
-            let out = &mut buf[done..done + want];
-            match self.entries(i)? {
-                None => out.fill(0),
-                Some(es) => self.fill_from(&es, in_seg, out)?,
+            match self.entries_in(i, now)? {
+                None => return Ok(None),
+                Some(None) => f(Part::Zeros(want)),
+                Some(Some(es)) => {
+                    if !self.parts_of(&es, in_seg, want, now, f)? {
+                        return Ok(None);
+                    }
+                }
             }
             done += want;
         }
-        Ok(n)
+        Ok(Some(n))
     }
 
-    fn fill_from(&self, es: &[(u64, SegEntry)], in_seg: u64, out: &mut [u8]) -> Result<()> {
+    /// The parts of `want` bytes at `in_seg` of a segment with entries `es`; false when `now`
+    /// and a chunk is not decoded yet.
+    fn parts_of(&self, es: &[(u64, SegEntry)], in_seg: u64, want: usize, now: bool, f: &mut dyn FnMut(Part)) -> Result<bool> {
         let mut k = es.partition_point(|(at, e)| at + u64::from(e.len()) <= in_seg);
         let mut filled = 0;
-        while filled < out.len() {
+        while filled < want {
             let Some((at, e)) = es.get(k) else { break };
             let from = (in_seg + filled as u64 - at) as usize;
-            let take = (e.len() as usize - from).min(out.len() - filled);
+            let take = (e.len() as usize - from).min(want - filled);
             match e {
-                SegEntry::Hole(_) => out[filled..filled + take].fill(0),
-                SegEntry::Chunk(id, _) => out[filled..filled + take].copy_from_slice(&self.chunk(id)?[from..from + take]),
+                SegEntry::Hole(_) => f(Part::Zeros(take)),
+                SegEntry::Chunk(id, _) if now => match self.chunks.get_now(id) {
+                    Some(c) => f(Part::Chunk(c, from..from + take)),
+                    None => return Ok(false),
+                },
+                SegEntry::Chunk(id, _) => f(Part::Chunk(self.chunk(id)?, from..from + take)),
             }
             filled += take;
             k += 1;
         }
-        Ok(())
+        if filled < want {
+            // A segment list shorter than its segment would leave bytes unset: refuse it.
+            return Err(crate::Error::Damaged(format!("a segment list covers {} bytes too few", want - filled)));
+        }
+        Ok(true)
     }
 
     /// Allocation of `[offset, offset + len)` as `(length, is_hole)` runs, from the segment
     /// lists alone (no chunk is read).
     pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        Ok(self.allocation_in(offset, len, false)?.unwrap_or_default())
+    }
+
+    /// [`Self::allocation`] if the segment lists it needs are in memory now; else `None`.
+    pub fn allocation_now(&self, offset: u64, len: u64) -> Option<Result<Vec<(u64, bool)>>> {
+        self.allocation_in(offset, len, true).transpose()
+    }
+
+    fn allocation_in(&self, offset: u64, len: u64, now: bool) -> Result<Option<Vec<(u64, bool)>>> {
         let end = offset.saturating_add(len).min(self.size);
         let mut out: Vec<(u64, bool)> = Vec::new();
         let mut push = |l: u64, hole: bool| match out.last_mut() {
@@ -298,9 +403,10 @@ impl ImageReader {
             let i = (pos / self.seg) as usize;
             let seg_start = i as u64 * self.seg;
             let seg_end = (seg_start + self.seg).min(self.size).min(end);
-            match self.entries(i)? {
-                None => push(seg_end - pos, true),
-                Some(es) => {
+            match self.entries_in(i, now)? {
+                None => return Ok(None),
+                Some(None) => push(seg_end - pos, true),
+                Some(Some(es)) => {
                     for (at, e) in es.iter() {
                         let (a, b) = ((seg_start + at).max(pos), (seg_start + at + u64::from(e.len())).min(seg_end));
                         if a < b {
@@ -311,6 +417,6 @@ impl ImageReader {
             }
             pos = seg_end;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 }

@@ -7,8 +7,8 @@
 //! wholly from the backup or wholly from the overlay. The overlay is discarded on exit unless
 //! kept (`PATH` + `PATH.map`, the bitmap as little-endian u64 words).
 
-use crate::image::ImageReader;
-use crate::nbd::{proto, Export};
+use crate::image::{ImageReader, Part};
+use crate::nbd::{proto, Export, ReadPart};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -170,6 +170,37 @@ impl Export for BackupExport {
         Ok(())
     }
 
+    fn read_parts(&self, offset: u64, len: u32) -> io::Result<Vec<ReadPart>> {
+        self.check_range(offset, u64::from(len))?;
+        if self.overlay.is_some() {
+            let mut buf = vec![0u8; len as usize];
+            self.read_at(&mut buf, offset)?;
+            return Ok(vec![ReadPart::Owned(buf)]);
+        }
+        // Decoded chunks go out as they sit in the cache: no copy.
+        let parts = self.reader.read_parts(offset, len as usize).map_err(to_io)?;
+        Ok(shared(parts))
+    }
+
+    fn read_parts_now(&self, offset: u64, len: u32) -> Option<io::Result<Vec<ReadPart>>> {
+        if self.overlay.is_some() {
+            return None;
+        }
+        if let Err(e) = self.check_range(offset, u64::from(len)) {
+            return Some(Err(e));
+        }
+        Some(self.reader.read_parts_now(offset, len as usize)?.map(shared).map_err(to_io))
+    }
+
+    fn block_status_now(&self, offset: u64, len: u32) -> Option<io::Result<Vec<(u32, u32)>>> {
+        if self.overlay.is_some() {
+            return None;
+        }
+        let end = offset.saturating_add(u64::from(len)).min(self.reader.size());
+        let runs = self.reader.allocation_now(offset, end.saturating_sub(offset))?;
+        Some(runs.map(|runs| self.extents(offset, runs)).map_err(to_io))
+    }
+
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let o = self.writable()?;
         self.check_range(offset, buf.len() as u64)?;
@@ -196,6 +227,25 @@ impl Export for BackupExport {
     fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<(u32, u32)>> {
         let end = offset.saturating_add(u64::from(len)).min(self.reader.size());
         let runs = self.reader.allocation(offset, end.saturating_sub(offset)).map_err(to_io)?;
+        Ok(self.extents(offset, runs))
+    }
+}
+
+/// Parts of the image reader as NBD read parts: shared, not copied.
+fn shared(parts: Vec<Part>) -> Vec<ReadPart> {
+    parts
+        .into_iter()
+        .map(|p| match p {
+            Part::Chunk(c, r) => ReadPart::Shared(c, r),
+            Part::Zeros(n) => ReadPart::Zeros(n),
+        })
+        .collect()
+}
+
+impl BackupExport {
+    /// `base:allocation` extents from the backup's `(length, is_hole)` runs at `offset`; blocks
+    /// written to the overlay are data whatever the backup says.
+    fn extents(&self, offset: u64, runs: Vec<(u64, bool)>) -> Vec<(u32, u32)> {
         let mut out: Vec<(u32, u32)> = Vec::new();
         let mut pos = offset;
         let push = |out: &mut Vec<(u32, u32)>, l: u64, flags: u32| match out.last_mut() {
@@ -208,7 +258,6 @@ impl Export for BackupExport {
                 pos += l;
                 continue;
             }
-            // Blocks written to the overlay are data whatever the backup says.
             let mut at = pos;
             while at < pos + l {
                 let bend = ((at / BLOCK + 1) * BLOCK).min(pos + l);
@@ -218,6 +267,6 @@ impl Export for BackupExport {
             }
             pos += l;
         }
-        Ok(out)
+        out
     }
 }

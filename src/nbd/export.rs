@@ -10,12 +10,15 @@
 //! - `block_status` returns consecutive `(len, flags)` extents starting at
 //!   `offset`, each `len > 0`, covering at most `len` bytes (the server
 //!   trims and caps the list anyway).
+//! - `read_parts` returns parts whose lengths add up to exactly `len`.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
+use std::ops::Range;
 use std::path::Path;
+use std::sync::Arc;
 
 use super::proto::{STATE_HOLE, STATE_ZERO};
 
@@ -28,6 +31,24 @@ pub trait Export: Send + Sync + 'static {
         false
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// `[offset, offset + len)` as parts the server sends as they are: an export that already
+    /// holds the bytes in memory hands out shared buffers instead of copying them. The default
+    /// reads into one new buffer.
+    fn read_parts(&self, offset: u64, len: u32) -> io::Result<Vec<ReadPart>> {
+        let mut buf = vec![0u8; len as usize];
+        self.read_at(&mut buf, offset)?;
+        Ok(vec![ReadPart::Owned(buf)])
+    }
+    /// [`Export::read_parts`] if it can be answered from memory at once, without I/O or
+    /// waiting: the server then answers on its own thread instead of the blocking pool.
+    /// `None` means "ask `read_parts`". Must not block.
+    fn read_parts_now(&self, _offset: u64, _len: u32) -> Option<io::Result<Vec<ReadPart>>> {
+        None
+    }
+    /// [`Export::block_status`] if it can be answered from memory at once; must not block.
+    fn block_status_now(&self, _offset: u64, _len: u32) -> Option<io::Result<Vec<(u32, u32)>>> {
+        None
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     fn flush(&self) -> io::Result<()>;
     /// Advisory discard; may do nothing.
@@ -36,6 +57,41 @@ pub trait Export: Send + Sync + 'static {
     fn write_zeroes(&self, offset: u64, len: u32, may_trim: bool) -> io::Result<()>;
     /// `base:allocation` extents: `(len, flags)` with STATE_HOLE / STATE_ZERO.
     fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<(u32, u32)>>;
+}
+
+/// A piece of read data.
+#[derive(Debug, Clone)]
+pub enum ReadPart {
+    /// A range of a buffer the export shares (e.g. a decoded chunk in its cache).
+    Shared(Arc<Vec<u8>>, Range<usize>),
+    Owned(Vec<u8>),
+    Zeros(usize),
+}
+
+impl ReadPart {
+    pub fn len(&self) -> usize {
+        match self {
+            ReadPart::Shared(_, r) => r.len(),
+            ReadPart::Owned(v) => v.len(),
+            ReadPart::Zeros(n) => *n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes, as slices (zeros come from a static buffer, so a long run is several).
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let (one, zeros): (Option<&[u8]>, usize) = match self {
+            ReadPart::Shared(b, r) => (b.get(r.clone()), 0),
+            ReadPart::Owned(v) => (Some(v), 0),
+            ReadPart::Zeros(n) => (None, *n),
+        };
+        let runs = zeros.div_ceil(ZEROS.len());
+        one.into_iter().chain((0..runs).map(move |i| &ZEROS[..(zeros - i * ZEROS.len()).min(ZEROS.len())]))
+    }
 }
 
 /// Most extents one `block_status` call of [`FileExport`] returns.

@@ -18,6 +18,6 @@ pub mod server;
 mod uri;
 
 pub use client::{Client, ClientError, ConnectOptions, Extent};
-pub use export::{Export, FileExport};
+pub use export::{Export, FileExport, ReadPart};
 pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use uri::{parse_uri, NbdUri};

@@ -207,7 +207,8 @@ impl Repo {
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
         let stored = self.store.get_range(&pack::pack_key(&hex::encode(loc.pack)), loc.offset, loc.stored_len as usize)?;
-        self.decode_at(kind, id, loc, &stored)
+        let codec = Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))?;
+        Ok(chunk::decode_owned(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
     }
 
     fn decode_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc, stored: &[u8]) -> Result<Vec<u8>> {

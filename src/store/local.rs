@@ -3,18 +3,28 @@
 //! `put` writes `<key>.tmp.<pid>.<n>`, fsyncs it, renames it over the key and fsyncs the
 //! directory; a guard removes the temp file if anything fails. Temp files left by a killed
 //! process are removed by `sweep_temp`.
+//!
+//! Ranged reads keep the last few files open (objects are immutable once written, so an open
+//! file can only hold the right bytes); `delete` closes the deleted key's file. A file deleted
+//! by another process stays readable, and its space held, until it leaves that small set.
 
 use super::{check_key, ObjectStore, StoreError, StoreResult};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 pub struct LocalStore {
     root: PathBuf,
     seq: AtomicU64,
+    /// Files open for ranged reads, most recently opened last.
+    open: Mutex<VecDeque<(String, Arc<File>)>>,
 }
+
+/// Most files [`LocalStore`] keeps open for ranged reads.
+const OPEN_FILES: usize = 16;
 
 struct TempGuard(Option<PathBuf>);
 
@@ -32,7 +42,25 @@ pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalStore { root: root.into(), seq: AtomicU64::new(0) }
+        LocalStore { root: root.into(), seq: AtomicU64::new(0), open: Mutex::new(VecDeque::new()) }
+    }
+
+    fn open_files(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Arc<File>)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `key` opened for reading, from the set of open files when it is there.
+    fn open_for_read(&self, key: &str) -> StoreResult<Arc<File>> {
+        if let Some((_, f)) = self.open_files().iter().find(|(k, _)| k == key) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(self.path(key)?).map_err(|e| StoreError::io(key, e))?);
+        let mut open = self.open_files();
+        open.push_back((key.to_string(), f.clone()));
+        if open.len() > OPEN_FILES {
+            open.pop_front();
+        }
+        Ok(f)
     }
 
     pub fn root(&self) -> &Path {
@@ -76,6 +104,31 @@ pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && (unsafe { libc::kill(pid as i32, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
+/// `len` bytes of `f` at `offset` into a new buffer that is not zeroed first.
+fn pread_exact(f: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::io::AsRawFd;
+    let mut buf: Vec<u8> = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = i64::try_from(offset + buf.len() as u64).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let spare = buf.spare_capacity_mut();
+        // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity we own.
+        let r = unsafe { libc::pread(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        // SAFETY: the kernel initialized the next `r` bytes (r <= spare.len()).
+        unsafe { buf.set_len(buf.len() + r as usize) };
+    }
+    Ok(buf)
+}
+
 fn temp_pid(name: &str) -> Option<u32> {
     let rest = &name[name.find(".tmp.")? + 5..];
     rest.split('.').next()?.parse().ok()
@@ -105,16 +158,14 @@ impl ObjectStore for LocalStore {
     }
 
     fn get_range(&self, key: &str, offset: u64, len: usize) -> StoreResult<Vec<u8>> {
-        let f = File::open(self.path(key)?).map_err(|e| StoreError::io(key, e))?;
-        let mut buf = vec![0u8; len];
-        f.read_exact_at(&mut buf, offset).map_err(|e| {
+        let f = self.open_for_read(key)?;
+        pread_exact(&f, len, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 StoreError::Corrupt { key: key.to_string(), what: format!("shorter than {} bytes", offset + len as u64) }
             } else {
                 StoreError::io(key, e)
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     fn size(&self, key: &str) -> StoreResult<u64> {
@@ -148,6 +199,7 @@ impl ObjectStore for LocalStore {
     }
 
     fn delete(&self, key: &str) -> StoreResult<()> {
+        self.open_files().retain(|(k, _)| k != key);
         match fs::remove_file(self.path(key)?) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

@@ -1,5 +1,6 @@
 //! Server transmission phase: read requests, run them on the export with
-//! `spawn_blocking`, write replies.
+//! `spawn_blocking` (reads the export can answer from memory at once run
+//! inline), write replies.
 //!
 //! Invariants:
 //! - One reader loop per connection; each valid request runs in its own
@@ -25,7 +26,7 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use super::{Negotiated, ServerConfig};
-use crate::nbd::export::Export;
+use crate::nbd::export::{Export, ReadPart};
 use crate::nbd::proto::*;
 
 /// Most extents sent in one BLOCK_STATUS chunk.
@@ -272,37 +273,53 @@ async fn send_error<W: AsyncWrite + Unpin>(
 
 /// One piece of a structured READ reply.
 enum Piece {
-    Data(u64, Vec<u8>),
+    Data(u64, Vec<ReadPart>),
     Hole(u64, u32),
 }
 
 async fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request) -> io::Result<()> {
     let (off, len) = (req.offset, req.len);
     if !conn.structured {
-        let data = blocking(&conn.export, move |e| {
-            let mut buf = vec![0u8; len as usize];
-            e.read_at(&mut buf, off).map(|_| buf)
-        });
-        return match data.await {
-            Ok(buf) => send(conn, &[&encode_simple_reply(0, req.cookie), &buf]).await,
+        // From memory on this thread when the export can; else on the blocking pool.
+        let now = conn.export.read_parts_now(off, len).map(|r| r.and_then(|p| exact(p, len)));
+        let parts = match now {
+            Some(r) => r,
+            None => blocking(&conn.export, move |e| exact(e.read_parts(off, len)?, len)).await,
+        };
+        return match parts {
+            Ok(parts) => {
+                let mut w = conn.writer.lock().await;
+                send_data(&mut w, &encode_simple_reply(0, req.cookie), &parts).await
+            }
             Err(e) => send_error(conn, req.cookie, errno_from_io(&e), "").await,
         };
     }
     let df = req.flags & CMD_FLAG_DF != 0;
-    let pieces = match blocking(&conn.export, move |e| read_pieces(e, off, len, df)).await {
-        Ok(p) => p,
-        Err(e) => return send_error(conn, req.cookie, errno_from_io(&e), &e.to_string()).await,
+    let now = read_pieces(conn.export.as_ref(), off, len, df, true);
+    let pieces = match now {
+        Some(r) => r,
+        None => blocking(&conn.export, move |e| {
+            read_pieces(e, off, len, df, false).unwrap_or_else(|| Err(io::Error::other("no answer")))
+        })
+        .await,
     };
-    send_pieces(conn, req.cookie, pieces).await
+    match pieces {
+        Ok(p) => send_pieces(conn, req.cookie, p).await,
+        Err(e) => send_error(conn, req.cookie, errno_from_io(&e), &e.to_string()).await,
+    }
 }
 
 /// Read `[off, off+len)` as data and hole pieces (holes only where the
-/// export reports STATE_ZERO; one data piece when `df`).
-fn read_pieces(e: &dyn Export, off: u64, len: u32, df: bool) -> io::Result<Vec<Piece>> {
-    let extents = match df {
-        true => vec![(len, 0)],
-        false => e.block_status(off, len).unwrap_or_else(|_| vec![(len, 0)]),
+/// export reports STATE_ZERO; one data piece when `df`). With `now`, only
+/// from memory (`read_parts_now`): `None` when the export would block.
+/// Without `now`, never `None`.
+fn read_pieces(e: &dyn Export, off: u64, len: u32, df: bool, now: bool) -> Option<io::Result<Vec<Piece>>> {
+    let status = match (df, now) {
+        (true, _) => Ok(vec![(len, 0)]),
+        (false, true) => e.block_status_now(off, len)?,
+        (false, false) => e.block_status(off, len),
     };
+    let extents = status.unwrap_or_else(|_| vec![(len, 0)]);
     let end = off.saturating_add(len.into());
     let mut pieces = Vec::new();
     let mut pos = off;
@@ -316,13 +333,54 @@ fn read_pieces(e: &dyn Export, off: u64, len: u32, df: bool) -> io::Result<Vec<P
         if flags & STATE_ZERO != 0 {
             pieces.push(Piece::Hole(pos, n32));
         } else {
-            let mut buf = vec![0u8; n32 as usize];
-            e.read_at(&mut buf, pos)?;
-            pieces.push(Piece::Data(pos, buf));
+            let parts = match now {
+                true => e.read_parts_now(pos, n32)?,
+                false => e.read_parts(pos, n32),
+            };
+            match parts.and_then(|p| exact(p, n32)) {
+                Ok(p) => pieces.push(Piece::Data(pos, p)),
+                Err(err) => return Some(Err(err)),
+            }
         }
         pos += n;
     }
-    Ok(pieces)
+    Some(Ok(pieces))
+}
+
+/// Read parts, checked to cover exactly `len` bytes: a reply must carry the length it announces.
+fn exact(parts: Vec<ReadPart>, len: u32) -> io::Result<Vec<ReadPart>> {
+    if parts.iter().map(ReadPart::len).sum::<usize>() != len as usize {
+        return Err(io::Error::other("the export returned a read of the wrong length"));
+    }
+    Ok(parts)
+}
+
+/// Most buffers handed to one `writev`.
+const MAX_IOV: usize = 256;
+
+/// Write `head` and then `parts` straight to the socket: whatever the buffered writer holds
+/// goes first, then one `writev` per [`MAX_IOV`] slices, so shared buffers are never copied
+/// into the writer's buffer.
+async fn send_data<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    head: &[u8],
+    parts: &[ReadPart],
+) -> io::Result<()> {
+    w.flush().await?;
+    let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+    slices.push(io::IoSlice::new(head));
+    slices.extend(parts.iter().flat_map(ReadPart::slices).filter(|s| !s.is_empty()).map(io::IoSlice::new));
+    let inner = w.get_mut();
+    let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
+    while !rest.is_empty() {
+        let take = rest.len().min(MAX_IOV);
+        let n = inner.write_vectored(&rest[..take]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut rest, n);
+    }
+    inner.flush().await
 }
 
 async fn send_pieces<W: AsyncWrite + Unpin>(
@@ -338,12 +396,12 @@ async fn send_pieces<W: AsyncWrite + Unpin>(
     for (i, piece) in pieces.into_iter().enumerate() {
         let flags = if i + 1 == count { REPLY_FLAG_DONE } else { 0 };
         match piece {
-            Piece::Data(off, buf) => {
-                let dlen = u32::try_from(buf.len()).map_err(io::Error::other)?;
+            Piece::Data(off, parts) => {
+                let dlen = parts.iter().map(ReadPart::len).sum::<usize>();
+                let dlen = u32::try_from(dlen).map_err(io::Error::other)?;
                 let hdr = encode_offset_data_header(flags, cookie, off, dlen)
                     .map_err(io::Error::other)?;
-                w.write_all(&hdr).await?;
-                w.write_all(&buf).await?;
+                send_data(&mut w, &hdr, &parts).await?;
             }
             Piece::Hole(off, n) => {
                 let chunk = encode_offset_hole(flags, cookie, off, n).map_err(io::Error::other)?;
