@@ -224,12 +224,8 @@ impl ImageReader {
         self.size
     }
 
-    /// Entries of segment `i` with their offsets inside the segment.
-    fn entries(&self, i: usize) -> Result<Option<Entries>> {
-        Ok(self.entries_in(i, false)?.flatten())
-    }
-
-    /// [`Self::entries`]; with `now`, `None` instead of reading the store.
+    /// Entries of segment `i` with their offsets inside the segment (`Some(None)`: a hole);
+    /// with `now`, `None` instead of reading the store.
     fn entries_in(&self, i: usize, now: bool) -> Result<Option<Option<Entries>>> {
         let Some(id) = self.segs.get(i).copied().flatten() else { return Ok(Some(None)) };
         if let Some(v) = lock(&self.seglists).get(&id) {
@@ -271,15 +267,21 @@ impl ImageReader {
     }
 
     /// Queue the chunks of segment `i` for the prefetch threads.
-    fn prefetch_segment(&self, i: usize) {
-        let Ok(Some(es)) = self.entries(i) else { return };
+    /// With `now`, false (and nothing queued) when the segment's list is not in memory.
+    fn prefetch_segment(&self, i: usize, now: bool) -> bool {
+        let es = match self.entries_in(i, now) {
+            Ok(Some(Some(es))) => es,
+            Ok(None) => return false,
+            _ => return true, // a hole, past the end, or an error the read itself will report
+        };
         for (_, e) in es.iter() {
             if let SegEntry::Chunk(id, _) = e {
                 if !self.chunks.queue(id) {
-                    return;
+                    break;
                 }
             }
         }
+        true
     }
 
     /// Fill `buf` from `offset`; reads past the end are cut short. Returns bytes read.
@@ -329,7 +331,11 @@ impl ImageReader {
             let (first, next) = ((offset / self.seg) as usize, (end / self.seg) as usize);
             if next != first || offset.is_multiple_of(self.seg) {
                 for k in 0..PREFETCH_SEGMENTS {
-                    self.prefetch_segment(next + k);
+                    // A non-blocking walk leaves a list not in memory to the blocking retry,
+                    // which sees the same read again and queues it.
+                    if !self.prefetch_segment(next + k, now) {
+                        return Ok(None);
+                    }
                 }
             }
         }
