@@ -32,7 +32,7 @@ pub fn parse_listen(s: &str) -> Result<Listen> {
 /// A serving export decodes and drops thousands of chunk buffers (up to 256 KiB) a second:
 /// glibc would `mmap`/`munmap` the larger ones and trim the heap after bursts, so every new
 /// buffer page-faulted in. Keep them in the heap instead (bounded by the trim threshold).
-pub fn keep_freed_memory() {
+fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator tunables; called before the serving threads start.
     unsafe {
