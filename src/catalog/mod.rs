@@ -21,7 +21,7 @@ mod codec;
 
 pub use codec::{ChunkLoc, PackInfo};
 
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -138,6 +138,11 @@ fn options() -> Options {
     o.create_if_missing(true);
     o.create_missing_column_families(true);
     o.set_max_open_files(-1);
+    // Every command opens the catalog, and the files are few (see `compact_if_needed`):
+    // opening them in the calling thread beats starting 16 threads per column family, and
+    // the per-file statistics are only for compaction, which runs when holdfast asks.
+    o.set_max_file_opening_threads(1);
+    o.set_skip_stats_update_on_db_open(true);
     o.set_keep_log_file_num(3);
     o
 }
@@ -290,13 +295,25 @@ impl Catalog {
 }
 
 /// The primary is open only for moments, so RocksDB's background compaction never gets to run
-/// and every open leaves a level-0 file. Compact here once level 0 grows, so lookups stay cheap.
+/// and every open leaves small level-0 files. Compact here once level 0 grows, or once a column
+/// family holds more files than its size needs: the keys of `backups` only ever grow, so a plain
+/// manual compaction *moves* their small files down unchanged, and they pile up (100 backups
+/// made 100 files, each opened by every command). Forcing the bottom level to be rewritten
+/// merges them; for a large family (`chunks`) the merge with level 0 rewrites it anyway.
 fn compact_if_needed(db: &DB, path: &Path) -> CatalogResult<()> {
     for name in CFS {
         let cf = cf_handle(db, name, path)?;
-        let l0 = db.property_int_value_cf(cf, "rocksdb.num-files-at-level0").map_err(|e| db_err(path, e))?.unwrap_or(0);
-        if l0 >= 6 {
-            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        let prop = |p: &str| db.property_int_value_cf(cf, p).map(|v| v.unwrap_or(0)).map_err(|e| db_err(path, e));
+        let l0 = prop("rocksdb.num-files-at-level0")?;
+        let mut files = 0;
+        for level in 0..7 {
+            files += prop(&format!("rocksdb.num-files-at-level{level}"))?;
+        }
+        let size = prop("rocksdb.total-sst-files-size")?;
+        if l0 >= 6 || files > 4 + size / (32 << 20) {
+            let mut co = CompactOptions::default();
+            co.set_bottommost_level_compaction(BottommostLevelCompaction::ForceOptimized);
+            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &co);
         }
     }
     Ok(())
@@ -365,5 +382,27 @@ mod tests {
         b.put_segmemo(&[9; 32], &memo);
         c.write(b).unwrap();
         assert_eq!(c.segmemo(&[9; 32]).unwrap(), Some(memo));
+    }
+
+    /// Each write opens the primary and leaves small files; keys that only grow (backup ids)
+    /// used to be moved down unmerged, one more file per backup for every later open to read.
+    #[test]
+    fn many_small_writes_keep_few_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        Catalog::create(&path).unwrap();
+        let c = Catalog::open(&path).unwrap();
+        for i in 0..60u32 {
+            let mut b = Batch::default();
+            b.put_backup("vm", &format!("20261123-{i:06}"), br#"{"m":1}"#);
+            b.put_segmemo(&[i as u8; 32], &SegMemo { seglist: [1; 32], data_bytes: 1, chunks: 1 });
+            c.write(b).unwrap();
+        }
+        let ssts = std::fs::read_dir(&path).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "sst")).count();
+        assert!(ssts <= 2 * CFS.len(), "{ssts} table files after 60 small writes");
+        let all = c.backups(Some("vm")).unwrap();
+        assert_eq!(all.len(), 60);
+        assert_eq!(all[59].1, "20261123-000059");
+        assert_eq!(c.segmemo(&[59; 32]).unwrap().map(|m| m.seglist), Some([1; 32]));
     }
 }
