@@ -282,7 +282,12 @@ pub fn run(cli: Cli) -> Result<i32> {
     let repo_dir = cli.repo.clone().unwrap_or_else(default_repo);
     let out = output::Out { json: cli.json };
     let bar = progress::Bar::new(cli.quiet || cli.json);
-    let open = || Repo::open(&repo_dir);
+    let open = || {
+        tracing::debug!("opening the repository");
+        let r = Repo::open(&repo_dir);
+        tracing::debug!("repository open");
+        r
+    };
     let config = vm::config_path(cli.config.as_deref(), &repo_dir);
     match cli.cmd {
         Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level, s3, endpoint, region, path_style, cache_size, existing } => {

@@ -11,12 +11,12 @@ use crate::catalog::{Batch, ChunkLoc, PackId, PackInfo, SegMemo};
 use crate::chunk::{self, BlobId, BlobKind, Codec};
 use crate::repo::format::{self, SegEntry};
 use crate::repo::{BackupStats, DiskEntry, Manifest, Repo};
-use crate::source::{Extent, Source};
+use crate::source::{Extent, ReadJob, Source, SourceError};
 use crate::store::pack::{self, PackEntry, PackWriter};
 use crate::{Error, Result};
+use bytes::BytesMut;
 use crossbeam_channel::bounded;
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// One disk to back up.
@@ -50,7 +50,7 @@ pub struct Hooks {
 struct Segment {
     no: u64,
     /// None: the segment holds no allocated bytes (or is clean, see `reuse`).
-    data: Option<Vec<u8>>,
+    data: Option<BytesMut>,
     len: u64,
     /// A clean segment of an incremental backup: the previous backup's segment list, unread.
     reuse: Option<Option<BlobId>>,
@@ -242,6 +242,7 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
     let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
     // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
     repo.sync()?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: store synced");
     let time = lock.started_ms() / 1000;
     let mut suffix = [0u8; 2];
     getrandom::fill(&mut suffix).map_err(|e| Error::Invalid(e.to_string()))?;
@@ -249,6 +250,7 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
 
     let extents: Vec<Vec<Extent>> = disks.iter().map(|d| d.source.extents()).collect::<std::result::Result<_, _>>()?;
     let total: u64 = extents.iter().flatten().map(|(a, b)| b - a).sum();
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: extents known");
     progress.begin("backup", total);
     let mut sink = PackSink::new(repo);
     let mut entries = Vec::new();
@@ -265,6 +267,7 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
     }
     sink.flush()?;
     progress.end();
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: disks read, packs written");
     if let Some(h) = &hooks.before_commit {
         h();
     }
@@ -290,6 +293,7 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         return Err(Error::Invalid(format!("backup id {id} exists already; re-run the backup")));
     }
     repo.store.put(&key, &json)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: manifest committed");
     // One catalog write for the backup and the segment memo (a cache of segment bytes to
     // segment lists, valid only now that the backup is committed). If it fails, the committed
     // manifest is still in the store and the next command's sync imports it.
@@ -299,6 +303,7 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         batch.put_segmemo(k, m);
     }
     repo.catalog.write(batch)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: catalog written");
     Ok(manifest)
 }
 
@@ -335,18 +340,12 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
     let (res_tx, res_rx) = bounded::<Result<SegResult>>(workers);
     let mut segs: Vec<Option<BlobId>> = vec![None; n_segs as usize];
     let mut data_bytes = 0;
-    let next_seg = AtomicU64::new(0);
-    let pool: Pool = bounded(workers * 2 + READERS + 2);
+    let pool: Pool = bounded(workers * 2 + POOLED + 2);
     std::thread::scope(|s| -> Result<()> {
         let source = d.source.as_ref();
         let reuse = base.map(|b| (b.segs.as_slice(), b.dirty.as_slice()));
-        let next = &next_seg;
         let pool: &Pool = &pool;
-        for _ in 0..d.source.parallel_readers().clamp(1, READERS) {
-            let tx = seg_tx.clone();
-            s.spawn(move || read_segments(source, extents, reuse, seg, size, next, pool, tx));
-        }
-        drop(seg_tx);
+        s.spawn(move || read_segments(source, extents, reuse, seg, size, pool, seg_tx));
         for _ in 0..workers {
             let (rx, tx) = (seg_rx.clone(), res_tx.clone());
             s.spawn(move || {
@@ -411,64 +410,74 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
 
 /// Read every segment that holds allocated bytes; the rest are sent as empty. In an
 /// incremental read, segments that no dirty range touches are sent as reused, unread.
-/// Several readers share the work through `next` (segment numbers are claimed in order), so a
-/// network source has more than one segment's reads in flight.
+/// Segments are handed to the source as read jobs in order; a network source reads several at
+/// once and finishes them in any order.
 type Reuse<'a> = Option<(&'a [Option<BlobId>], &'a [Extent])>;
 
-/// Reader threads per disk: one for local files (the page cache is fast), more for NBD.
-const READERS: usize = 8;
+/// Segment buffers kept for reuse beyond the workers' (a network source's jobs in flight).
+const POOLED: usize = 8;
 
-/// Segment buffers go back to the readers once processed: no 4 MiB allocation and zero-fill
+/// Segment buffers go back to the reader once processed: no 4 MiB allocation and zero-fill
 /// per segment.
-type Pool = (crossbeam_channel::Sender<Vec<u8>>, crossbeam_channel::Receiver<Vec<u8>>);
+type Pool = (crossbeam_channel::Sender<BytesMut>, crossbeam_channel::Receiver<BytesMut>);
 
-#[allow(clippy::too_many_arguments)]
-fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, next: &AtomicU64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
-    loop {
-        if super::interrupted() {
-            let _ = tx.send(Err(Error::Interrupted));
-            return;
-        }
-        let no = next.fetch_add(1, Ordering::Relaxed);
-        if no.saturating_mul(seg) >= size {
-            return;
-        }
-        let (start, end) = (no * seg, ((no + 1) * seg).min(size));
-        if let Some((prev, dirty)) = reuse {
-            let di = dirty.partition_point(|d| d.1 <= start);
-            if di >= dirty.len() || dirty[di].0 >= end {
-                let prev = prev.get(no as usize).copied().flatten();
-                if tx.send(Ok(Segment { no, data: None, len: end - start, reuse: Some(prev) })).is_err() {
-                    return;
+fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
+    let mut no = 0u64;
+    let tx = &tx;
+    let mut next = || -> Option<ReadJob> {
+        loop {
+            if super::interrupted() {
+                let _ = tx.send(Err(Error::Interrupted));
+                return None;
+            }
+            if no.saturating_mul(seg) >= size {
+                return None;
+            }
+            let this = no;
+            no += 1;
+            let (start, end) = (this * seg, ((this + 1) * seg).min(size));
+            if let Some((prev, dirty)) = reuse {
+                let di = dirty.partition_point(|d| d.1 <= start);
+                if di >= dirty.len() || dirty[di].0 >= end {
+                    let prev = prev.get(this as usize).copied().flatten();
+                    if tx.send(Ok(Segment { no: this, data: None, len: end - start, reuse: Some(prev) })).is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+            }
+            let mut ranges = Vec::new();
+            let mut j = extents.partition_point(|e| e.1 <= start);
+            while j < extents.len() && extents[j].0 < end {
+                ranges.push(((extents[j].0.max(start) - start) as usize, (extents[j].1.min(end) - start) as usize));
+                j += 1;
+            }
+            if ranges.is_empty() {
+                if tx.send(Ok(Segment { no: this, data: None, len: end - start, reuse: None })).is_err() {
+                    return None;
                 }
                 continue;
             }
-        }
-        let mut data: Option<Vec<u8>> = None;
-        let mut filled = 0; // bytes of the buffer set so far (data or zeros)
-        let mut j = extents.partition_point(|e| e.1 <= start);
-        while j < extents.len() && extents[j].0 < end {
-            let buf = data.get_or_insert_with(|| {
-                let mut b = pool.1.try_recv().unwrap_or_default();
-                b.resize((end - start) as usize, 0);
-                b
-            });
-            let (a, b) = ((extents[j].0.max(start) - start) as usize, (extents[j].1.min(end) - start) as usize);
-            buf[filled..a].fill(0);
-            if let Err(e) = src.read_at(&mut buf[a..b], start + a as u64) {
-                let _ = tx.send(Err(e.into()));
-                return;
+            let mut buf = pool.1.try_recv().unwrap_or_default();
+            buf.resize((end - start) as usize, 0);
+            // What the ranges leave out reads as zeros.
+            let mut filled = 0;
+            for &(a, b) in &ranges {
+                buf[filled..a].fill(0);
+                filled = b;
             }
-            filled = b;
-            j += 1;
-        }
-        if let Some(buf) = &mut data {
             buf[filled..].fill(0);
+            return Some(ReadJob { tag: this, offset: start, buf, ranges });
         }
-        if tx.send(Ok(Segment { no, data, len: end - start, reuse: None })).is_err() {
-            return;
+    };
+    let mut done = |r: std::result::Result<ReadJob, SourceError>| match r {
+        Ok(job) => tx.send(Ok(Segment { no: job.tag, len: job.buf.len() as u64, data: Some(job.buf), reuse: None })).is_ok(),
+        Err(e) => {
+            let _ = tx.send(Err(e.into()));
+            false
         }
-    }
+    };
+    src.read_jobs(&mut next, &mut done);
 }
 
 fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegResult> {

@@ -15,12 +15,15 @@
 mod handshake;
 mod reader;
 
+use reader::Coverage;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{oneshot, Mutex, Semaphore};
@@ -81,13 +84,11 @@ pub struct Extent {
 enum OpKind {
     Read {
         offset: u64,
-        /// Empty until the first reply bytes arrive: a reply that covers the whole request
-        /// in one piece becomes the buffer itself (no zero-fill, no copy).
-        buf: Vec<u8>,
-        len: u64,
-        covered: u64,
-        /// The caller's buffer to read the data into (its allocation is reused).
-        spare: Vec<u8>,
+        /// The caller's buffer, its length the request's; `None` only while the reader task
+        /// is filling part of it straight from the socket.
+        buf: Option<BytesMut>,
+        /// Parts of `buf` the replies have filled so far.
+        covered: Coverage,
     },
     Status {
         by_id: BTreeMap<u32, Vec<(u32, u32)>>,
@@ -96,7 +97,7 @@ enum OpKind {
 }
 
 enum Output {
-    Data(Vec<u8>),
+    Data(BytesMut),
     Status(BTreeMap<u32, Vec<(u32, u32)>>),
     Done,
 }
@@ -105,6 +106,9 @@ struct Op {
     kind: OpKind,
     error: Option<(u32, String)>,
     tx: oneshot::Sender<Result<Output, ClientError>>,
+    /// The request's in-flight slot, free again once its reply is complete (whether or not
+    /// the caller has taken it yet).
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -214,24 +218,23 @@ impl Client {
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
-        self.read_with(offset, len, Vec::new()).await
+        check_cap("read length", len.into(), MAX_PAYLOAD)?;
+        Ok(self.read_into(offset, BytesMut::zeroed(len as usize)).await?.into())
     }
 
-    /// [`Client::read`] into `spare`'s allocation when it has room: a caller that reuses its
-    /// buffers saves an allocation (and its page faults) per request.
-    pub async fn read_with(&self, offset: u64, len: u32, spare: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+    /// Read `buf.len()` bytes at `offset` straight into `buf` (the reply data is received into
+    /// it, no copy) and hand it back. Every byte is written by the reply or the request fails.
+    pub async fn read_into(&self, offset: u64, buf: BytesMut) -> Result<BytesMut, ClientError> {
+        self.send_read(offset, buf).await?.data().await
+    }
+
+    /// Write a READ request for `buf.len()` bytes at `offset` and return without waiting for
+    /// the reply: a caller sends several, then awaits each (no task per request).
+    pub async fn send_read(&self, offset: u64, buf: BytesMut) -> Result<PendingRead, ClientError> {
+        let len = u32::try_from(buf.len()).map_err(|_| ProtoError::Invalid("read length"))?;
         check_cap("read length", len.into(), MAX_PAYLOAD)?;
-        let kind = OpKind::Read {
-            offset,
-            buf: Vec::new(),
-            len: len.into(),
-            covered: 0,
-            spare,
-        };
-        match self.submit(CMD_READ, 0, offset, len, &[], kind).await? {
-            Output::Data(d) => Ok(d),
-            _ => Err(ProtoError::Invalid("wrong reply kind").into()),
-        }
+        let kind = OpKind::Read { offset, buf: Some(buf), covered: Coverage::default() };
+        Ok(PendingRead(self.send(CMD_READ, 0, offset, len, &[], kind).await?))
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
@@ -250,8 +253,7 @@ impl Client {
         }
         let len = u32::try_from(data.len()).map_err(|_| ProtoError::Overflow("write length"))?;
         check_cap("write length", len.into(), MAX_PAYLOAD)?;
-        self.submit(CMD_WRITE, flags, offset, len, data, OpKind::Plain)
-            .await
+        self.send(CMD_WRITE, flags, offset, len, data, OpKind::Plain).await?.output().await
             .map(drop)
     }
 
@@ -259,8 +261,7 @@ impl Client {
         if self.flags & FLAG_SEND_FLUSH == 0 {
             return Err(ClientError::Unsupported("server does not support flush"));
         }
-        self.submit(CMD_FLUSH, 0, 0, 0, &[], OpKind::Plain)
-            .await
+        self.send(CMD_FLUSH, 0, 0, 0, &[], OpKind::Plain).await?.output().await
             .map(drop)
     }
 
@@ -268,8 +269,7 @@ impl Client {
         if self.flags & FLAG_SEND_TRIM == 0 {
             return Err(ClientError::Unsupported("server does not support trim"));
         }
-        self.submit(CMD_TRIM, 0, offset, len, &[], OpKind::Plain)
-            .await
+        self.send(CMD_TRIM, 0, offset, len, &[], OpKind::Plain).await?.output().await
             .map(drop)
     }
 
@@ -285,8 +285,7 @@ impl Client {
             ));
         }
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        self.submit(CMD_WRITE_ZEROES, flags, offset, len, &[], OpKind::Plain)
-            .await
+        self.send(CMD_WRITE_ZEROES, flags, offset, len, &[], OpKind::Plain).await?.output().await
             .map(drop)
     }
 
@@ -303,7 +302,9 @@ impl Client {
             by_id: BTreeMap::new(),
         };
         let Output::Status(by_id) = self
-            .submit(CMD_BLOCK_STATUS, 0, offset, len, &[], kind)
+            .send(CMD_BLOCK_STATUS, 0, offset, len, &[], kind)
+            .await?
+            .output()
             .await?
         else {
             return Err(ProtoError::Invalid("wrong reply kind").into());
@@ -363,7 +364,8 @@ impl Client {
         sent.map_err(ClientError::from)
     }
 
-    async fn submit(
+    /// Register and write one request; its reply arrives through the returned [`Sent`].
+    async fn send(
         &self,
         cmd: u16,
         flags: u16,
@@ -371,8 +373,8 @@ impl Client {
         len: u32,
         payload: &[u8],
         kind: OpKind,
-    ) -> Result<Output, ClientError> {
-        let _slot = self.slots.acquire().await.map_err(io::Error::other)?;
+    ) -> Result<Sent, ClientError> {
+        let slot = self.slots.clone().acquire_owned().await.map_err(io::Error::other)?;
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -386,6 +388,7 @@ impl Client {
                     kind,
                     error: None,
                     tx,
+                    _slot: Some(slot),
                 },
             );
         }
@@ -406,8 +409,32 @@ impl Client {
             self.shared.lock().ops.remove(&cookie);
             return Err(e.into());
         }
-        rx.await
+        Ok(Sent { rx })
+    }
+}
+
+/// A request on the wire, waiting for its reply.
+struct Sent {
+    rx: oneshot::Receiver<Result<Output, ClientError>>,
+}
+
+impl Sent {
+    async fn output(self) -> Result<Output, ClientError> {
+        self.rx
+            .await
             .map_err(|_| ClientError::Disconnected("reader ended".into()))?
+    }
+}
+
+/// A READ sent with [`Client::send_read`]: await [`PendingRead::data`] for its bytes.
+pub struct PendingRead(Sent);
+
+impl PendingRead {
+    pub async fn data(self) -> Result<BytesMut, ClientError> {
+        match self.0.output().await? {
+            Output::Data(d) => Ok(d),
+            _ => Err(ProtoError::Invalid("wrong reply kind").into()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub mod proto;
 pub mod server;
 mod uri;
 
-pub use client::{Client, ClientError, ConnectOptions, Extent};
+pub use client::{Client, ClientError, ConnectOptions, Extent, PendingRead};
 pub use export::{Export, FileExport, ReadPart};
 pub use server::{Server, ServerConfig, ShutdownHandle};
 pub use uri::{parse_uri, NbdUri};

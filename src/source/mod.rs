@@ -7,6 +7,7 @@ pub mod nbd;
 
 pub use self::nbd::NbdSource;
 
+use bytes::BytesMut;
 use std::fs::File;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
@@ -45,6 +46,21 @@ pub trait Source: Send + Sync {
     /// Allocated ranges, sorted and disjoint. Everything else reads as zeros.
     fn extents(&self) -> Result<Vec<Extent>, SourceError>;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError>;
+    /// Run read jobs (a backup's segments) until `next` has no more, handing each filled job
+    /// to `done` (false from `done` stops). A network source keeps several jobs in flight and
+    /// finishes them in any order; the default reads them one by one in this thread.
+    fn read_jobs(&self, next: &mut dyn FnMut() -> Option<ReadJob>, done: &mut dyn FnMut(Result<ReadJob, SourceError>) -> bool) {
+        while let Some(mut job) = next() {
+            let ReadJob { offset, ref mut buf, ref ranges, .. } = job;
+            let r = ranges.iter().try_for_each(|&(a, b)| match buf.get_mut(a..b) {
+                Some(part) => self.read_at(part, offset + a as u64),
+                None => Err(SourceError::Read { path: self.describe(), offset, source: std::io::Error::other("read job range outside its buffer") }),
+            });
+            if !done(r.map(|_| job)) {
+                return;
+            }
+        }
+    }
     fn describe(&self) -> String;
     /// Changed ranges since the bitmap's checkpoint, when the source tracks them.
     fn dirty(&self) -> Result<Option<Vec<Extent>>, SourceError> {
@@ -54,11 +70,16 @@ pub trait Source: Send + Sync {
     fn bitmap(&self) -> Option<String> {
         None
     }
-    /// How many threads should read at once: more than one where each read waits on a round
-    /// trip (a network source), so the next segment's requests are in flight meanwhile.
-    fn parallel_readers(&self) -> usize {
-        1
-    }
+}
+
+/// Fill `ranges` of `buf` (sorted, disjoint, relative to `buf`, whose first byte is at
+/// `offset` on the disk) from the source; the rest of `buf` is left as it is. `tag` is the
+/// caller's (a segment number).
+pub struct ReadJob {
+    pub tag: u64,
+    pub offset: u64,
+    pub buf: BytesMut,
+    pub ranges: Vec<(usize, usize)>,
 }
 
 /// True for `nbd://…`, `nbd+unix://…` and the other libnbd URI schemes.

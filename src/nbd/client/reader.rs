@@ -2,12 +2,16 @@
 //! half, parses replies and completes pending requests by cookie.
 //!
 //! Invariants: reply payloads are capped by `proto` before allocation;
-//! chunks are checked against their request (type, range, context id);
+//! chunks are checked against their request (type, range, context id,
+//! no overlap); READ data is received straight into the caller's buffer;
 //! any protocol or I/O error ends the task, and then every pending request
 //! and every later one fails with `ClientError::Disconnected`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::sync::Arc;
+
+use bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -59,19 +63,22 @@ async fn read_replies<R: AsyncRead + Unpin>(
         match parse_reply_header(magic, rest)? {
             ReplyHeader::Simple { error, cookie } => on_simple(shared, rd, error, cookie).await?,
             ReplyHeader::Chunk(h) if h.kind == REPLY_TYPE_OFFSET_DATA && h.len > 8 => {
-                // Data goes straight into its own buffer (the common, large case).
+                // Data goes straight from the socket into the caller's buffer (the common,
+                // large case): the range is checked and claimed first.
                 let mut off = [0u8; 8];
                 rd.read_exact(&mut off).await?;
-                let spare = take_spare(shared, h.cookie);
-                let data = read_into(rd, spare, h.len as usize - 8).await?;
-                let chunk = Chunk::OffsetData { offset: u64::from_be_bytes(off), data: &[] };
-                on_chunk(shared, &h, chunk, Some(data), ids)?;
+                let n = u64::from(h.len - 8);
+                let (mut buf, at) = claim(shared, h.cookie, u64::from_be_bytes(off), n)?;
+                let got = rd.read_exact(&mut buf[at..at + n as usize]).await;
+                put_back(shared, h.cookie, buf);
+                got?;
+                on_chunk(shared, &h, Chunk::None, ids)?;
             }
             ReplyHeader::Chunk(h) => {
                 let mut payload = vec![0u8; h.len as usize];
                 rd.read_exact(&mut payload).await?;
                 let chunk = parse_chunk(&h, &payload)?;
-                on_chunk(shared, &h, chunk, None, ids)?;
+                on_chunk(shared, &h, chunk, ids)?;
             }
         }
     }
@@ -96,7 +103,11 @@ async fn on_simple<R: AsyncRead + Unpin>(
         return Ok(());
     }
     let out = match &mut op.kind {
-        OpKind::Read { len, spare, .. } => Output::Data(read_into(rd, std::mem::take(spare), *len as usize).await?),
+        OpKind::Read { buf, .. } => {
+            let mut buf = buf.take().ok_or(ProtoError::Invalid("read buffer in use"))?;
+            rd.read_exact(&mut buf).await?;
+            Output::Data(buf)
+        }
         OpKind::Status { .. } => {
             return Err(ProtoError::Invalid("simple reply to block status").into())
         }
@@ -106,46 +117,72 @@ async fn on_simple<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// The caller's buffer of a pending READ (empty if it gave none or the op is unknown).
-fn take_spare(shared: &Shared, cookie: u64) -> Vec<u8> {
-    match shared.lock().ops.get_mut(&cookie).map(|op| &mut op.kind) {
-        Some(OpKind::Read { spare, .. }) => std::mem::take(spare),
-        _ => Vec::new(),
+/// Which parts of a READ's buffer replies have filled: ranges relative to the request,
+/// disjoint, neighbours merged (in-order replies keep this one entry long).
+#[derive(Default)]
+pub(super) struct Coverage {
+    ranges: BTreeMap<u64, u64>,
+    total: u64,
+}
+
+impl Coverage {
+    /// Record `[start, end)`; a range that overlaps one already filled is a protocol error
+    /// (the spec forbids overlapping chunks, and counting them twice could hide a gap).
+    fn add(&mut self, start: u64, end: u64) -> Result<(), ProtoError> {
+        let overlap = ProtoError::Invalid("reply chunks overlap");
+        let mut new = (start, end);
+        if let Some((&s, &e)) = self.ranges.range(..=start).next_back() {
+            if e > start {
+                return Err(overlap);
+            }
+            if e == start {
+                self.ranges.remove(&s);
+                new.0 = s;
+            }
+        }
+        if let Some((&s, &e)) = self.ranges.range(start..).next() {
+            if s < end {
+                return Err(overlap);
+            }
+            if s == end {
+                self.ranges.remove(&s);
+                new.1 = e;
+            }
+        }
+        self.ranges.insert(new.0, new.1);
+        self.total += end - start;
+        Ok(())
     }
 }
 
-/// Exactly `n` bytes into `v` (cleared; its allocation reused when large enough), without
-/// zero-filling it first. `n` is capped by the caller (a request length or a checked chunk
-/// length).
-async fn read_into<R: AsyncRead + Unpin>(rd: &mut R, mut v: Vec<u8>, n: usize) -> Result<Vec<u8>, ClientError> {
-    v.clear();
-    // read_to_end probes with 32 bytes of room before it sees the end of the `take`.
-    v.reserve(n + 32);
-    (&mut *rd).take(n as u64).read_to_end(&mut v).await?;
-    if v.len() != n {
-        return Err(ClientError::Io(io::Error::from(io::ErrorKind::UnexpectedEof)));
-    }
-    Ok(v)
+/// Check that `n` bytes at `offset` belong to the pending READ `cookie` and were not filled
+/// before, record them, and lend out its buffer with the index they start at.
+fn claim(shared: &Shared, cookie: u64, offset: u64, n: u64) -> Result<(BytesMut, usize), ProtoError> {
+    let mut p = shared.lock();
+    let op = p.ops.get_mut(&cookie).ok_or(ProtoError::Invalid("chunk for unknown cookie"))?;
+    let OpKind::Read { offset: base, buf, covered } = &mut op.kind else {
+        return Err(ProtoError::Invalid("chunk type does not match the request"));
+    };
+    let b = buf.as_mut().ok_or(ProtoError::Invalid("read buffer in use"))?;
+    let (start, end) = target(b.len(), *base, offset, n)?;
+    covered.add(start as u64, end as u64)?;
+    Ok((buf.take().unwrap_or_default(), start))
 }
 
-/// `owned`: the data of an OFFSET_DATA chunk, read into its own buffer (then `chunk`'s data
-/// is empty).
-fn on_chunk(
-    shared: &Shared,
-    h: &ChunkHeader,
-    chunk: Chunk<'_>,
-    owned: Option<Vec<u8>>,
-    ids: &[u32],
-) -> Result<(), ClientError> {
+fn put_back(shared: &Shared, cookie: u64, b: BytesMut) {
+    if let Some(OpKind::Read { buf, .. }) = shared.lock().ops.get_mut(&cookie).map(|op| &mut op.kind) {
+        *buf = Some(b);
+    }
+}
+
+/// Fold one chunk into its pending operation and complete the operation on its last chunk.
+fn on_chunk(shared: &Shared, h: &ChunkHeader, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ClientError> {
     let mut p = shared.lock();
     let op = p
         .ops
         .get_mut(&h.cookie)
         .ok_or(ProtoError::Invalid("chunk for unknown cookie"))?;
-    match (owned, chunk) {
-        (Some(data), Chunk::OffsetData { offset, .. }) => apply_data(op, offset, data)?,
-        (_, chunk) => apply_chunk(op, chunk, ids)?,
-    }
+    apply_chunk(op, chunk, ids)?;
     if !h.is_done() {
         return Ok(());
     }
@@ -156,7 +193,7 @@ fn on_chunk(
     drop(p);
     let result = match (op.error, op.kind) {
         (Some((errno, message)), _) => Err(ClientError::Server { errno, message }),
-        (None, OpKind::Read { buf, covered, len, .. }) if covered == len && buf.len() as u64 == len => {
+        (None, OpKind::Read { buf: Some(buf), covered, .. }) if covered.total == buf.len() as u64 => {
             Ok(Output::Data(buf))
         }
         (None, OpKind::Read { .. }) => {
@@ -169,29 +206,6 @@ fn on_chunk(
     Ok(())
 }
 
-/// Fold the data of one OFFSET_DATA chunk into a pending READ.
-fn apply_data(op: &mut Op, offset: u64, data: Vec<u8>) -> Result<(), ProtoError> {
-    let OpKind::Read { offset: base, buf, len, covered, .. } = &mut op.kind else {
-        return Err(ProtoError::Invalid("chunk type does not match the request"));
-    };
-    let n = data.len() as u64;
-    if buf.is_empty() && *covered == 0 && offset == *base && n == *len {
-        *buf = data;
-    } else {
-        alloc_read(buf, *len);
-        read_target(buf, *base, offset, n)?.copy_from_slice(&data);
-    }
-    *covered = covered.saturating_add(n);
-    Ok(())
-}
-
-/// The READ buffer, zero-filled to the request length, for replies that come in pieces.
-fn alloc_read(buf: &mut Vec<u8>, len: u64) {
-    if buf.is_empty() {
-        buf.resize(len as usize, 0);
-    }
-}
-
 /// Fold one chunk into the pending operation; inconsistent chunks are errors.
 fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoError> {
     match (chunk, &mut op.kind) {
@@ -199,34 +213,15 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
         (Chunk::Error { errno, message, .. }, _) => {
             op.error.get_or_insert((errno, message));
         }
-        (
-            Chunk::OffsetData { offset, data },
-            OpKind::Read {
-                offset: base,
-                buf,
-                len: rlen,
-                covered,
-                ..
-            },
-        ) => {
-            alloc_read(buf, *rlen);
-            let dst = read_target(buf, *base, offset, data.len() as u64)?;
-            dst.copy_from_slice(data);
-            *covered = covered.saturating_add(data.len() as u64);
+        (Chunk::OffsetData { offset, data }, OpKind::Read { offset: base, buf: Some(buf), covered }) => {
+            let (s, e) = target(buf.len(), *base, offset, data.len() as u64)?;
+            covered.add(s as u64, e as u64)?;
+            buf[s..e].copy_from_slice(data);
         }
-        (
-            Chunk::OffsetHole { offset, len },
-            OpKind::Read {
-                offset: base,
-                buf,
-                len: rlen,
-                covered,
-                ..
-            },
-        ) => {
-            alloc_read(buf, *rlen);
-            read_target(buf, *base, offset, len.into())?.fill(0);
-            *covered = covered.saturating_add(len.into());
+        (Chunk::OffsetHole { offset, len }, OpKind::Read { offset: base, buf: Some(buf), covered }) => {
+            let (s, e) = target(buf.len(), *base, offset, len.into())?;
+            covered.add(s as u64, e as u64)?;
+            buf[s..e].fill(0);
         }
         (
             Chunk::BlockStatus {
@@ -244,14 +239,110 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
     Ok(())
 }
 
-/// The part of a READ buffer that a chunk at `offset` of `len` bytes covers.
-fn read_target(buf: &mut [u8], base: u64, offset: u64, len: u64) -> Result<&mut [u8], ProtoError> {
+/// The indexes of a READ buffer of `len` bytes at `base` that a chunk at `offset` of `n`
+/// bytes covers.
+fn target(len: usize, base: u64, offset: u64, n: u64) -> Result<(usize, usize), ProtoError> {
     let outside = ProtoError::Invalid("chunk outside the requested range");
     let start = offset.checked_sub(base).ok_or(outside.clone())?;
-    let end = start.checked_add(len).ok_or(outside.clone())?;
-    let (start, end) = (usize::try_from(start), usize::try_from(end));
-    match (start, end) {
-        (Ok(s), Ok(e)) => buf.get_mut(s..e).ok_or(outside),
+    let end = start.checked_add(n).ok_or(outside.clone())?;
+    match (usize::try_from(start), usize::try_from(end)) {
+        (Ok(s), Ok(e)) if e <= len => Ok((s, e)),
         _ => Err(outside),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The reply reader against scripted server bytes: replies in pieces land where they
+    //! belong, and a hostile server's overlapping, stray or incomplete chunks are errors.
+    use super::*;
+    use crate::nbd::client::{Op, Pending, Shared};
+    use std::sync::atomic::AtomicU64;
+    use tokio::sync::oneshot;
+
+    const BASE: u64 = 1 << 20;
+    const LEN: usize = 100;
+
+    fn data(flags: u16, cookie: u64, offset: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut v = encode_offset_data_header(flags, cookie, offset, bytes.len() as u32).unwrap();
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    /// One pending READ of LEN bytes at BASE (cookie 1), its buffer full of stale 0xEE bytes;
+    /// feed `script`, then return what the READ got.
+    fn run(script: Vec<u8>) -> Result<Vec<u8>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async move {
+            let shared = Arc::new(Shared {
+                writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
+                pending: std::sync::Mutex::new(Pending::default()),
+                next_cookie: AtomicU64::new(2),
+            });
+            let (tx, rx) = oneshot::channel();
+            let buf = BytesMut::from(&[0xEEu8; LEN][..]);
+            let kind = OpKind::Read { offset: BASE, buf: Some(buf), covered: Coverage::default() };
+            shared.lock().ops.insert(1, Op { kind, error: None, tx, _slot: None });
+            reader_task(shared, &script[..], vec![]).await;
+            match rx.await {
+                Ok(Ok(Output::Data(d))) => Ok(d.to_vec()),
+                Ok(Ok(_)) => Err("not data".into()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("dropped".into()),
+            }
+        })
+    }
+
+    fn body() -> Vec<u8> {
+        (0..LEN as u8).map(|i| i.wrapping_mul(7) | 1).collect()
+    }
+
+    #[test]
+    fn pieces_in_any_order_fill_the_buffer() {
+        let b = body();
+        let mut s = data(0, 1, BASE + 60, &b[60..]);
+        s.extend(encode_offset_hole(0, 1, BASE + 30, 30).unwrap());
+        s.extend(data(REPLY_FLAG_DONE, 1, BASE, &b[..30]));
+        let mut want = b.clone();
+        want[30..60].fill(0);
+        assert_eq!(run(s), Ok(want));
+    }
+
+    #[test]
+    fn one_piece_and_simple_replies_are_received_whole() {
+        let b = body();
+        assert_eq!(run(data(REPLY_FLAG_DONE, 1, BASE, &b)), Ok(b.clone()));
+        let mut s = encode_simple_reply(0, 1).to_vec();
+        s.extend_from_slice(&b);
+        assert_eq!(run(s), Ok(b));
+    }
+
+    #[test]
+    fn hostile_replies_are_errors_never_stale_bytes() {
+        let b = body();
+        // Overlapping pieces that add up to the request length, leaving 10 stale bytes.
+        let mut s = data(0, 1, BASE, &b[..60]);
+        s.extend(data(REPLY_FLAG_DONE, 1, BASE + 50, &b[50..90]));
+        assert!(run(s).unwrap_err().contains("reply chunks overlap"));
+        // A hole over data already received.
+        let mut s = data(0, 1, BASE, &b[..60]);
+        s.extend(encode_offset_hole(REPLY_FLAG_DONE, 1, BASE + 59, 41).unwrap());
+        assert!(run(s).unwrap_err().contains("reply chunks overlap"));
+        // Done before every byte came.
+        let s = data(REPLY_FLAG_DONE, 1, BASE, &b[..99]);
+        assert!(run(s).unwrap_err().contains("does not cover the request"));
+        // Outside the request, before and after it.
+        assert!(run(data(REPLY_FLAG_DONE, 1, BASE - 1, &b)).unwrap_err().contains("outside the requested range"));
+        assert!(run(data(REPLY_FLAG_DONE, 1, BASE + 1, &b)).unwrap_err().contains("outside the requested range"));
+        assert!(run(data(REPLY_FLAG_DONE, 1, u64::MAX - 10, &b[..20])).unwrap_err().contains("outside the requested range"));
+        // Another cookie, and data cut short by the end of the stream.
+        assert!(run(data(REPLY_FLAG_DONE, 7, BASE, &b)).unwrap_err().contains("unknown cookie"));
+        let mut s = data(REPLY_FLAG_DONE, 1, BASE, &b);
+        s.truncate(s.len() - 1);
+        assert!(run(s).unwrap_err().starts_with("connection lost"));
+        // A server error chunk wins over the data.
+        let mut s = data(0, 1, BASE, &b);
+        s.extend(encode_error_chunk(REPLY_FLAG_DONE, 1, 5, "disk on fire").unwrap());
+        assert_eq!(run(s), Err("server error 5: disk on fire".into()));
     }
 }
