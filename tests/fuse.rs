@@ -80,11 +80,15 @@ impl Mount {
 }
 
 impl Drop for Mount {
+    /// Also after `wait`: a mount whose process died (a failed assertion about a signal) is
+    /// still in the mount table and must not outlive the test.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
             let _ = c.kill();
             let _ = c.wait();
+        } else if is_mounted(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
     }
 }
