@@ -210,3 +210,94 @@ fn incremental_from_qemu_storage_daemon_with_freeze_and_rotate() {
     repo.run(&["restore", "vm2", "--to", out.to_str().unwrap()]).ok();
     assert_same(&out, &now);
 }
+
+/// Forwards connections on `listen` to the NBD server at `upstream`, and cuts every connection
+/// once the server has sent `budget` bytes in all: a server that goes away in the middle of a
+/// pull. Returns the stop flag and the accept thread.
+fn cutting_proxy(listen: &Path, upstream: &Path, budget: u64) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
+    l.set_nonblocking(true).unwrap();
+    let (stop, left) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(budget)));
+    let (stop2, upstream) = (stop.clone(), upstream.to_path_buf());
+    let t = std::thread::spawn(move || {
+        let start = Instant::now();
+        while !stop2.load(Ordering::SeqCst) && start.elapsed() < Duration::from_secs(120) {
+            let Ok((c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            c.set_nonblocking(false).unwrap();
+            let s = UnixStream::connect(&upstream).unwrap();
+            let (mut c_rd, mut s_wr) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_rd, &mut s_wr);
+                let _ = s_wr.shutdown(std::net::Shutdown::Both);
+            });
+            let left = left.clone();
+            std::thread::spawn(move || {
+                let (mut s, mut c) = (s, c);
+                let mut buf = vec![0u8; 64 << 10];
+                loop {
+                    let n = match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let before = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n as u64))).unwrap_or(0);
+                    let allowed = before.min(n as u64) as usize;
+                    if c.write_all(&buf[..allowed]).is_err() || allowed < n {
+                        break;
+                    }
+                }
+                let _ = c.shutdown(std::net::Shutdown::Both);
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (stop, t)
+}
+
+/// The server goes away in the middle of a pull: one clear line, a non-zero exit, no backup
+/// committed; the next run against the server reads everything and restores byte-identical.
+#[test]
+fn connection_lost_mid_pull_commits_nothing() {
+    require("qemu-nbd", "qemu-utils");
+    let repo = Repo::new();
+    let raw = repo.tmp("disk.img");
+    let mut x = 0x9e3779b97f4a7c15u64;
+    let bytes: Vec<u8> = (0..(48u64 << 20) / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(&raw, &bytes).unwrap();
+    let qcow = repo.tmp("disk.qcow2");
+    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow));
+    let (g, uri) = qemu_nbd(repo.dir.path(), &qcow, None);
+    let upstream = PathBuf::from(uri.split("socket=").nth(1).unwrap());
+    let proxy = repo.tmp("proxy.sock");
+    let (stop, t) = cutting_proxy(&proxy, &upstream, 16 << 20);
+
+    let r = repo.run(&["backup", "vm1", "--disk", &format!("root=nbd+unix:///root?socket={}", proxy.display())]);
+    let line = r.err();
+    assert!(line.starts_with("holdfast: error: read error on nbd+unix:///root?socket=") && line.contains("connection lost"), "{line}");
+    assert_ne!(r.code, 0);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    t.join().unwrap();
+    let listed = repo.run(&["--json", "backups"]).ok().json();
+    assert_eq!(listed.as_array().map(|a| a.len()), Some(0), "nothing committed: {listed}");
+
+    // qemu-nbd without -t ends with its client; a fresh one for the re-run.
+    drop(g);
+    let (_g, uri) = qemu_nbd(repo.dir.path(), &qcow, None);
+    let b = repo.backup_args(&["vm1", "--disk", &format!("root={uri}")]);
+    assert_eq!(u(&b, "/stats/read_bytes"), 48 << 20);
+    let out = repo.tmp("out.img");
+    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]).ok();
+    assert_same(&out, &raw);
+}
