@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running export, stopped with SIGTERM (by its own PID) on drop.
+/// A running export; `stop` signals it by its own PID, drop kills it.
 struct Served {
     child: Child,
     sock: PathBuf,
@@ -28,14 +28,14 @@ impl Served {
         let uri = line.trim().rsplit(' ').next().unwrap().to_string();
         Served { child, sock: sock.to_path_buf(), uri }
     }
-    fn stop(mut self) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    fn stop(mut self, sig: i32) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
         let t = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "export did not stop on SIGTERM");
+            assert!(t.elapsed() < Duration::from_secs(20), "export did not stop on signal {sig}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -137,7 +137,11 @@ fn export_serves_a_backup_to_real_clients() {
     assert_same(&via_qemu, &base);
 
     let sock = s.sock.clone();
-    assert!(s.stop().success(), "SIGTERM is a clean exit");
+    assert!(s.stop(libc::SIGTERM).success(), "SIGTERM is a clean exit");
+    assert!(!sock.exists(), "the socket is removed on exit");
+    // Ctrl-C the moment the export says it is serving: caught already, a clean exit too.
+    let s = Served::start(&repo, "vm1", &sock, &[]);
+    assert!(s.stop(libc::SIGINT).success(), "SIGINT is a clean exit");
     assert!(!sock.exists(), "the socket is removed on exit");
 }
 
@@ -189,7 +193,7 @@ fn reads_cold_and_cached_with_simple_and_structured_replies() {
             }
         }
     });
-    assert!(s.stop().success());
+    assert!(s.stop(libc::SIGTERM).success());
 }
 
 #[test]
@@ -214,7 +218,7 @@ fn writable_export_writes_to_an_overlay_never_the_store() {
     // ...while another export of the same backup, and the store, are untouched.
     let out = sh(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &ro.uri]).arg(&base));
     assert!(out.contains("identical"), "{out}");
-    assert!(w.stop().success());
+    assert!(w.stop(libc::SIGTERM).success());
     drop(ro);
     let v = repo.run(&["--json", "verify"]).ok().json();
     assert_eq!(v["damaged"].as_array().unwrap().len(), 0);

@@ -88,6 +88,10 @@ pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(blocking).enable_all().build().map_err(|e| Error::io("start the runtime", e))?;
     let mode = if a.writable { "writable (overlay)" } else { "read-only" };
     let result = rt.block_on(async {
+        // Caught before the "serving" line: a signal right after it must stop cleanly.
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("catch SIGINT", e))?;
+        let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("catch SIGTERM", e))?;
         let stop = server.shutdown_handle();
         let serve = match &listen {
             Listen::Unix(p) => {
@@ -104,9 +108,8 @@ pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
         };
         use std::io::Write;
         let _ = std::io::stdout().flush();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).map_err(|e| Error::io("signals", e))?;
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         stop.shutdown();

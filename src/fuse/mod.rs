@@ -574,27 +574,14 @@ pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ready: impl F
     config.acl = if cfg.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    // SIGINT and SIGTERM are caught from before the mount exists: a signal the moment the
-    // mount is ready must unmount it, not kill the process and leave a stale mount.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Error::io("start the signal handler", e))?;
-    let signals = {
-        use tokio::signal::unix::{signal, SignalKind};
-        let _in_rt = rt.enter();
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    };
-    let (Ok(mut int), Ok(mut term)) = signals else {
-        return Err(Error::io("catch SIGINT and SIGTERM", std::io::Error::other("signal handler refused")));
-    };
+    // Caught from before the mount exists: a signal the moment the mount is ready must
+    // unmount it, not kill the process and leave a stale mount.
+    let mut signals = crate::jobs::Signals::catch().map_err(|e| Error::io("catch SIGINT and SIGTERM", e))?;
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| Error::io(format!("mount FUSE at {}", mountpoint.display()), e))?;
     ready();
     let at = mountpoint.to_path_buf();
     let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
-        rt.block_on(async {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
-            }
-        });
+        signals.wait();
         if let Err(e) = unmount(&at, false) {
             // Busy: detach now; the mount ends when the last open file closes.
             eprintln!("holdfast: {e}; detaching it instead");

@@ -48,33 +48,49 @@ pub(crate) fn test_point(stage: &str) -> crate::Result<()> {
 
 static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// SIGINT and SIGTERM, caught from the moment `catch` returns (they no longer end the process
+/// by default), on a small runtime of their own so any thread can wait for them.
+pub struct Signals {
+    rt: tokio::runtime::Runtime,
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn catch() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (int, term) = {
+            let _in_rt = rt.enter();
+            (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+        };
+        Ok(Signals { rt, int, term })
+    }
+
+    /// Block until the next SIGINT or SIGTERM.
+    pub fn wait(&mut self) {
+        let Signals { rt, int, term } = self;
+        rt.block_on(async {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        });
+    }
+}
+
 /// From now on, the first SIGINT or SIGTERM asks the running job to stop cleanly (a backup
 /// stops reading, commits nothing, and a backup of a running VM tears down what it made in
 /// QEMU); a second one ends the process at once (exit 130).
 pub fn catch_interrupts() {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let spawned = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        rt.block_on(async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else { return };
-            let _ = ready_tx.send(());
-            for n in 0.. {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-                if n > 0 {
-                    std::process::exit(130);
-                }
-                eprintln!("holdfast: interrupted: stopping cleanly (again to quit at once)");
-                INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-            }
-        });
+    let Ok(mut signals) = Signals::catch() else { return };
+    let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
+        signals.wait();
+        eprintln!("holdfast: interrupted: stopping cleanly (again to quit at once)");
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        signals.wait();
+        std::process::exit(130);
     });
-    if spawned.is_ok() {
-        let _ = ready_rx.recv_timeout(std::time::Duration::from_secs(2));
-    }
 }
 
 /// True once an interrupt asked the job to stop.

@@ -21,7 +21,7 @@ const STATUS_STEP: u64 = 1 << 30;
 pub struct NbdSource {
     uri: String,
     rt: tokio::runtime::Runtime,
-    clients: Vec<Arc<Client>>,
+    clients: Arc<[Arc<Client>]>,
     size: u64,
     bitmap: Option<String>,
 }
@@ -55,7 +55,7 @@ impl NbdSource {
             }
         }
         let size = clients[0].size();
-        Ok(NbdSource { uri: uri.to_string(), rt, clients, size, bitmap: bitmap.map(String::from) })
+        Ok(NbdSource { uri: uri.to_string(), rt, clients: clients.into(), size, bitmap: bitmap.map(String::from) })
     }
 
     /// Ranges of one context whose flags match `want`, merged.
@@ -146,7 +146,7 @@ impl Source for NbdSource {
 /// Read one job: its ranges in request-sized pieces spread over the connections starting at
 /// `turn`, every request sent before the first reply is awaited. The buffer is split into
 /// pieces of the same allocation and joined again, so replies land where the job keeps them.
-async fn read_job(clients: Vec<Arc<Client>>, turn: usize, mut job: ReadJob, uri: String) -> Result<ReadJob, SourceError> {
+async fn read_job(clients: Arc<[Arc<Client>]>, turn: usize, mut job: ReadJob, uri: String) -> Result<ReadJob, SourceError> {
     let mut rest = std::mem::take(&mut job.buf);
     let total = rest.len();
     let mut parts: Vec<(BytesMut, Option<u64>)> = Vec::new(); // Some(disk offset): to read
