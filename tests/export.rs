@@ -196,6 +196,25 @@ fn reads_cold_and_cached_with_simple_and_structured_replies() {
     assert!(s.stop(libc::SIGTERM).success());
 }
 
+/// The smallest cache (`--cache 1M` is raised to 256 chunks) under nbdcopy's 4 connections,
+/// whose streams evict each other's read-ahead: still every byte, twice over.
+#[test]
+fn a_small_cache_still_serves_every_byte() {
+    require("nbdcopy", "libnbd-bin");
+    let d = disks();
+    let base = d.join("base.img");
+    assert!(std::fs::metadata(&base).unwrap().len() > 64 << 20, "the disk must be larger than the cache");
+    let repo = Repo::new();
+    repo.backup("vm1", &[("root", &base)]);
+    let s = Served::start(&repo, "vm1", &repo.tmp("e.sock"), &["--cache", "1M"]);
+    for pass in 0..2 {
+        let f = repo.tmp(&format!("copy{pass}.img"));
+        sh(Command::new("nbdcopy").args(["-C", "4"]).arg(&s.uri).arg(&f));
+        assert_same(&f, &base);
+    }
+    assert!(s.stop(libc::SIGTERM).success());
+}
+
 #[test]
 fn writable_export_writes_to_an_overlay_never_the_store() {
     require("qemu-io", "qemu-utils");
@@ -245,4 +264,6 @@ fn export_bad_input() {
     assert!(r.err().contains("has no disk \"nope\""), "{}", r.stderr);
     let r = repo.run(&["export", "vm1", "--listen", "tcp:0", "--keep-overlay", "/tmp/o"]);
     assert!(r.err().contains("--keep-overlay needs --writable"), "{}", r.stderr);
+    let r = repo.run(&["export", "vm1", "--listen", "tcp:0", "--cache", "lots"]);
+    assert!(r.err().contains("--cache: \"lots\" is not a size; write e.g. 512M or 4G"), "{}", r.stderr);
 }

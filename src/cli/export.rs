@@ -47,6 +47,8 @@ pub struct ExportArgs<'a> {
     pub listen: &'a str,
     pub writable: bool,
     pub keep_overlay: Option<&'a Path>,
+    /// Memory for decoded chunks.
+    pub cache_bytes: u64,
 }
 
 pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
@@ -64,7 +66,10 @@ pub fn run(repo_dir: &Path, a: ExportArgs<'_>) -> Result<()> {
     repo.sync()?;
     let m = repo.resolve(a.spec)?;
     let disk = crate::jobs::restore::pick_disk(&m, a.disk)?.clone();
-    let reader = ImageReader::open(repo.clone(), &disk, 1024)?;
+    // Counted in chunks of the repository's average size; at least a few segments' worth.
+    let avg = u64::from(repo.config.chunker.avg_size.max(1));
+    let cache_chunks = usize::try_from(a.cache_bytes / avg).unwrap_or(usize::MAX).max(256);
+    let reader = ImageReader::open(repo.clone(), &disk, cache_chunks)?;
     let tmp_dir;
     let overlay = if a.writable {
         let (path, keep) = match a.keep_overlay {

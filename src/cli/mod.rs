@@ -179,6 +179,10 @@ exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
         /// Keep the overlay at PATH (and its map at PATH.map) on exit
         #[arg(long, value_name = "PATH")]
         keep_overlay: Option<PathBuf>,
+        /// Memory for decoded chunks, e.g. 64M, 1G. Clients that read several streams at once
+        /// (nbdcopy: 4 connections) need room for each stream's read-ahead (16 MiB)
+        #[arg(long, value_name = "SIZE", default_value = "256M")]
+        cache: String,
     },
     /// Browse every backup as a read-only filesystem, down to the files inside the guests
     #[command(after_help = "Layout:\n  MOUNTPOINT/<vm>/latest                 the newest backup (a symlink)\n  \
@@ -404,8 +408,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             repo.sync()?;
             out.stats(&jobs::stats::stats(&repo, price)?);
         }
-        Cmd::Export { spec, disk, listen, writable, keep_overlay } => {
-            let args = export::ExportArgs { spec: &spec, disk: disk.as_deref(), listen: &listen, writable, keep_overlay: keep_overlay.as_deref() };
+        Cmd::Export { spec, disk, listen, writable, keep_overlay, cache } => {
+            let cache_bytes = parse_size(&cache).map_err(|e| Error::Invalid(format!("--cache: {e}")))?;
+            let args = export::ExportArgs { spec: &spec, disk: disk.as_deref(), listen: &listen, writable, keep_overlay: keep_overlay.as_deref(), cache_bytes };
             export::run(&repo_dir, args)?;
         }
         Cmd::Mount { mountpoint, vm, private } => {

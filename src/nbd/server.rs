@@ -92,7 +92,30 @@ trait Listen {
 impl Listen for UnixListener {
     type Stream = tokio::net::UnixStream;
     async fn accept_one(&self) -> io::Result<Self::Stream> {
-        Ok(self.accept().await?.0)
+        let s = self.accept().await?.0;
+        grow_send_buffer(&s);
+        Ok(s)
+    }
+}
+
+/// Bytes a unix connection may queue towards its client.
+const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
+
+/// A unix socket queues at most its sender's buffer (208 KiB by default, `net.core.wmem_default`),
+/// so a 1 MiB reply wakes the connection's writer five times. 4 MiB halves the context
+/// switches of a sequential copy. Root may go past `net.core.wmem_max` (SO_SNDBUFFORCE);
+/// anyone else gets what that limit allows. Best effort: a failure keeps the default.
+fn grow_send_buffer(s: &tokio::net::UnixStream) {
+    use std::os::fd::AsRawFd;
+    let n = UNIX_SEND_BUFFER;
+    let set = |opt| {
+        // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int; the fd is open.
+        unsafe {
+            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, (&raw const n).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        }
+    };
+    if set(libc::SO_SNDBUFFORCE) != 0 {
+        set(libc::SO_SNDBUF);
     }
 }
 
