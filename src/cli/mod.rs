@@ -179,8 +179,9 @@ exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
         /// Keep the overlay at PATH (and its map at PATH.map) on exit
         #[arg(long, value_name = "PATH")]
         keep_overlay: Option<PathBuf>,
-        /// Memory for decoded chunks, e.g. 64M, 1G. Clients that read several streams at once
-        /// (nbdcopy: 4 connections) need room for each stream's read-ahead (16 MiB)
+        /// Memory for decoded chunks, e.g. 64M, 1G (at least 256 chunks). Clients that read
+        /// several streams at once (nbdcopy: 4 connections) need room for each stream's
+        /// read-ahead (16 MiB)
         #[arg(long, value_name = "SIZE", default_value = "256M")]
         cache: String,
     },

@@ -207,12 +207,12 @@ impl Repo {
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
         let stored = self.store.get_range(&pack::pack_key(&hex::encode(loc.pack)), loc.offset, loc.stored_len as usize)?;
-        let codec = Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))?;
+        let codec = codec_of(id, loc)?;
         Ok(chunk::decode_owned(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
     }
 
     fn decode_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc, stored: &[u8]) -> Result<Vec<u8>> {
-        let codec = Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))?;
+        let codec = codec_of(id, loc)?;
         Ok(chunk::decode(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
     }
 
@@ -357,4 +357,9 @@ impl Drop for Repo {
             let _ = LocalStore::new(&self.dir).put(REQUESTS_FILE, &json);
         }
     }
+}
+
+/// The codec a catalog location names; an unknown one means the catalog or pack is damaged.
+fn codec_of(id: &BlobId, loc: &ChunkLoc) -> Result<Codec> {
+    Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))
 }
