@@ -7,7 +7,18 @@ use std::hint::black_box;
 
 /// 16 MiB of mixed data: text-like runs (compressible) and random runs.
 fn sample() -> Vec<u8> {
-    let words: Vec<&[u8]> = [&b"disk "[..], b"backup ", b"segment ", b"chunk ", b"kernel ", b"the ", b"of ", b"0x1f2e ", b"\n"].to_vec();
+    let words: Vec<&[u8]> = [
+        &b"disk "[..],
+        b"backup ",
+        b"segment ",
+        b"chunk ",
+        b"kernel ",
+        b"the ",
+        b"of ",
+        b"0x1f2e ",
+        b"\n",
+    ]
+    .to_vec();
     let mut x: u64 = 0x9e3779b97f4a7c15;
     let mut next = || {
         x ^= x << 13;
@@ -38,8 +49,16 @@ fn pipeline(c: &mut Criterion) {
     let mut g = c.benchmark_group("chunk");
     g.throughput(Throughput::Bytes(data.len() as u64));
     g.sample_size(10);
-    g.bench_function("cut", |b| b.iter(|| data.chunks(p.segment_size as usize).map(|s| p.cut(s).len()).sum::<usize>()));
-    g.bench_function("hash", |b| b.iter(|| black_box(k.id(BlobKind::Chunk, &data))));
+    g.bench_function("cut", |b| {
+        b.iter(|| {
+            data.chunks(p.segment_size as usize)
+                .map(|s| p.cut(s).len())
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("hash", |b| {
+        b.iter(|| black_box(k.id(BlobKind::Chunk, &data)))
+    });
     for level in [1, 3] {
         g.bench_function(format!("cut+hash+zstd{level}"), |b| {
             b.iter(|| {
@@ -62,11 +81,26 @@ fn image_reader(c: &mut Criterion) {
     use holdfast::jobs::{backup, NoProgress};
     use holdfast::repo::Repo;
     let d = tempfile::tempdir().unwrap();
-    let repo = std::sync::Arc::new(Repo::init(&d.path().join("repo"), ChunkerParams::default(), 1).unwrap());
+    let repo = std::sync::Arc::new(
+        Repo::init(&d.path().join("repo"), ChunkerParams::default(), 1).unwrap(),
+    );
     let img = d.path().join("x.img");
     std::fs::write(&img, sample()).unwrap();
     let src = holdfast::source::FileSource::open(&img).unwrap();
-    let m = backup::backup(&repo, "bench", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None, origin: None }], &Default::default(), &NoProgress).unwrap();
+    let m = backup::backup(
+        &repo,
+        "bench",
+        vec![backup::DiskSpec {
+            name: "d".into(),
+            source: Box::new(src),
+            since: None,
+            checkpoint: None,
+            origin: None,
+        }],
+        &Default::default(),
+        &NoProgress,
+    )
+    .unwrap();
     let mut g = c.benchmark_group("image");
     g.throughput(Throughput::Bytes(16 << 20));
     g.sample_size(10);
@@ -84,7 +118,9 @@ fn image_reader(c: &mut Criterion) {
     let mut buf = vec![0u8; 4096];
     r.read_at(&mut buf, 0).unwrap();
     g.throughput(Throughput::Bytes(4096));
-    g.bench_function("4 KiB read, warm cache", |b| b.iter(|| r.read_at(&mut buf, 8192).unwrap()));
+    g.bench_function("4 KiB read, warm cache", |b| {
+        b.iter(|| r.read_at(&mut buf, 8192).unwrap())
+    });
     g.finish();
 }
 

@@ -20,7 +20,9 @@ pub enum Error {
     Qmp(#[from] crate::qmp::QmpError),
     #[error("{0}")]
     Busy(String),
-    #[error("interrupted (SIGINT/SIGTERM): nothing was committed; run the command again to finish")]
+    #[error(
+        "interrupted (SIGINT/SIGTERM): nothing was committed; run the command again to finish"
+    )]
     Interrupted,
     #[error("{0}")]
     NotFound(String),
@@ -41,7 +43,10 @@ impl Error {
         if source.raw_os_error() == Some(libc::ENOSPC) {
             return Error::Store(crate::store::StoreError::Full(what.into()));
         }
-        Error::Io { what: what.into(), source }
+        Error::Io {
+            what: what.into(),
+            source,
+        }
     }
 
     /// Process exit code: 1 for errors, 3 for damaged data, 4 for a busy VM or repository.

@@ -12,11 +12,11 @@
 #[cfg(feature = "appliance")]
 pub mod catalog;
 pub mod chunk;
-pub mod guestfs;
-#[cfg(feature = "appliance")]
-pub mod fuse;
 #[cfg(feature = "appliance")]
 pub mod cli;
+#[cfg(feature = "appliance")]
+pub mod fuse;
+pub mod guestfs;
 #[cfg(feature = "appliance")]
 pub mod image;
 #[cfg(feature = "appliance")]

@@ -13,11 +13,16 @@ pub fn check(kind: &'static str, name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
     if ok {
         Ok(())
     } else {
-        Err(NameError::Invalid { kind, name: name.to_string() })
+        Err(NameError::Invalid {
+            kind,
+            name: name.to_string(),
+        })
     }
 }
 

@@ -13,46 +13,117 @@ fn clear_errors_for_bad_input() {
     let disk = format!("root={}", base.display());
 
     let r = repo.run(&["backup", "vm1", "--disk", "root=/nonexistent/disk.img"]);
-    assert!(r.err().contains("cannot open disk image /nonexistent/disk.img") && r.err().contains("check the path"), "{}", r.stderr);
+    assert!(
+        r.err()
+            .contains("cannot open disk image /nonexistent/disk.img")
+            && r.err().contains("check the path"),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["backup", "vm1", "--disk", &format!("root={}", d.display())]);
-    assert!(r.err().contains("is not a regular file or block device"), "{}", r.stderr);
+    assert!(
+        r.err().contains("is not a regular file or block device"),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["backup", "bad name", "--disk", &disk]);
-    assert!(r.err().contains("invalid VM name \"bad name\""), "{}", r.stderr);
-    let r = repo.run(&["backup", "vm1", "--disk", &format!("a/b={}", base.display())]);
-    assert!(r.err().contains("invalid disk name \"a/b\""), "{}", r.stderr);
+    assert!(
+        r.err().contains("invalid VM name \"bad name\""),
+        "{}",
+        r.stderr
+    );
+    let r = repo.run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("a/b={}", base.display()),
+    ]);
+    assert!(
+        r.err().contains("invalid disk name \"a/b\""),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["backup", "vm1", "--disk", base.to_str().unwrap()]);
     assert!(r.err().contains("must be NAME=PATH"), "{}", r.stderr);
     let r = repo.run(&["backup", "vm1", "--disk", &disk, "--disk", &disk]);
     assert!(r.err().contains("disk root is given twice"), "{}", r.stderr);
     let r = repo.run(&["restore", "ghost", "--to", "/tmp/x.img"]);
-    assert!(r.err().contains("no backups of VM \"ghost\""), "{}", r.stderr);
+    assert!(
+        r.err().contains("no backups of VM \"ghost\""),
+        "{}",
+        r.stderr
+    );
     repo.backup("vm1", &[("root", &base)]);
     let r = repo.run(&["show", "vm1@20001122"]);
-    assert!(r.err().contains("VM vm1 has no backup \"20001122\""), "{}", r.stderr);
+    assert!(
+        r.err().contains("VM vm1 has no backup \"20001122\""),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["restore", "vm1", "--disk", "nope", "--to", "/tmp/x.img"]);
-    assert!(r.err().contains("has no disk \"nope\"; it has: root"), "{}", r.stderr);
+    assert!(
+        r.err().contains("has no disk \"nope\"; it has: root"),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["restore", "vm1", "--to", "/nonexistent-dir/x.img"]);
-    assert!(r.err().contains("directory /nonexistent-dir does not exist"), "{}", r.stderr);
+    assert!(
+        r.err()
+            .contains("directory /nonexistent-dir does not exist"),
+        "{}",
+        r.stderr
+    );
     let r = repo.run(&["verify", "--sample", "0"]);
-    assert!(r.err().contains("--sample 0 must be a percentage"), "{}", r.stderr);
-    assert_eq!(repo.run(&["--json", "backups"]).ok().json().as_array().unwrap().len(), 1, "failed backups leave nothing visible");
+    assert!(
+        r.err().contains("--sample 0 must be a percentage"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        repo.run(&["--json", "backups"])
+            .ok()
+            .json()
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "failed backups leave nothing visible"
+    );
 
     // Not a repository, and a damaged config.
     let empty = tempfile::tempdir().unwrap();
-    let r = Repo { dir: tempfile::tempdir().unwrap(), env: Vec::new() };
-    let out = std::process::Command::new(BIN).args(["--repo", empty.path().to_str().unwrap(), "backups"]).output().unwrap();
+    let r = Repo {
+        dir: tempfile::tempdir().unwrap(),
+        env: Vec::new(),
+    };
+    let out = std::process::Command::new(BIN)
+        .args(["--repo", empty.path().to_str().unwrap(), "backups"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
-    assert!(err.contains("is not a holdfast repository (no config); create one with `holdfast init"), "{err}");
+    assert!(
+        err.contains("is not a holdfast repository (no config); create one with `holdfast init"),
+        "{err}"
+    );
     drop(r);
     let cfg = repo.path().join("config");
     let good = fs::read(&cfg).unwrap();
     fs::write(&cfg, &good[..good.len() / 2]).unwrap();
     let r = repo.run(&["backups"]);
-    assert!(r.err().contains("config is damaged: not valid JSON") && r.err().contains("restore it from a copy"), "{}", r.stderr);
+    assert!(
+        r.err().contains("config is damaged: not valid JSON")
+            && r.err().contains("restore it from a copy"),
+        "{}",
+        r.stderr
+    );
     fs::write(&cfg, &good).unwrap();
     let r = repo.run(&["init"]);
-    assert!(r.err().contains("already holds a holdfast repository"), "{}", r.stderr);
+    assert!(
+        r.err().contains("already holds a holdfast repository"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -61,7 +132,12 @@ fn a_second_operation_on_the_same_vm_fails_at_once_naming_the_first() {
     let repo = Repo::new();
     let flag = repo.tmp("release");
     let mut first = repo
-        .cmd(&["backup", "vm1", "--disk", &format!("root={}", d.join("base.img").display())])
+        .cmd(&[
+            "backup",
+            "vm1",
+            "--disk",
+            &format!("root={}", d.join("base.img").display()),
+        ])
         .env("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT", &flag)
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -73,14 +149,32 @@ fn a_second_operation_on_the_same_vm_fails_at_once_naming_the_first() {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    assert!(waiting.exists(), "the first backup never reached its pause point");
+    assert!(
+        waiting.exists(),
+        "the first backup never reached its pause point"
+    );
     let t = std::time::Instant::now();
-    let r = repo.run(&["backup", "vm1", "--disk", &format!("root={}", d.join("second.img").display())]);
+    let r = repo.run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("root={}", d.join("second.img").display()),
+    ]);
     assert!(t.elapsed().as_secs() < 10, "must fail at once");
     assert_eq!(r.code, 4);
     let e = r.err();
-    assert!(e.contains("VM vm1 is busy: a backup (pid") && e.contains("% done") && e.contains("wait for it to finish"), "{e}");
-    let r = repo.run(&["restore", "vm1", "--to", repo.tmp("x.img").to_str().unwrap()]);
+    assert!(
+        e.contains("VM vm1 is busy: a backup (pid")
+            && e.contains("% done")
+            && e.contains("wait for it to finish"),
+        "{e}"
+    );
+    let r = repo.run(&[
+        "restore",
+        "vm1",
+        "--to",
+        repo.tmp("x.img").to_str().unwrap(),
+    ]);
     assert!(r.code != 0);
     // Another VM is not blocked.
     repo.backup("vm2", &[("root", &d.join("second.img"))]);
@@ -93,8 +187,15 @@ fn disk_full_commits_nothing_and_says_so() {
     require("mount", "mount");
     let d = disks();
     let mnt = tempfile::tempdir().unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(mnt.path()).status().unwrap();
-    assert!(st.success(), "mounting a tmpfs failed (the tests run as root)");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"])
+        .arg(mnt.path())
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "mounting a tmpfs failed (the tests run as root)"
+    );
     struct Unmount<'a>(&'a std::path::Path);
     impl Drop for Unmount<'_> {
         fn drop(&mut self) {
@@ -103,15 +204,33 @@ fn disk_full_commits_nothing_and_says_so() {
     }
     let _u = Unmount(mnt.path());
     let repo_dir = mnt.path().join("repo");
-    let run = |args: &[&str]| std::process::Command::new(BIN).arg("--repo").arg(&repo_dir).args(args).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .arg("--repo")
+            .arg(&repo_dir)
+            .args(args)
+            .output()
+            .unwrap()
+    };
     assert!(run(&["init"]).status.success());
-    let out = run(&["backup", "vm1", "--disk", &format!("root={}", d.join("base.img").display())]);
+    let out = run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("root={}", d.join("base.img").display()),
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("disk full while writing") && err.contains("nothing was committed"), "{err}");
+    assert!(
+        err.contains("disk full while writing") && err.contains("nothing was committed"),
+        "{err}"
+    );
     let list = run(&["--json", "backups"]);
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), "[]");
-    let leftovers: Vec<_> = walk(&repo_dir).into_iter().filter(|p| p.to_string_lossy().contains(".tmp.")).collect();
+    let leftovers: Vec<_> = walk(&repo_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(".tmp."))
+        .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
 

@@ -27,7 +27,12 @@ fn random_image(path: &Path, mib: u64, seed: u64) {
 }
 
 fn backups(repo: &Repo) -> usize {
-    repo.run(&["--json", "backups"]).ok().json().as_array().unwrap().len()
+    repo.run(&["--json", "backups"])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .len()
 }
 
 #[test]
@@ -39,7 +44,10 @@ fn crashes_leave_earlier_backups_intact_and_reruns_reuse_what_was_stored() {
     random_image(&img, 72, 1);
     let disk = format!("root={}", img.display());
     for n in ["1", "3"] {
-        let r = repo.run_env(&["backup", "vm1", "--disk", &disk], &[("HOLDFAST_TEST_CRASH_AFTER_PACKS", n)]);
+        let r = repo.run_env(
+            &["backup", "vm1", "--disk", &disk],
+            &[("HOLDFAST_TEST_CRASH_AFTER_PACKS", n)],
+        );
         assert!(r.code != 0, "the backup must have been aborted");
         assert_eq!(backups(&repo), 1, "an aborted backup is not visible");
         repo.run(&["verify"]).ok();
@@ -48,22 +56,46 @@ fn crashes_leave_earlier_backups_intact_and_reruns_reuse_what_was_stored() {
     for (i, ms) in [150u64, 600, 1500].iter().enumerate() {
         let img2 = repo.tmp(&format!("kill{i}.img"));
         random_image(&img2, 40, 10 + i as u64);
-        let mut child = repo.cmd(&["backup", "vm2", "--disk", &format!("root={}", img2.display())]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = repo
+            .cmd(&[
+                "backup",
+                "vm2",
+                "--disk",
+                &format!("root={}", img2.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(*ms));
         let _ = child.kill();
         let status = child.wait().unwrap();
         let v = repo.run(&["--json", "verify"]).ok().json();
-        assert_eq!(v["damaged"].as_array().unwrap().len(), 0, "after kill at {ms} ms ({status:?})");
+        assert_eq!(
+            v["damaged"].as_array().unwrap().len(),
+            0,
+            "after kill at {ms} ms ({status:?})"
+        );
     }
     let b1 = repo.backup("vm1", &[("root", &img)]);
     let data = u(&b1, "/stats/data_bytes");
     let new = u(&b1, "/stats/new_raw_bytes");
-    assert!(new + (40 << 20) < data, "the re-run must reuse the >= 3 packs the crashed runs stored: new {new} of {data}");
+    assert!(
+        new + (40 << 20) < data,
+        "the re-run must reuse the >= 3 packs the crashed runs stored: new {new} of {data}"
+    );
     let out = repo.tmp("out.img");
-    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &img);
     let out0 = repo.tmp("out0.img");
-    repo.run(&["restore", &format!("vm1@{}", b0["id"].as_str().unwrap()), "--to", out0.to_str().unwrap()]).ok();
+    repo.run(&[
+        "restore",
+        &format!("vm1@{}", b0["id"].as_str().unwrap()),
+        "--to",
+        out0.to_str().unwrap(),
+    ])
+    .ok();
     assert_same(&out0, &d.join("base.img"));
 }
 
@@ -90,7 +122,10 @@ fn a_flipped_byte_is_found_and_never_restored() {
     let m = repo.backup("vm1", &[("root", &base)]);
     let id = m["id"].as_str().unwrap();
     let packs: Vec<_> = walk(&repo.path().join("packs"));
-    let pack = packs.iter().max_by_key(|p| fs::metadata(p).unwrap().len()).unwrap();
+    let pack = packs
+        .iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
     let mut bytes = fs::read(pack).unwrap();
     let (off, len) = first_chunk_in_pack(&bytes);
     bytes[off + len / 2] ^= 0x01;
@@ -102,22 +137,41 @@ fn a_flipped_byte_is_found_and_never_restored() {
     let dmg = &v["damaged"][0];
     assert_eq!(dmg["kind"], "chunk");
     let a = &dmg["affects"][0];
-    assert_eq!((a["vm"].as_str(), a["backup"].as_str(), a["disk"].as_str()), (Some("vm1"), Some(id), Some("root")));
+    assert_eq!(
+        (a["vm"].as_str(), a["backup"].as_str(), a["disk"].as_str()),
+        (Some("vm1"), Some(id), Some("root"))
+    );
     // The reported range really is where that chunk sits on the disk: its keyed hash matches.
-    let cfg: serde_json::Value = serde_json::from_slice(&fs::read(repo.path().join("config")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&fs::read(repo.path().join("config")).unwrap()).unwrap();
     let key: [u8; 32] = hex_to_key(cfg["id_key"].as_str().unwrap());
     let img = fs::read(&base).unwrap();
     let (o, l) = (u(a, "/offset") as usize, u(a, "/len") as usize);
-    assert_eq!(blake3::keyed_hash(&key, &img[o..o + l]).to_hex().as_str(), dmg["blob"].as_str().unwrap());
+    assert_eq!(
+        blake3::keyed_hash(&key, &img[o..o + l]).to_hex().as_str(),
+        dmg["blob"].as_str().unwrap()
+    );
     let text = repo.run(&["verify"]);
-    assert!(text.stderr.contains(&format!("affects vm1@{id} disk root bytes {o}..{}", o + l)), "{}", text.stderr);
+    assert!(
+        text.stderr
+            .contains(&format!("affects vm1@{id} disk root bytes {o}..{}", o + l)),
+        "{}",
+        text.stderr
+    );
 
     let out = repo.tmp("restored.img");
     let r = repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]);
     assert_eq!(r.code, 3);
-    assert!(r.err().contains("damaged data") && r.err().contains(&format!("disk offset {o}")), "{}", r.stderr);
+    assert!(
+        r.err().contains("damaged data") && r.err().contains(&format!("disk offset {o}")),
+        "{}",
+        r.stderr
+    );
     assert!(!out.exists(), "a failed restore leaves no file");
-    assert!(fs::read_dir(repo.dir.path()).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().contains("holdfast-partial")));
+    assert!(fs::read_dir(repo.dir.path())
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().contains("holdfast-partial")));
 }
 
 fn hex_to_key(h: &str) -> [u8; 32] {

@@ -22,7 +22,12 @@ impl Mount {
         let _ = std::fs::create_dir(dir); // may exist, or be a stale mount point
         let mut args = vec!["mount", dir.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let mut child = repo.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut child = repo
+            .cmd(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
         let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         {
             let (mut e, log) = (child.stderr.take().unwrap(), stderr.clone());
@@ -32,15 +37,25 @@ impl Mount {
                     if n == 0 {
                         break;
                     }
-                    log.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                    log.lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             });
         }
         let mut line = String::new();
         let mut out = BufReader::new(child.stdout.take().unwrap());
         out.read_line(&mut line).unwrap();
-        assert!(line.starts_with("mounted holdfast backups at"), "mount said {line:?}, stderr {}", stderr.lock().unwrap());
-        Mount { child: Some(child), dir: dir.to_path_buf(), stderr }
+        assert!(
+            line.starts_with("mounted holdfast backups at"),
+            "mount said {line:?}, stderr {}",
+            stderr.lock().unwrap()
+        );
+        Mount {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            stderr,
+        }
     }
 
     fn pid(&self) -> u32 {
@@ -55,7 +70,10 @@ impl Mount {
             if let Some(s) = c.try_wait().unwrap() {
                 return s.code().unwrap_or(-1);
             }
-            assert!(t.elapsed() < Duration::from_secs(20), "holdfast mount did not end");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "holdfast mount did not end"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -73,7 +91,10 @@ impl Mount {
             if log.contains(needle) {
                 return log;
             }
-            assert!(t.elapsed() < Duration::from_secs(10), "stderr never said {needle:?}: {log}");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "stderr never said {needle:?}: {log}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -95,16 +116,35 @@ impl Drop for Mount {
 
 fn is_mounted(dir: &Path) -> bool {
     let want = dir.canonicalize().unwrap_or(dir.to_path_buf());
-    std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.to_str().unwrap()))
 }
 
 fn diff_r(a: &Path, b: &Path) {
-    let out = Command::new("diff").args(["-r", "--no-dereference"]).arg(a).arg(b).output().unwrap();
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
     // diff cannot compare FIFOs and says so even when both are FIFOs (compare_meta checks them).
     let text = String::from_utf8_lossy(&out.stdout);
-    let special = |l: &str| (l.contains(" is a fifo while file ") && l.ends_with(" is a fifo")) || (l.contains(" is a character special file while file ") && l.ends_with(" is a character special file"));
+    let special = |l: &str| {
+        (l.contains(" is a fifo while file ") && l.ends_with(" is a fifo"))
+            || (l.contains(" is a character special file while file ")
+                && l.ends_with(" is a character special file"))
+    };
     let real = text.lines().filter(|l| !special(l)).count();
-    assert!(out.status.code() == Some(0) || (out.status.code() == Some(1) && real == 0), "diff -r {} {}:\n{}{}", a.display(), b.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.code() == Some(0) || (out.status.code() == Some(1) && real == 0),
+        "diff -r {} {}:\n{}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Every path under `root`, relative, sorted.
@@ -137,7 +177,13 @@ enum Fs {
 /// source share an inode in the copy (`links`: the copy holds every link of the source).
 fn compare_meta(src: &Path, got: &Path, fs: Fs, links: bool) {
     let paths = walk(src);
-    assert_eq!(walk(got), paths, "{} and {} list different entries", src.display(), got.display());
+    assert_eq!(
+        walk(got),
+        paths,
+        "{} and {} list different entries",
+        src.display(),
+        got.display()
+    );
     let mut inodes: std::collections::HashMap<u64, u64> = Default::default();
     for rel in &paths {
         let (a, b) = (src.join(rel), got.join(rel));
@@ -148,7 +194,11 @@ fn compare_meta(src: &Path, got: &Path, fs: Fs, links: bool) {
             assert_eq!(ma.len(), mb.len(), "size of {what}");
         }
         if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&a).unwrap(), std::fs::read_link(&b).unwrap(), "{what}");
+            assert_eq!(
+                std::fs::read_link(&a).unwrap(),
+                std::fs::read_link(&b).unwrap(),
+                "{what}"
+            );
         }
         if ma.file_type().is_char_device() || ma.file_type().is_block_device() {
             assert_eq!(ma.rdev(), mb.rdev(), "device number of {what}");
@@ -156,17 +206,29 @@ fn compare_meta(src: &Path, got: &Path, fs: Fs, links: bool) {
         match fs {
             Fs::Ext => {
                 assert_eq!(ma.mode(), mb.mode(), "mode of {what}");
-                assert_eq!((ma.uid(), ma.gid()), (mb.uid(), mb.gid()), "owner of {what}");
+                assert_eq!(
+                    (ma.uid(), ma.gid()),
+                    (mb.uid(), mb.gid()),
+                    "owner of {what}"
+                );
                 if !ma.file_type().is_symlink() {
                     assert_eq!(ma.mtime(), mb.mtime(), "mtime of {what}");
                 }
                 if links && ma.nlink() > 1 && !ma.is_dir() {
                     let prev = inodes.insert(ma.ino(), mb.ino());
-                    assert!(prev.is_none_or(|p| p == mb.ino()), "hard links of {what} must share an inode");
+                    assert!(
+                        prev.is_none_or(|p| p == mb.ino()),
+                        "hard links of {what} must share an inode"
+                    );
                     assert_eq!(ma.nlink(), mb.nlink(), "link count of {what}");
                 }
             }
-            Fs::Fat if !ma.is_dir() => assert!((ma.mtime() - mb.mtime()).abs() <= 2, "mtime of {what}: {} vs {}", ma.mtime(), mb.mtime()),
+            Fs::Fat if !ma.is_dir() => assert!(
+                (ma.mtime() - mb.mtime()).abs() <= 2,
+                "mtime of {what}: {} vs {}",
+                ma.mtime(),
+                mb.mtime()
+            ),
             Fs::Ntfs if !ma.is_dir() => assert_eq!(ma.mtime(), mb.mtime(), "mtime of {what}"),
             _ => {}
         }
@@ -174,13 +236,23 @@ fn compare_meta(src: &Path, got: &Path, fs: Fs, links: bool) {
 }
 
 fn ls(p: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
     v.sort();
     v
 }
 
 fn backup_all(repo: &Repo, d: &Path) -> String {
-    let m = repo.backup("web", &[("gpt", &d.join("gpt.img")), ("mbr", &d.join("mbr.img")), ("whole", &d.join("whole.img"))]);
+    let m = repo.backup(
+        "web",
+        &[
+            ("gpt", &d.join("gpt.img")),
+            ("mbr", &d.join("mbr.img")),
+            ("whole", &d.join("whole.img")),
+        ],
+    );
     m["id"].as_str().unwrap().to_string()
 }
 
@@ -195,23 +267,55 @@ fn mount_shows_every_backup_down_to_the_guest_files() {
 
     assert_eq!(ls(&mnt), vec!["web"]);
     assert_eq!(ls(&mnt.join("web")), vec![id.clone(), "latest".into()]);
-    assert_eq!(std::fs::read_link(mnt.join("web/latest")).unwrap(), PathBuf::from(&id));
+    assert_eq!(
+        std::fs::read_link(mnt.join("web/latest")).unwrap(),
+        PathBuf::from(&id)
+    );
     let b = mnt.join("web/latest");
-    assert_eq!(ls(&b), vec!["gpt", "gpt.img", "mbr", "mbr.img", "whole", "whole.img"]);
+    assert_eq!(
+        ls(&b),
+        vec!["gpt", "gpt.img", "mbr", "mbr.img", "whole", "whole.img"]
+    );
     // Raw disks and partitions, byte for byte.
     for disk in ["gpt", "mbr", "whole"] {
-        assert_eq!(hash_file(&b.join(format!("{disk}.img"))), hash_file(&d.join(format!("{disk}.img"))), "{disk}.img");
+        assert_eq!(
+            hash_file(&b.join(format!("{disk}.img"))),
+            hash_file(&d.join(format!("{disk}.img"))),
+            "{disk}.img"
+        );
     }
-    assert_eq!(ls(&b.join("gpt")), vec!["p1", "p1.img", "p2", "p2.img", "p3.img"], "p3 holds no filesystem: only its .img");
-    assert_eq!(ls(&b.join("mbr")), vec!["p1", "p1.img", "p2", "p2.img", "p5", "p5.img"], "MBR: primaries and the logical p5 (the extended p3 is a container)");
-    assert_eq!(ls(&b.join("whole")), vec!["fs"], "a disk without a table shows its filesystem");
+    assert_eq!(
+        ls(&b.join("gpt")),
+        vec!["p1", "p1.img", "p2", "p2.img", "p3.img"],
+        "p3 holds no filesystem: only its .img"
+    );
+    assert_eq!(
+        ls(&b.join("mbr")),
+        vec!["p1", "p1.img", "p2", "p2.img", "p5", "p5.img"],
+        "MBR: primaries and the logical p5 (the extended p3 is a container)"
+    );
+    assert_eq!(
+        ls(&b.join("whole")),
+        vec!["fs"],
+        "a disk without a table shows its filesystem"
+    );
     let raw = std::fs::read(b.join("gpt/p3.img")).unwrap();
     let disk = std::fs::read(d.join("gpt.img")).unwrap();
-    assert!(raw == disk[265 << 20..(265 + 16) << 20], "p3.img is the partition's bytes");
-    assert_eq!(std::fs::metadata(b.join("gpt/p2.img")).unwrap().len(), 200 << 20);
+    assert!(
+        raw == disk[265 << 20..(265 + 16) << 20],
+        "p3.img is the partition's bytes"
+    );
+    assert_eq!(
+        std::fs::metadata(b.join("gpt/p2.img")).unwrap().len(),
+        200 << 20
+    );
     for img in ["gpt.img", "gpt/p2.img"] {
         let m = std::fs::metadata(b.join(img)).unwrap();
-        assert_eq!((m.mode() & 0o777, m.uid()), (0o400, 0), "{img}: raw images bypass the guest's permissions: root only");
+        assert_eq!(
+            (m.mode() & 0o777, m.uid()),
+            (0o400, 0),
+            "{img}: raw images bypass the guest's permissions: root only"
+        );
     }
 
     // Every guest filesystem against its source tree: bytes, then metadata.
@@ -245,20 +349,37 @@ fn mount_shows_every_backup_down_to_the_guest_files() {
     assert_eq!(ino("etc/fstab"), ino("srv/fstab-hardlink-2"));
     assert_eq!(std::fs::metadata(p2.join("etc/fstab")).unwrap().nlink(), 3);
     assert_ne!(ino("etc/fstab"), ino("etc/nginx/sites/default"));
-    let e = std::fs::OpenOptions::new().write(true).open(p2.join("etc/fstab")).unwrap_err();
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p2.join("etc/fstab"))
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
-    assert!(std::fs::symlink_metadata(p2.join("srv/fifo")).unwrap().file_type().is_fifo());
+    assert!(std::fs::symlink_metadata(p2.join("srv/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
     assert_eq!(ls(&p2.join("many")).len(), 10_000);
 
     // A new backup shows up, and latest follows it.
     let b2 = repo.backup("web", &[("whole", &d.join("whole.img"))]);
     let id2 = b2["id"].as_str().unwrap().to_string();
     let t = Instant::now();
-    while std::fs::read_link(mnt.join("web/latest")).unwrap().as_os_str() != id2.as_str() {
-        assert!(t.elapsed() < Duration::from_secs(10), "latest did not move to {id2}");
+    while std::fs::read_link(mnt.join("web/latest"))
+        .unwrap()
+        .as_os_str()
+        != id2.as_str()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "latest did not move to {id2}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(ls(&mnt.join("web")), { let mut v = vec![id.clone(), id2.clone(), "latest".into()]; v.sort(); v });
+    assert_eq!(ls(&mnt.join("web")), {
+        let mut v = vec![id.clone(), id2.clone(), "latest".into()];
+        v.sort();
+        v
+    });
     assert_eq!(ls(&mnt.join("web").join(&id2)), vec!["whole", "whole.img"]);
     drop(m);
 }
@@ -285,7 +406,11 @@ fn umount_ctrl_c_and_stale_mounts() {
     let f = std::fs::File::open(mnt.join("web/latest/whole/fs/dir/file.txt")).unwrap();
     let e = repo.run(&["umount", mnt.to_str().unwrap()]);
     assert_eq!(e.code, 4);
-    assert!(e.err().contains("is busy") && e.err().contains("--lazy"), "{}", e.stderr);
+    assert!(
+        e.err().contains("is busy") && e.err().contains("--lazy"),
+        "{}",
+        e.stderr
+    );
     repo.run(&["umount", "--lazy", mnt.to_str().unwrap()]).ok();
     drop(f);
     assert_eq!(m.wait(), 0, "{}", m.log());
@@ -305,20 +430,35 @@ fn umount_ctrl_c_and_stale_mounts() {
     unsafe { libc::kill(m.pid() as i32, libc::SIGKILL) };
     m.wait();
     assert!(is_mounted(&mnt), "SIGKILL leaves the kernel mount behind");
-    assert_eq!(std::fs::read_dir(&mnt).unwrap_err().raw_os_error(), Some(libc::ENOTCONN));
+    assert_eq!(
+        std::fs::read_dir(&mnt).unwrap_err().raw_os_error(),
+        Some(libc::ENOTCONN)
+    );
     let m = Mount::start(&repo, &mnt, &[]);
     m.log_with("removed a stale holdfast mount");
     assert_eq!(ls(&mnt), vec!["web"]);
     // A second mount on a live one is refused.
     let e = repo.run(&["mount", mnt.to_str().unwrap()]);
     assert_eq!(e.code, 4);
-    assert!(e.err().contains("is already a holdfast mount"), "{}", e.stderr);
+    assert!(
+        e.err().contains("is already a holdfast mount"),
+        "{}",
+        e.stderr
+    );
     drop(m);
     // Mounting on nothing, or with --vm of an unknown VM.
     let e = repo.run(&["mount", repo.tmp("nope").to_str().unwrap()]);
-    assert!(e.err().contains("does not exist; create it first"), "{}", e.stderr);
+    assert!(
+        e.err().contains("does not exist; create it first"),
+        "{}",
+        e.stderr
+    );
     let e = repo.run(&["mount", mnt.to_str().unwrap(), "--vm", "ghost"]);
-    assert!(e.err().contains("no backups of VM \"ghost\""), "{}", e.stderr);
+    assert!(
+        e.err().contains("no backups of VM \"ghost\""),
+        "{}",
+        e.stderr
+    );
 }
 
 /// Find `needle` in the store's packs and flip a byte of it: that chunk is damaged.
@@ -355,22 +495,44 @@ fn damaged_chunk_under_a_file_is_eio_and_the_rest_keeps_working() {
     assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
     // Reading around the damage works; other files are whole.
     let mut head = vec![0u8; 4096];
-    std::fs::File::open(&f).unwrap().read_exact(&mut head).unwrap();
+    std::fs::File::open(&f)
+        .unwrap()
+        .read_exact(&mut head)
+        .unwrap();
     assert!(head == random[..4096]);
-    assert_eq!(std::fs::read(mnt.join("web/latest/whole/fs/dir/file.txt")).unwrap(), b"whole disk\n");
+    assert_eq!(
+        std::fs::read(mnt.join("web/latest/whole/fs/dir/file.txt")).unwrap(),
+        b"whole disk\n"
+    );
     let e = std::fs::read(&f).unwrap_err();
-    assert_eq!(e.raw_os_error(), Some(libc::EIO), "still EIO, never cached wrong bytes: {e}");
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EIO),
+        "still EIO, never cached wrong bytes: {e}"
+    );
     let log = m.log_with(&format!("web@{id} disk whole"));
-    assert!(log.contains("offset"), "the damage is logged with backup and offset: {log}");
+    assert!(
+        log.contains("offset"),
+        "the damage is logged with backup and offset: {log}"
+    );
     drop(m);
 
     // cat and restore-files say so with exit 3 and leave nothing behind.
     let c = repo.run(&["cat", "web:whole/fs/dir/random"]);
     assert_eq!(c.code, 3, "{}", c.stderr);
-    assert!(c.err().contains("whole partition fs: /dir/random:") && c.err().contains("holdfast verify"), "{}", c.stderr);
+    assert!(
+        c.err().contains("whole partition fs: /dir/random:") && c.err().contains("holdfast verify"),
+        "{}",
+        c.stderr
+    );
     let to = repo.tmp("restored");
     std::fs::create_dir_all(&to).unwrap();
-    let r = repo.run(&["restore-files", "web:whole/fs/dir", "--to", to.to_str().unwrap()]);
+    let r = repo.run(&[
+        "restore-files",
+        "web:whole/fs/dir",
+        "--to",
+        to.to_str().unwrap(),
+    ]);
     assert_eq!(r.code, 3, "{}", r.stderr);
     assert!(ls(&to).is_empty(), "nothing half-written: {:?}", ls(&to));
 }
@@ -382,17 +544,39 @@ fn cat_and_restore_files_without_mounting() {
     let repo = Repo::new();
     let id = backup_all(&repo, d);
 
-    let c = repo.run(&["cat", &format!("web@{id}:gpt/p2/etc/fstab")]).ok();
-    assert_eq!(c.stdout.as_bytes(), std::fs::read(trees.join("root/etc/fstab")).unwrap());
-    let c = repo.cmd(&["cat", "web:gpt/p2/var/lib/app/data.bin"]).output().unwrap();
+    let c = repo
+        .run(&["cat", &format!("web@{id}:gpt/p2/etc/fstab")])
+        .ok();
+    assert_eq!(
+        c.stdout.as_bytes(),
+        std::fs::read(trees.join("root/etc/fstab")).unwrap()
+    );
+    let c = repo
+        .cmd(&["cat", "web:gpt/p2/var/lib/app/data.bin"])
+        .output()
+        .unwrap();
     assert!(c.status.success());
-    assert!(c.stdout == std::fs::read(trees.join("root/var/lib/app/data.bin")).unwrap(), "12 MiB file byte for byte");
+    assert!(
+        c.stdout == std::fs::read(trees.join("root/var/lib/app/data.bin")).unwrap(),
+        "12 MiB file byte for byte"
+    );
     // A symlink is followed inside the guest; NTFS and FAT work the same way.
     let c = repo.run(&["cat", "web:gpt/p2/home/user/fstab-link"]).ok();
-    assert_eq!(c.stdout.as_bytes(), std::fs::read(trees.join("root/etc/fstab")).unwrap());
-    let c = repo.run(&["cat", "web:gpt/p2/docs-link/a/b/c/d/deep.txt"]).ok();
-    assert_eq!(c.stdout.as_bytes(), std::fs::read(trees.join("root/usr/share/doc/a/b/c/d/deep.txt")).unwrap(), "a symlink inside the path");
-    let c = repo.run(&["cat", "web:mbr/p2/Users/Public/Documents/readme.txt"]).ok();
+    assert_eq!(
+        c.stdout.as_bytes(),
+        std::fs::read(trees.join("root/etc/fstab")).unwrap()
+    );
+    let c = repo
+        .run(&["cat", "web:gpt/p2/docs-link/a/b/c/d/deep.txt"])
+        .ok();
+    assert_eq!(
+        c.stdout.as_bytes(),
+        std::fs::read(trees.join("root/usr/share/doc/a/b/c/d/deep.txt")).unwrap(),
+        "a symlink inside the path"
+    );
+    let c = repo
+        .run(&["cat", "web:mbr/p2/Users/Public/Documents/readme.txt"])
+        .ok();
     assert_eq!(c.stdout, "windows text\r\n");
     let c = repo.run(&["cat", "web:gpt/p1/loader.conf"]).ok();
     assert_eq!(c.stdout, "timeout 3\n");
@@ -400,15 +584,55 @@ fn cat_and_restore_files_without_mounting() {
     // A directory tree, with owners, modes, times, symlinks and hard links.
     let to = repo.tmp("out");
     std::fs::create_dir_all(&to).unwrap();
-    let r = repo.run(&["--json", "restore-files", "web:gpt/p2/home/user", "--to", to.to_str().unwrap()]).ok().json();
-    assert_eq!(r["path"].as_str().unwrap(), to.join("user").to_str().unwrap());
+    let r = repo
+        .run(&[
+            "--json",
+            "restore-files",
+            "web:gpt/p2/home/user",
+            "--to",
+            to.to_str().unwrap(),
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        r["path"].as_str().unwrap(),
+        to.join("user").to_str().unwrap()
+    );
     diff_r(&trees.join("root/home/user"), &to.join("user"));
-    compare_meta(&trees.join("root/home/user"), &to.join("user"), Fs::Ext, false);
+    compare_meta(
+        &trees.join("root/home/user"),
+        &to.join("user"),
+        Fs::Ext,
+        false,
+    );
     // The whole filesystem: hard links inside it are links again, the sparse file stays sparse.
-    let r = repo.run(&["--json", "restore-files", "web:gpt/p2/srv", "--to", to.to_str().unwrap()]).ok().json();
-    assert_eq!(u(&r, "/skipped_devices"), 1, "device nodes only with --devices: {r}");
+    let r = repo
+        .run(&[
+            "--json",
+            "restore-files",
+            "web:gpt/p2/srv",
+            "--to",
+            to.to_str().unwrap(),
+        ])
+        .ok()
+        .json();
+    assert_eq!(
+        u(&r, "/skipped_devices"),
+        1,
+        "device nodes only with --devices: {r}"
+    );
     assert!(!to.join("srv/null-dev").exists());
-    let r = repo.run(&["--json", "restore-files", "web:gpt/p2", "--to", to.to_str().unwrap(), "--devices"]).ok().json();
+    let r = repo
+        .run(&[
+            "--json",
+            "restore-files",
+            "web:gpt/p2",
+            "--to",
+            to.to_str().unwrap(),
+            "--devices",
+        ])
+        .ok()
+        .json();
     let root = to.join("gpt-p2");
     assert_eq!(r["path"].as_str().unwrap(), root.to_str().unwrap());
     assert_eq!(u(&r, "/hardlinks"), 2);
@@ -418,10 +642,23 @@ fn cat_and_restore_files_without_mounting() {
     }
     let sparse = std::fs::metadata(root.join("var/lib/app/sparse.img")).unwrap();
     assert_eq!(sparse.len(), 64 << 20);
-    assert!(sparse.blocks() * 512 < 1 << 20, "holes stay holes: {} blocks", sparse.blocks());
+    assert!(
+        sparse.blocks() * 512 < 1 << 20,
+        "holes stay holes: {} blocks",
+        sparse.blocks()
+    );
     // One file of an NTFS partition.
-    repo.run(&["restore-files", "web:mbr/p2/Program Files/App/app.dll", "--to", to.to_str().unwrap()]).ok();
-    assert_same(&to.join("app.dll"), &trees.join("ntfs/Program Files/App/app.dll"));
+    repo.run(&[
+        "restore-files",
+        "web:mbr/p2/Program Files/App/app.dll",
+        "--to",
+        to.to_str().unwrap(),
+    ])
+    .ok();
+    assert_same(
+        &to.join("app.dll"),
+        &trees.join("ntfs/Program Files/App/app.dll"),
+    );
 
     // Bad input: one clear line each, nothing written.
     let bad = |args: &[&str], code: i32, want: &str| {
@@ -430,15 +667,47 @@ fn cat_and_restore_files_without_mounting() {
         assert!(r.err().contains(want), "{args:?}: {}", r.stderr);
     };
     let t = to.to_str().unwrap();
-    bad(&["restore-files", "web:gpt/p2/home/user", "--to", t], 1, "exists; holdfast never overwrites");
-    bad(&["restore-files", "web:gpt/p2/etc", "--to", "/nonexistent/dir"], 1, "is not a directory; create it first");
+    bad(
+        &["restore-files", "web:gpt/p2/home/user", "--to", t],
+        1,
+        "exists; holdfast never overwrites",
+    );
+    bad(
+        &[
+            "restore-files",
+            "web:gpt/p2/etc",
+            "--to",
+            "/nonexistent/dir",
+        ],
+        1,
+        "is not a directory; create it first",
+    );
     bad(&["cat", "web"], 1, "must be VM[@ID]:DISK/PART/PATH");
-    bad(&["cat", "web:gpt/p9/etc/fstab"], 1, "has no partition \"p9\"; its partitions: p1, p2, p3");
-    bad(&["cat", "web:gpt/p3/x"], 1, "holds no filesystem holdfast can read");
-    bad(&["cat", "web:gpt/p2/etc/nope"], 1, "no /etc/nope in its filesystem");
+    bad(
+        &["cat", "web:gpt/p9/etc/fstab"],
+        1,
+        "has no partition \"p9\"; its partitions: p1, p2, p3",
+    );
+    bad(
+        &["cat", "web:gpt/p3/x"],
+        1,
+        "holds no filesystem holdfast can read",
+    );
+    bad(
+        &["cat", "web:gpt/p2/etc/nope"],
+        1,
+        "no /etc/nope in its filesystem",
+    );
     bad(&["cat", "web:gpt/p2/etc"], 1, "is a directory");
-    bad(&["cat", "web:nodisk/p1/x"], 1, "has no disk \"nodisk\"; its disks: gpt, mbr, whole");
+    bad(
+        &["cat", "web:nodisk/p1/x"],
+        1,
+        "has no disk \"nodisk\"; its disks: gpt, mbr, whole",
+    );
     bad(&["cat", "ghost:gpt/p2/etc/fstab"], 1, "ghost");
     let before = ls(&to);
-    assert!(!before.iter().any(|n| n.starts_with('.')), "no temporary directories left: {before:?}");
+    assert!(
+        !before.iter().any(|n| n.starts_with('.')),
+        "no temporary directories left: {before:?}"
+    );
 }

@@ -21,7 +21,8 @@ fn stored(repo: &Repo) -> u64 {
 fn restore_equals(repo: &Repo, spec: &str, original: &Path) {
     let out = repo.tmp("check.img");
     let _ = fs::remove_file(&out);
-    repo.run(&["restore", spec, "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", spec, "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, original);
 }
 
@@ -36,11 +37,18 @@ fn forget_and_gc_free_what_nothing_references() {
     let before = stored(&repo);
     let r = repo.run(&["forget", "vm2"]);
     assert!(r.err().contains("give VM@ID"), "{}", r.stderr);
-    repo.run(&["forget", &format!("vm2@{}", junk["id"].as_str().unwrap())]).ok();
+    repo.run(&["forget", &format!("vm2@{}", junk["id"].as_str().unwrap())])
+        .ok();
     let g = repo.run(&["--json", "gc"]).ok().json();
     assert!(u(&g, "/bytes_freed") >= 39 << 20, "{g}");
     assert!(stored(&repo) + (39 << 20) <= before);
-    assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        repo.run(&["--json", "verify"]).ok().json()["damaged"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     restore_equals(&repo, "vm1", &d.join("base.img"));
     // A second gc finds nothing more.
     let g = repo.run(&["--json", "gc"]).ok().json();
@@ -54,11 +62,18 @@ fn gc_beside_a_backup_never_deletes_what_the_backup_reuses() {
     let base = d.join("base.img");
     let first = repo.backup("vm1", &[("root", &base)]);
     // Now nothing references base.img's chunks, but the catalog still lists them...
-    repo.run(&["forget", &format!("vm1@{}", first["id"].as_str().unwrap())]).ok();
+    repo.run(&["forget", &format!("vm1@{}", first["id"].as_str().unwrap())])
+        .ok();
     // ...so a new backup of the same disk reuses every one of them, and pauses before commit.
     let flag = repo.tmp("release");
     let backup = repo
-        .cmd(&["--json", "backup", "vm1", "--disk", &format!("root={}", base.display())])
+        .cmd(&[
+            "--json",
+            "backup",
+            "vm1",
+            "--disk",
+            &format!("root={}", base.display()),
+        ])
         .env("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT", &flag)
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -73,19 +88,33 @@ fn gc_beside_a_backup_never_deletes_what_the_backup_reuses() {
     assert!(waiting.exists(), "the backup never reached its pause point");
     // gc runs now, between the backup's dedup lookups and its commit.
     let g = repo.run(&["--json", "gc"]).ok().json();
-    assert_eq!(u(&g, "/packs_deleted"), 0, "gc deleted packs a running backup reuses: {g}");
+    assert_eq!(
+        u(&g, "/packs_deleted"),
+        0,
+        "gc deleted packs a running backup reuses: {g}"
+    );
     assert!(u(&g, "/packs_deferred") > 0, "{g}");
     fs::write(&flag, b"go").unwrap();
     let out = backup.wait_with_output().unwrap();
     assert!(out.status.success());
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(u(&m, "/stats/new_chunks"), 0, "the backup reused every chunk");
+    assert_eq!(
+        u(&m, "/stats/new_chunks"),
+        0,
+        "the backup reused every chunk"
+    );
     // The committed backup is whole, and stays whole through the gc that follows.
     restore_equals(&repo, "vm1", &base);
     let g = repo.run(&["--json", "gc"]).ok().json();
     assert_eq!(u(&g, "/packs_deleted"), 0, "{g}");
     assert!(u(&g, "/blobs_restored") > 0, "{g}");
-    assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        repo.run(&["--json", "verify"]).ok().json()["damaged"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     restore_equals(&repo, "vm1", &base);
 }
 
@@ -100,11 +129,18 @@ fn mostly_dead_packs_are_rewritten() {
     fs::write(&ib, &b).unwrap();
     let ma = repo.backup("vm-a", &[("root", &ia)]);
     repo.backup("vm-b", &[("root", &ib)]);
-    repo.run(&["forget", &format!("vm-a@{}", ma["id"].as_str().unwrap())]).ok();
+    repo.run(&["forget", &format!("vm-a@{}", ma["id"].as_str().unwrap())])
+        .ok();
     let g = repo.run(&["--json", "gc"]).ok().json();
     assert!(u(&g, "/packs_rewritten") >= 1, "{g}");
     assert!(u(&g, "/bytes_freed") >= 16 << 20, "{g}");
-    assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        repo.run(&["--json", "verify"]).ok().json()["damaged"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     restore_equals(&repo, "vm-b", &ib);
 }
 
@@ -123,16 +159,34 @@ fn segment_memo_skips_known_segments_and_is_ignored_after_gc() {
     let second = repo.backup("vm1", &[("root", &img)]);
     assert_eq!(u(&second, "/stats/memo_segments"), 5, "{second}");
     assert_eq!(u(&second, "/stats/new_chunks"), 0);
-    assert_eq!(u(&second, "/stats/data_bytes"), u(&first, "/stats/data_bytes"));
-    restore_equals(&repo, &format!("vm1@{}", second["id"].as_str().unwrap()), &img);
+    assert_eq!(
+        u(&second, "/stats/data_bytes"),
+        u(&first, "/stats/data_bytes")
+    );
+    restore_equals(
+        &repo,
+        &format!("vm1@{}", second["id"].as_str().unwrap()),
+        &img,
+    );
 
     for b in [&first, &second] {
-        repo.run(&["forget", &format!("vm1@{}", b["id"].as_str().unwrap())]).ok();
+        repo.run(&["forget", &format!("vm1@{}", b["id"].as_str().unwrap())])
+            .ok();
     }
     repo.run(&["gc"]).ok();
     let third = repo.backup("vm1", &[("root", &img)]);
-    assert_eq!(u(&third, "/stats/memo_segments"), 0, "a memo entry outlived its segment list: {third}");
+    assert_eq!(
+        u(&third, "/stats/memo_segments"),
+        0,
+        "a memo entry outlived its segment list: {third}"
+    );
     assert!(u(&third, "/stats/new_raw_bytes") >= 20 << 20, "{third}");
-    assert_eq!(repo.run(&["--json", "verify"]).ok().json()["damaged"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        repo.run(&["--json", "verify"]).ok().json()["damaged"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
     restore_equals(&repo, "vm1", &img);
 }

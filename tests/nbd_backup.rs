@@ -26,19 +26,33 @@ impl Drop for Guard {
 fn wait_for(p: &Path) {
     let t = Instant::now();
     while !p.exists() {
-        assert!(t.elapsed() < Duration::from_secs(30), "{} never appeared", p.display());
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{} never appeared",
+            p.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 fn sh(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap();
-    assert!(o.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into()
 }
 
 fn qemu_nbd(dir: &Path, img: &Path, bitmap: Option<&str>) -> (Guard, String) {
-    let sock = dir.join(format!("nbd-{}.sock", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+    let sock = dir.join(format!(
+        "nbd-{}.sock",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
     let mut c = Command::new("qemu-nbd");
     c.args(["-r", "-f", "qcow2", "-x", "root", "-k"]).arg(&sock);
     if let Some(b) = bitmap {
@@ -58,17 +72,30 @@ fn regions(n: usize, size: u64, seed: u64) -> Vec<(u64, u64)> {
         x ^= x << 17;
         x
     };
-    (0..n).map(|_| ((next() % (size - (1 << 20))) & !511, (4096 + (next() % (200 << 10))) & !511)).collect()
+    (0..n)
+        .map(|_| {
+            (
+                (next() % (size - (1 << 20))) & !511,
+                (4096 + (next() % (200 << 10))) & !511,
+            )
+        })
+        .collect()
 }
 
 fn dirty_segments(rs: &[(u64, u64)]) -> u64 {
-    let s: BTreeSet<u64> = rs.iter().flat_map(|&(o, l)| (o / SEG)..=((o + l - 1) / SEG)).collect();
+    let s: BTreeSet<u64> = rs
+        .iter()
+        .flat_map(|&(o, l)| (o / SEG)..=((o + l - 1) / SEG))
+        .collect();
     s.len() as u64
 }
 
 fn to_raw(qcow: &Path, out: &Path) {
     let _ = std::fs::remove_file(out);
-    sh(Command::new("qemu-img").args(["convert", "-f", "qcow2", "-O", "raw"]).arg(qcow).arg(out));
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(qcow)
+        .arg(out));
 }
 
 #[test]
@@ -77,47 +104,93 @@ fn incremental_from_qemu_nbd_reads_only_dirty_segments() {
     let d = disks();
     let repo = Repo::new();
     let qcow = repo.tmp("disk.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(d.join("base.img")).arg(&qcow));
-    sh(Command::new("qemu-img").args(["bitmap", "--add"]).arg(&qcow).arg("b0"));
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(d.join("base.img"))
+        .arg(&qcow));
+    sh(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&qcow)
+        .arg("b0"));
 
     // First backup: no earlier backup, so a full read of the allocated extents.
     let (g, uri) = qemu_nbd(repo.dir.path(), &qcow, Some("b0"));
     let b1 = repo.backup_args(&["vm1", "--disk", &format!("root={uri}"), "--bitmap", "b0"]);
     drop(g);
     assert!(b1["disks"][0].get("since").is_none());
-    assert!(u(&b1, "/stats/read_bytes") < 128 << 20, "holes are skipped: {b1}");
+    assert!(
+        u(&b1, "/stats/read_bytes") < 128 << 20,
+        "holes are skipped: {b1}"
+    );
     let ref1 = repo.tmp("ref1.img");
     to_raw(&qcow, &ref1);
     let out = repo.tmp("out.img");
-    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &ref1);
 
     // Write random regions; the persistent bitmap records them.
     let rs = regions(12, 256 << 20, 42);
     for (i, (o, l)) in rs.iter().enumerate() {
-        sh(Command::new("qemu-io").args(["-f", "qcow2", "-c", &format!("write -P {} {o} {l}", 0x30 + i)]).arg(&qcow));
+        sh(Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {} {o} {l}", 0x30 + i),
+            ])
+            .arg(&qcow));
     }
     let (g, uri) = qemu_nbd(repo.dir.path(), &qcow, Some("b0"));
     let b2 = repo.backup_args(&["vm1", "--disk", &format!("root={uri}"), "--bitmap", "b0"]);
     drop(g);
     assert_eq!(b2["disks"][0]["since"], b1["id"]);
     assert_eq!(b2["disks"][0]["bitmap"], "b0");
-    assert_eq!(u(&b2, "/stats/read_bytes"), dirty_segments(&rs) * SEG, "bytes read must equal the dirty segments: {b2}");
+    assert_eq!(
+        u(&b2, "/stats/read_bytes"),
+        dirty_segments(&rs) * SEG,
+        "bytes read must equal the dirty segments: {b2}"
+    );
     let ref2 = repo.tmp("ref2.img");
     to_raw(&qcow, &ref2);
     let _ = std::fs::remove_file(&out);
-    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &ref2);
     // The first backup still restores as it was.
     let _ = std::fs::remove_file(&out);
-    repo.run(&["restore", &format!("vm1@{}", b1["id"].as_str().unwrap()), "--to", out.to_str().unwrap()]).ok();
+    repo.run(&[
+        "restore",
+        &format!("vm1@{}", b1["id"].as_str().unwrap()),
+        "--to",
+        out.to_str().unwrap(),
+    ])
+    .ok();
     assert_same(&out, &ref1);
 
     // A bitmap the server does not have is a clear error before anything is read.
     let (_g, uri) = qemu_nbd(repo.dir.path(), &qcow, Some("b0"));
-    let r = repo.run(&["backup", "vm1", "--disk", &format!("root={uri}"), "--bitmap", "nope"]);
-    assert!(r.err().contains("does not offer qemu:dirty-bitmap:nope"), "{}", r.stderr);
-    let r = repo.run(&["backup", "vm1", "--disk", &format!("root={}", ref1.display()), "--bitmap", "b0"]);
+    let r = repo.run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("root={uri}"),
+        "--bitmap",
+        "nope",
+    ]);
+    assert!(
+        r.err().contains("does not offer qemu:dirty-bitmap:nope"),
+        "{}",
+        r.stderr
+    );
+    let r = repo.run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("root={}", ref1.display()),
+        "--bitmap",
+        "b0",
+    ]);
     assert!(r.err().contains("--bitmap needs NBD disks"), "{}", r.stderr);
 }
 
@@ -132,7 +205,10 @@ impl Qmp {
         wait_for(path);
         let s = UnixStream::connect(path).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut q = Qmp { r: BufReader::new(s.try_clone().unwrap()), w: s };
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        };
         let mut greeting = String::new();
         q.r.read_line(&mut greeting).unwrap();
         assert!(greeting.contains("QMP"), "{greeting}");
@@ -140,7 +216,12 @@ impl Qmp {
         q
     }
     fn cmd(&mut self, execute: &str, arguments: Value) -> Value {
-        writeln!(self.w, "{}", json!({"execute": execute, "arguments": arguments})).unwrap();
+        writeln!(
+            self.w,
+            "{}",
+            json!({"execute": execute, "arguments": arguments})
+        )
+        .unwrap();
         loop {
             let mut line = String::new();
             self.r.read_line(&mut line).unwrap();
@@ -161,15 +242,24 @@ fn incremental_from_qemu_storage_daemon_with_freeze_and_rotate() {
     let repo = Repo::new();
     let dir = repo.dir.path();
     let qcow = repo.tmp("live.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(d.join("second.img")).arg(&qcow));
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(d.join("second.img"))
+        .arg(&qcow));
     let (qmp_path, nbd_path): (PathBuf, PathBuf) = (dir.join("qmp.sock"), dir.join("nbd.sock"));
     let _qsd = Guard(
         Command::new("qemu-storage-daemon")
             .arg("--blockdev")
-            .arg(format!("driver=file,node-name=f0,filename={}", qcow.display()))
+            .arg(format!(
+                "driver=file,node-name=f0,filename={}",
+                qcow.display()
+            ))
             .args(["--blockdev", "driver=qcow2,node-name=disk0,file=f0"])
             .arg("--chardev")
-            .arg(format!("socket,id=m0,path={},server=on,wait=off", qmp_path.display()))
+            .arg(format!(
+                "socket,id=m0,path={},server=on,wait=off",
+                qmp_path.display()
+            ))
             .args(["--monitor", "chardev=m0"])
             .arg("--nbd-server")
             .arg(format!("addr.type=unix,addr.path={}", nbd_path.display()))
@@ -180,16 +270,31 @@ fn incremental_from_qemu_storage_daemon_with_freeze_and_rotate() {
     let mut q = Qmp::connect(&qmp_path);
     let uri = |name: &str| format!("nbd+unix:///{name}?socket={}", nbd_path.display());
     // Checkpoint 1: a persistent bitmap, then the full backup from a read-only export.
-    q.cmd("block-dirty-bitmap-add", json!({"node": "disk0", "name": "cp1", "persistent": true}));
-    q.cmd("block-export-add", json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "full", "writable": false}));
+    q.cmd(
+        "block-dirty-bitmap-add",
+        json!({"node": "disk0", "name": "cp1", "persistent": true}),
+    );
+    q.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e0", "node-name": "disk0", "name": "full", "writable": false}),
+    );
     let b1 = repo.backup_args(&["vm2", "--disk", &format!("root={}", uri("full"))]);
     q.cmd("block-export-del", json!({"id": "e0"}));
 
     // The guest writes.
-    q.cmd("block-export-add", json!({"type": "nbd", "id": "w", "node-name": "disk0", "name": "rw", "writable": true}));
+    q.cmd(
+        "block-export-add",
+        json!({"type": "nbd", "id": "w", "node-name": "disk0", "name": "rw", "writable": true}),
+    );
     let rs = regions(9, 256 << 20, 7);
     for (i, (o, l)) in rs.iter().enumerate() {
-        sh(Command::new("qemu-io").args(["-f", "raw", &uri("rw"), "-c", &format!("write -P {} {o} {l}", 0x60 + i)]));
+        sh(Command::new("qemu-io").args([
+            "-f",
+            "raw",
+            &uri("rw"),
+            "-c",
+            &format!("write -P {} {o} {l}", 0x60 + i),
+        ]));
     }
     q.cmd("block-export-del", json!({"id": "w"}));
 
@@ -199,28 +304,52 @@ fn incremental_from_qemu_storage_daemon_with_freeze_and_rotate() {
         {"type": "block-dirty-bitmap-add", "data": {"node": "disk0", "name": "cp2", "persistent": true}}
     ]}));
     q.cmd("block-export-add", json!({"type": "nbd", "id": "e1", "node-name": "disk0", "name": "inc", "writable": false, "bitmaps": ["cp1"]}));
-    let b2 = repo.backup_args(&["vm2", "--disk", &format!("root={}", uri("inc")), "--bitmap", "cp1"]);
+    let b2 = repo.backup_args(&[
+        "vm2",
+        "--disk",
+        &format!("root={}", uri("inc")),
+        "--bitmap",
+        "cp1",
+    ]);
     assert_eq!(b2["disks"][0]["since"], b1["id"]);
-    assert_eq!(u(&b2, "/stats/read_bytes"), dirty_segments(&rs) * SEG, "{b2}");
+    assert_eq!(
+        u(&b2, "/stats/read_bytes"),
+        dirty_segments(&rs) * SEG,
+        "{b2}"
+    );
     let now = repo.tmp("now.img");
     sh(Command::new("nbdcopy").arg(uri("inc")).arg(&now));
     q.cmd("block-export-del", json!({"id": "e1"}));
-    q.cmd("block-dirty-bitmap-remove", json!({"node": "disk0", "name": "cp1"}));
+    q.cmd(
+        "block-dirty-bitmap-remove",
+        json!({"node": "disk0", "name": "cp1"}),
+    );
     let out = repo.tmp("out.img");
-    repo.run(&["restore", "vm2", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "vm2", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &now);
 }
 
 /// Forwards connections on `listen` to the NBD server at `upstream`, and cuts every connection
 /// once the server has sent `budget` bytes in all: a server that goes away in the middle of a
 /// pull. Returns the stop flag and the accept thread.
-fn cutting_proxy(listen: &Path, upstream: &Path, budget: u64) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+fn cutting_proxy(
+    listen: &Path,
+    upstream: &Path,
+    budget: u64,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+) {
     use std::io::Read;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
     let l = std::os::unix::net::UnixListener::bind(listen).unwrap();
     l.set_nonblocking(true).unwrap();
-    let (stop, left) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(budget)));
+    let (stop, left) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(budget)),
+    );
     let (stop2, upstream) = (stop.clone(), upstream.to_path_buf());
     let t = std::thread::spawn(move || {
         let start = Instant::now();
@@ -245,7 +374,11 @@ fn cutting_proxy(listen: &Path, upstream: &Path, budget: u64) -> (std::sync::Arc
                         Ok(0) | Err(_) => break,
                         Ok(n) => n,
                     };
-                    let before = left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| Some(v.saturating_sub(n as u64))).unwrap_or(0);
+                    let before = left
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
+                            Some(v.saturating_sub(n as u64))
+                        })
+                        .unwrap_or(0);
                     let allowed = before.min(n as u64) as usize;
                     if c.write_all(&buf[..allowed]).is_err() || allowed < n {
                         break;
@@ -277,20 +410,36 @@ fn connection_lost_mid_pull_commits_nothing() {
         .collect();
     std::fs::write(&raw, &bytes).unwrap();
     let qcow = repo.tmp("disk.qcow2");
-    sh(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow));
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow));
     let (g, uri) = qemu_nbd(repo.dir.path(), &qcow, None);
     let upstream = PathBuf::from(uri.split("socket=").nth(1).unwrap());
     let proxy = repo.tmp("proxy.sock");
     let (stop, t) = cutting_proxy(&proxy, &upstream, 16 << 20);
 
-    let r = repo.run(&["backup", "vm1", "--disk", &format!("root=nbd+unix:///root?socket={}", proxy.display())]);
+    let r = repo.run(&[
+        "backup",
+        "vm1",
+        "--disk",
+        &format!("root=nbd+unix:///root?socket={}", proxy.display()),
+    ]);
     let line = r.err();
-    assert!(line.starts_with("holdfast: error: read error on nbd+unix:///root?socket=") && line.contains("connection lost"), "{line}");
+    assert!(
+        line.starts_with("holdfast: error: read error on nbd+unix:///root?socket=")
+            && line.contains("connection lost"),
+        "{line}"
+    );
     assert_ne!(r.code, 0);
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     t.join().unwrap();
     let listed = repo.run(&["--json", "backups"]).ok().json();
-    assert_eq!(listed.as_array().map(|a| a.len()), Some(0), "nothing committed: {listed}");
+    assert_eq!(
+        listed.as_array().map(|a| a.len()),
+        Some(0),
+        "nothing committed: {listed}"
+    );
 
     // qemu-nbd without -t ends with its client; a fresh one for the re-run.
     drop(g);
@@ -298,6 +447,7 @@ fn connection_lost_mid_pull_commits_nothing() {
     let b = repo.backup_args(&["vm1", "--disk", &format!("root={uri}")]);
     assert_eq!(u(&b, "/stats/read_bytes"), 48 << 20);
     let out = repo.tmp("out.img");
-    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "vm1", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &raw);
 }

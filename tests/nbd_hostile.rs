@@ -298,7 +298,15 @@ async fn idle_handshake_times_out_and_limit_and_shutdown() {
 
 fn rss_bytes() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: u64 = s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    let kb: u64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
     kb * 1024
 }
 
@@ -309,7 +317,11 @@ fn rss_bytes() -> u64 {
 async fn too_many_requests_in_flight_are_bounded() {
     const FLOOD: u64 = 10_000;
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig { max_in_flight: 16, max_buffered_bytes: 64 << 20, ..Default::default() };
+    let config = ServerConfig {
+        max_in_flight: 16,
+        max_buffered_bytes: 64 << 20,
+        ..Default::default()
+    };
     let srv = start(dir.path(), config);
     let before = rss_bytes();
     let s = raw_connect(&srv, "", false).await;
@@ -317,19 +329,34 @@ async fn too_many_requests_in_flight_are_bounded() {
     let flood = tokio::spawn(async move {
         let mut all = Vec::with_capacity(FLOOD as usize * REQUEST_LEN);
         for cookie in 0..FLOOD {
-            let req = Request { flags: 0, cmd: CMD_READ, cookie, offset: 0, len: IMG_SIZE as u32 };
+            let req = Request {
+                flags: 0,
+                cmd: CMD_READ,
+                cookie,
+                offset: 0,
+                len: IMG_SIZE as u32,
+            };
             all.extend_from_slice(&req.encode());
         }
         // Blocks once the server stops reading: that is the bound at work.
         wr.write_all(&all).await.map(|_| wr)
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!flood.is_finished(), "the server took all 10,000 requests without reading limits");
+    assert!(
+        !flood.is_finished(),
+        "the server took all 10,000 requests without reading limits"
+    );
     let grown = rss_bytes().saturating_sub(before);
-    assert!(grown < 512 << 20, "server memory grew by {} MiB under a request flood", grown >> 20);
+    assert!(
+        grown < 512 << 20,
+        "server memory grew by {} MiB under a request flood",
+        grown >> 20
+    );
 
     // Other clients are still served while the flooder is stuck.
-    tokio::time::timeout(Duration::from_secs(10), normal_client_works(&srv)).await.expect("a normal client was starved");
+    tokio::time::timeout(Duration::from_secs(10), normal_client_works(&srv))
+        .await
+        .expect("a normal client was starved");
 
     // The flooder's replies (in any order, as NBD allows) are correct and complete.
     let expect = std::fs::read(dir.path().join("ro.raw")).unwrap();
@@ -337,9 +364,14 @@ async fn too_many_requests_in_flight_are_bounded() {
     for _ in 0..4 {
         let mut h = [0u8; SIMPLE_REPLY_LEN];
         rd.read_exact(&mut h).await.unwrap();
-        let ReplyHeader::Simple { error, cookie } = parse_reply(&h).unwrap().0 else { panic!("expected a simple reply") };
+        let ReplyHeader::Simple { error, cookie } = parse_reply(&h).unwrap().0 else {
+            panic!("expected a simple reply")
+        };
         assert_eq!(error, 0);
-        assert!(cookie < FLOOD && seen.insert(cookie), "reply for cookie {cookie} is unknown or repeated");
+        assert!(
+            cookie < FLOOD && seen.insert(cookie),
+            "reply for cookie {cookie} is unknown or repeated"
+        );
         let mut data = vec![0u8; IMG_SIZE as usize];
         rd.read_exact(&mut data).await.unwrap();
         assert!(data == expect, "reply {cookie} has the wrong bytes");
@@ -347,5 +379,7 @@ async fn too_many_requests_in_flight_are_bounded() {
     // Hanging up with thousands of requests pending frees the connection.
     drop(rd);
     flood.abort();
-    tokio::time::timeout(Duration::from_secs(10), normal_client_works(&srv)).await.expect("server stuck after the flooder left");
+    tokio::time::timeout(Duration::from_secs(10), normal_client_works(&srv))
+        .await
+        .expect("server stuck after the flooder left");
 }

@@ -20,7 +20,11 @@ fn store(endpoint: &str, prefix: &str, opts: S3Options) -> S3Store {
 
 /// Small parts, so the suite's 12 MiB object goes up as a multipart upload of 3 parts.
 fn small_parts() -> S3Options {
-    S3Options { multipart_threshold: 5 << 20, part_size: 5 << 20, ..S3Options::default() }
+    S3Options {
+        multipart_threshold: 5 << 20,
+        part_size: 5 << 20,
+        ..S3Options::default()
+    }
 }
 
 #[test]
@@ -33,20 +37,33 @@ fn conformance_on_a_real_s3_server() {
     assert!(n.put >= 5 + 4, "multipart upload expected: {n:?}");
     assert!(n.bytes_up >= 12 << 20 && n.bytes_down >= 12 << 20, "{n:?}");
     // Objects live under the prefix, with the same keys as the local store.
-    assert_eq!(srv.objects("conf/"), vec!["conf/backups/vm1/b1", "conf/packs/ab/two"]);
+    assert_eq!(
+        srv.objects("conf/"),
+        vec!["conf/backups/vm1/b1", "conf/packs/ab/two"]
+    );
     // Default options (one PUT per object) pass too.
-    conformance::run(&store(&srv.endpoint(), "conf-default", S3Options::default()));
+    conformance::run(&store(
+        &srv.endpoint(),
+        "conf-default",
+        S3Options::default(),
+    ));
 }
 
 #[test]
 fn conformance_through_errors_hangs_and_truncated_bodies() {
     let srv = S3Server::start();
     let proxy = FaultProxy::start(srv.port, Duration::from_secs(3));
-    let opts = S3Options { attempt_timeout: Duration::from_secs(1), ..small_parts() };
+    let opts = S3Options {
+        attempt_timeout: Duration::from_secs(1),
+        ..small_parts()
+    };
     let s = store(&proxy.endpoint(), "faulty", opts);
     conformance::run(&s);
     let injected = proxy.faults.load(Ordering::Relaxed);
-    assert!(injected >= 10, "the proxy must have spoiled requests: {injected}");
+    assert!(
+        injected >= 10,
+        "the proxy must have spoiled requests: {injected}"
+    );
     // Reads still see exactly what was written.
     let data: Vec<u8> = (0..3u32 << 20).map(|i| (i % 253) as u8).collect();
     for i in 0..6 {
@@ -65,7 +82,11 @@ fn written_objects_are_never_overwritten() {
     s.put("backups/vm/b1", b"first").unwrap(); // the same bytes: a retried write, fine
     let e = s.put("backups/vm/b1", b"other").unwrap_err();
     assert!(matches!(e, StoreError::Exists(_)), "{e}");
-    assert!(e.to_string().contains("exists already in the store and is never overwritten"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("exists already in the store and is never overwritten"),
+        "{e}"
+    );
     assert_eq!(s.get("backups/vm/b1").unwrap(), b"first");
     // Multipart uploads are conditional too.
     let s = store(&srv.endpoint(), "once", small_parts());
@@ -84,11 +105,30 @@ fn wrong_credentials_missing_bucket_and_no_server_are_told_apart() {
         let mut loc = S3Location::parse(&format!("s3://{bucket}/x")).unwrap();
         loc.endpoint = Some(endpoint);
         loc.path_style = true;
-        S3Store::open(&loc, S3Options { attempts: 2, ..S3Options::default() }).unwrap()
+        S3Store::open(
+            &loc,
+            S3Options {
+                attempts: 2,
+                ..S3Options::default()
+            },
+        )
+        .unwrap()
     };
-    let e = open(srv.endpoint(), "no-such-bucket").check().unwrap_err().to_string();
-    assert!(e.contains("bucket no-such-bucket does not exist at http://127.0.0.1:"), "{e}");
+    let e = open(srv.endpoint(), "no-such-bucket")
+        .check()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("bucket no-such-bucket does not exist at http://127.0.0.1:"),
+        "{e}"
+    );
     let dead = format!("http://127.0.0.1:{}", s3::free_port());
-    let e = open(dead.clone(), s3::BUCKET).check().unwrap_err().to_string();
-    assert!(e.contains(&format!("cannot reach the S3 endpoint {dead}")), "{e}");
+    let e = open(dead.clone(), s3::BUCKET)
+        .check()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("cannot reach the S3 endpoint {dead}")),
+        "{e}"
+    );
 }

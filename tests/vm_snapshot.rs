@@ -9,7 +9,14 @@ use serde_json::json;
 use std::time::Duration;
 
 fn declare(repo: &Repo, vm: &Vm, name: &str, extra: &[&str]) {
-    let mut args = vec!["vm", "add", name, "--qmp", vm.qmp.to_str().unwrap(), "--disk"];
+    let mut args = vec![
+        "vm",
+        "add",
+        name,
+        "--qmp",
+        vm.qmp.to_str().unwrap(),
+        "--disk",
+    ];
     let disk = format!("root={}", vm.disks[0].node);
     args.push(&disk);
     args.extend_from_slice(extra);
@@ -17,14 +24,29 @@ fn declare(repo: &Repo, vm: &Vm, name: &str, extra: &[&str]) {
 }
 
 fn list(repo: &Repo, vm: &str) -> Vec<serde_json::Value> {
-    repo.run(&["--json", "snapshot", "list", vm]).ok().json().as_array().unwrap().clone()
+    repo.run(&["--json", "snapshot", "list", vm])
+        .ok()
+        .json()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Internal snapshot tags QEMU has on node `node`.
 fn qemu_tags(vm: &Vm, node: &str) -> Vec<String> {
     let nodes = vm.qmp("query-named-block-nodes", json!({ "flat": true }));
-    let n = nodes.as_array().unwrap().iter().find(|n| n["node-name"] == node).unwrap();
-    n["image"]["snapshots"].as_array().into_iter().flatten().map(|s| s["name"].as_str().unwrap().to_string()).collect()
+    let n = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap();
+    n["image"]["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
 }
 
 fn err(repo: &Repo, args: &[&str], want: &str) {
@@ -42,29 +64,69 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     // Backed up before: the disk carries holdfast's checkpoint bitmap.
     repo.backup_args(&["web"]);
 
-    err(&repo, &["snapshot", "create", "web", "Pre Update"], "use letters, digits, '-' and '_' only (e.g. PreUpdate, not \"Pre Update\")");
-    let made = repo.run(&["--json", "snapshot", "create", "web", "PreUpdate", "--memory", "--description", "before the upgrade"]).ok().json();
+    err(
+        &repo,
+        &["snapshot", "create", "web", "Pre Update"],
+        "use letters, digits, '-' and '_' only (e.g. PreUpdate, not \"Pre Update\")",
+    );
+    let made = repo
+        .run(&[
+            "--json",
+            "snapshot",
+            "create",
+            "web",
+            "PreUpdate",
+            "--memory",
+            "--description",
+            "before the upgrade",
+        ])
+        .ok()
+        .json();
     let tag = made[0]["tag"].as_str().unwrap().to_string();
     assert!(tag.starts_with("holdfast-snap-"));
     assert_eq!(qemu_tags(&vm, "disk0"), vec![tag.clone()]);
-    err(&repo, &["snapshot", "create", "web", "Second"], "VM web already has 1 snapshot(s): PreUpdate (taken ");
-    err(&repo, &["snapshot", "create", "web", "Second"], "its limit is 1: delete one first (`holdfast snapshot delete web PreUpdate`)");
+    err(
+        &repo,
+        &["snapshot", "create", "web", "Second"],
+        "VM web already has 1 snapshot(s): PreUpdate (taken ",
+    );
+    err(
+        &repo,
+        &["snapshot", "create", "web", "Second"],
+        "its limit is 1: delete one first (`holdfast snapshot delete web PreUpdate`)",
+    );
 
     let l = list(&repo, "web");
     assert_eq!(l.len(), 1);
     let s = &l[0];
-    assert_eq!((s["name"].as_str(), s["memory"].as_bool(), s["state"].as_str()), (Some("PreUpdate"), Some(true), Some("ok")));
+    assert_eq!(
+        (
+            s["name"].as_str(),
+            s["memory"].as_bool(),
+            s["state"].as_str()
+        ),
+        (Some("PreUpdate"), Some(true), Some("ok"))
+    );
     assert_eq!(s["description"], "before the upgrade");
     assert!(u(s, "/size") > 0, "memory state has a size: {s}");
     let life = u(s, "/expires_ms") - u(s, "/created_ms");
     assert_eq!(life, 10 * 86400 * 1000, "the default lifespan is 10 days");
     let text = repo.run(&["snapshot", "list"]).ok().stdout;
-    assert!(text.contains("PreUpdate") && text.contains("yes") && text.contains("before the upgrade"), "{text}");
+    assert!(
+        text.contains("PreUpdate") && text.contains("yes") && text.contains("before the upgrade"),
+        "{text}"
+    );
 
     // Change the disk, then revert: the VM runs on, with the disk as it was.
     vm.write(0, 0x99, 0, 1 << 20);
-    let r = repo.run(&["--json", "snapshot", "revert", "web", "PreUpdate"]).ok().json();
-    assert_eq!((r["online"].as_bool(), r["running_after"].as_bool()), (Some(true), Some(true)));
+    let r = repo
+        .run(&["--json", "snapshot", "revert", "web", "PreUpdate"])
+        .ok()
+        .json();
+    assert_eq!(
+        (r["online"].as_bool(), r["running_after"].as_bool()),
+        (Some(true), Some(true))
+    );
     assert!(vm.running());
     vm.io(0, "read -P 0x31 0 1M");
     // The reverted disk differs from the last backup where no bitmap looked: the next backup
@@ -73,20 +135,28 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     assert!(after["disks"][0]["bitmap"].is_null(), "{after}");
     let (raw, out) = (repo.tmp("now.raw"), repo.tmp("restored.raw"));
     vm.snapshot_raw(0, &raw);
-    repo.run(&["restore", "web", "--to", out.to_str().unwrap()]).ok();
+    repo.run(&["restore", "web", "--to", out.to_str().unwrap()])
+        .ok();
     assert_same(&out, &raw);
 
     // Rename touches only holdfast's record: QEMU's tag stays.
-    repo.run(&["snapshot", "rename", "web", "PreUpdate", "BeforeUpgrade"]).ok();
+    repo.run(&["snapshot", "rename", "web", "PreUpdate", "BeforeUpgrade"])
+        .ok();
     assert_eq!(list(&repo, "web")[0]["name"], "BeforeUpgrade");
     assert_eq!(qemu_tags(&vm, "disk0"), vec![tag.clone()]);
-    err(&repo, &["snapshot", "delete", "web", "PreUpdate"], "VM web has no snapshot \"PreUpdate\" (its snapshots: BeforeUpgrade)");
-    repo.run(&["snapshot", "delete", "web", "BeforeUpgrade"]).ok();
+    err(
+        &repo,
+        &["snapshot", "delete", "web", "PreUpdate"],
+        "VM web has no snapshot \"PreUpdate\" (its snapshots: BeforeUpgrade)",
+    );
+    repo.run(&["snapshot", "delete", "web", "BeforeUpgrade"])
+        .ok();
     assert!(qemu_tags(&vm, "disk0").is_empty());
     assert!(list(&repo, "web").is_empty());
 
     // A lifespan: expire removes what is past it, and only that.
-    repo.run(&["snapshot", "create", "web", "Short", "--ttl", "2s"]).ok();
+    repo.run(&["snapshot", "create", "web", "Short", "--ttl", "2s"])
+        .ok();
     let none = repo.run(&["snapshot", "expire"]).ok().stdout;
     assert!(none.contains("no snapshot is past its lifespan"), "{none}");
     std::thread::sleep(Duration::from_millis(2100));
@@ -95,7 +165,11 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     assert!(qemu_tags(&vm, "disk0").is_empty());
     // Backups keep working beside snapshots.
     repo.backup_args(&["web"]);
-    err(&repo, &["snapshot", "create", "web", "X", "--ttl", "soon"], "is not a duration");
+    err(
+        &repo,
+        &["snapshot", "create", "web", "X", "--ttl", "soon"],
+        "is not a duration",
+    );
 }
 
 #[test]
@@ -108,34 +182,57 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     a.write(0, 0x21, 0, 64 << 10);
     repo.backup_args(&["a"]);
 
-    let made = repo.run(&["--json", "snapshot", "create", "--vm", "a", "--vm", "b", "G"]).ok().json();
+    let made = repo
+        .run(&[
+            "--json", "snapshot", "create", "--vm", "a", "--vm", "b", "G",
+        ])
+        .ok()
+        .json();
     assert_eq!(made.as_array().unwrap().len(), 2);
     assert_eq!(made[0]["group"], json!(["a", "b"]));
     assert_eq!(qemu_tags(&a, "disk0").len(), 1);
     assert_eq!(qemu_tags(&b, "disk0").len(), 1);
     // b is at its limit: the group is refused before anything is taken.
-    err(&repo, &["snapshot", "create", "--vm", "a", "--vm", "b", "H"], "VM b already has 1 snapshot(s): G");
+    err(
+        &repo,
+        &["snapshot", "create", "--vm", "a", "--vm", "b", "H"],
+        "VM b already has 1 snapshot(s): G",
+    );
     assert_eq!(list(&repo, "a").len(), 1);
     // b cannot be reached: a's half of the group is undone.
     repo.run(&["snapshot", "delete", "b", "G"]).ok();
     b.shutdown();
-    err(&repo, &["snapshot", "create", "--vm", "a", "--vm", "b", "H"], "cannot connect to QMP socket");
+    err(
+        &repo,
+        &["snapshot", "create", "--vm", "a", "--vm", "b", "H"],
+        "cannot connect to QMP socket",
+    );
     assert_eq!(list(&repo, "a").len(), 1, "no H left on a");
     assert_eq!(qemu_tags(&a, "disk0").len(), 1);
     b.boot();
 
     // A disk-only snapshot cannot be reverted while the VM runs; shut down, it can.
     a.write(0, 0x77, 0, 64 << 10);
-    err(&repo, &["snapshot", "revert", "a", "G"], "is disk-only: QEMU cannot revert it while the VM runs; shut the VM down");
+    err(
+        &repo,
+        &["snapshot", "revert", "a", "G"],
+        "is disk-only: QEMU cannot revert it while the VM runs; shut the VM down",
+    );
     a.shutdown();
-    let r = repo.run(&["--json", "snapshot", "revert", "a", "G"]).ok().json();
+    let r = repo
+        .run(&["--json", "snapshot", "revert", "a", "G"])
+        .ok()
+        .json();
     assert_eq!(r["online"], false);
     let l = list(&repo, "a");
     assert_eq!(l[0]["state"], "vm not running");
     a.boot();
     a.io(0, "read -P 0x21 0 64k");
     let after = repo.backup_args(&["a"]);
-    assert!(after["disks"][0]["bitmap"].is_null(), "a full read after an offline revert: {after}");
+    assert!(
+        after["disks"][0]["bitmap"].is_null(),
+        "a full read after an offline revert: {after}"
+    );
     repo.run(&["snapshot", "delete", "a", "G"]).ok();
     assert!(qemu_tags(&a, "disk0").is_empty());
 }
@@ -145,8 +242,15 @@ fn raw_disks_get_external_overlays() {
     let repo = Repo::new();
     let mut vm = Vm::start(&[("raw", 16)], false);
     declare(&repo, &vm, "legacy", &[]);
-    err(&repo, &["snapshot", "create", "legacy", "M", "--memory"], "--memory needs qcow2 disks");
-    let made = repo.run(&["--json", "snapshot", "create", "legacy", "X"]).ok().json();
+    err(
+        &repo,
+        &["snapshot", "create", "legacy", "M", "--memory"],
+        "--memory needs qcow2 disks",
+    );
+    let made = repo
+        .run(&["--json", "snapshot", "create", "legacy", "X"])
+        .ok()
+        .json();
     assert_eq!(made[0]["kind"], "External");
     let ov = made[0]["disks"][0]["overlay"].clone();
     let file = std::path::PathBuf::from(ov["file"].as_str().unwrap());
@@ -156,8 +260,11 @@ fn raw_disks_get_external_overlays() {
     vm.write(0, 0x42, 0, 64 << 10);
     repo.backup_args(&["legacy"]);
     let out = repo.tmp("r.raw");
-    repo.run(&["restore", "legacy", "--to", out.to_str().unwrap()]).ok();
-    assert!(std::fs::read(&out).unwrap()[..64 << 10].iter().all(|&b| b == 0x42));
+    repo.run(&["restore", "legacy", "--to", out.to_str().unwrap()])
+        .ok();
+    assert!(std::fs::read(&out).unwrap()[..64 << 10]
+        .iter()
+        .all(|&b| b == 0x42));
     let l = list(&repo, "legacy");
     assert_eq!(l[0]["state"], "ok");
 
@@ -166,13 +273,28 @@ fn raw_disks_get_external_overlays() {
     assert!(!file.exists());
     vm.io(0, "read -P 0x42 0 64k");
     let raw = std::fs::read(&vm.disks[0].file).unwrap();
-    assert!(raw[..64 << 10].iter().all(|&b| b == 0x42), "committed into the base image");
+    assert!(
+        raw[..64 << 10].iter().all(|&b| b == 0x42),
+        "committed into the base image"
+    );
 
     // Revert (offline): the overlay is emptied again.
-    let made = repo.run(&["--json", "snapshot", "create", "legacy", "Y"]).ok().json();
+    let made = repo
+        .run(&["--json", "snapshot", "create", "legacy", "Y"])
+        .ok()
+        .json();
     let file = std::path::PathBuf::from(made[0]["disks"][0]["overlay"]["file"].as_str().unwrap());
     vm.write(0, 0x43, 0, 64 << 10);
     vm.shutdown();
     repo.run(&["snapshot", "revert", "legacy", "Y"]).ok();
-    common::qemu::run("qemu-io", &["-f", "qcow2", "-c", "read -P 0x42 0 64k", file.to_str().unwrap()]);
+    common::qemu::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "read -P 0x42 0 64k",
+            file.to_str().unwrap(),
+        ],
+    );
 }

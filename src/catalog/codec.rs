@@ -7,8 +7,14 @@ pub const VERSION: u8 = 1;
 pub(super) fn versioned<'a>(v: &'a [u8], cf: &'static str) -> CatalogResult<&'a [u8]> {
     match v.split_first() {
         Some((&VERSION, rest)) => Ok(rest),
-        Some((other, _)) => Err(CatalogError::Value { cf, what: format!("unknown version {other}") }),
-        None => Err(CatalogError::Value { cf, what: "empty value".into() }),
+        Some((other, _)) => Err(CatalogError::Value {
+            cf,
+            what: format!("unknown version {other}"),
+        }),
+        None => Err(CatalogError::Value {
+            cf,
+            what: "empty value".into(),
+        }),
     }
 }
 
@@ -38,7 +44,10 @@ impl ChunkLoc {
 
     pub fn decode(v: &[u8]) -> CatalogResult<Self> {
         let b = versioned(v, "chunks")?;
-        let bad = || CatalogError::Value { cf: "chunks", what: format!("{} bytes", b.len()) };
+        let bad = || CatalogError::Value {
+            cf: "chunks",
+            what: format!("{} bytes", b.len()),
+        };
         if b.len() != 34 {
             return Err(bad());
         }
@@ -71,7 +80,10 @@ impl PackInfo {
 
     pub fn decode(v: &[u8]) -> CatalogResult<Self> {
         let b = versioned(v, "packs")?;
-        let bad = || CatalogError::Value { cf: "packs", what: format!("{} bytes", b.len()) };
+        let bad = || CatalogError::Value {
+            cf: "packs",
+            what: format!("{} bytes", b.len()),
+        };
         if b.len() != 20 {
             return Err(bad());
         }
@@ -111,7 +123,14 @@ mod tests {
         super::super::Catalog::create(&p).unwrap();
         let a = super::super::Catalog::open(&p).unwrap();
         let b = super::super::Catalog::open(&p).unwrap();
-        let loc = ChunkLoc { pack: [3; 16], kind: 0, codec: 1, offset: 8, stored_len: 10, raw_len: 20 };
+        let loc = ChunkLoc {
+            pack: [3; 16],
+            kind: 0,
+            codec: 1,
+            offset: 8,
+            stored_len: 10,
+            raw_len: 20,
+        };
         let mut batch = super::super::Batch::default();
         batch.put_chunk(&[9; 32], &loc);
         batch.put_backup("vm1", "b1", b"{}");
@@ -119,7 +138,10 @@ mod tests {
         assert_eq!(a.chunk(&[9; 32]).unwrap(), Some(loc));
         b.refresh().unwrap();
         assert_eq!(b.chunk(&[9; 32]).unwrap(), Some(loc));
-        assert_eq!(b.backups(Some("vm1")).unwrap(), vec![("vm1".into(), "b1".into(), b"{}".to_vec())]);
+        assert_eq!(
+            b.backups(Some("vm1")).unwrap(),
+            vec![("vm1".into(), "b1".into(), b"{}".to_vec())]
+        );
         assert!(b.backups(Some("vm")).unwrap().is_empty());
     }
 }

@@ -21,7 +21,10 @@ mod codec;
 
 pub use codec::{ChunkLoc, PackInfo};
 
-use rocksdb::{BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BottommostLevelCompaction, ColumnFamilyDescriptor, CompactOptions, IteratorMode, Options,
+    WriteBatch, WriteOptions, DB,
+};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -123,7 +126,10 @@ pub struct Catalog {
 }
 
 fn db_err(path: &Path, e: impl std::fmt::Display) -> CatalogError {
-    CatalogError::Db { path: path.display().to_string(), msg: e.to_string() }
+    CatalogError::Db {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
 }
 
 fn options() -> Options {
@@ -148,7 +154,9 @@ fn options() -> Options {
 }
 
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
-    CFS.iter().map(|n| ColumnFamilyDescriptor::new(*n, options())).collect()
+    CFS.iter()
+        .map(|n| ColumnFamilyDescriptor::new(*n, options()))
+        .collect()
 }
 
 impl Catalog {
@@ -157,7 +165,8 @@ impl Catalog {
         if path.join("CURRENT").exists() {
             return Err(db_err(path, "a catalog already exists here"));
         }
-        let db = DB::open_cf_descriptors(&options(), path, descriptors()).map_err(|e| db_err(path, e))?;
+        let db = DB::open_cf_descriptors(&options(), path, descriptors())
+            .map_err(|e| db_err(path, e))?;
         db.flush().map_err(|e| db_err(path, e))?;
         Ok(())
     }
@@ -170,7 +179,11 @@ impl Catalog {
         sweep_readers(&sec_root);
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let sec_path = sec_root.join(format!("{}-{}-{n}", std::process::id(), crate::timefmt::now_millis()));
+        let sec_path = sec_root.join(format!(
+            "{}-{}-{n}",
+            std::process::id(),
+            crate::timefmt::now_millis()
+        ));
         std::fs::create_dir_all(&sec_path).map_err(|e| db_err(path, e))?;
         let mut o = options();
         o.create_if_missing(false);
@@ -180,13 +193,21 @@ impl Catalog {
         if CFS.iter().any(|c| !have.iter().any(|h| h == c)) {
             drop(open_primary(path)?);
         }
-        let reader = DB::open_cf_descriptors_as_secondary(&o, path, &sec_path, descriptors()).map_err(|e| db_err(path, e))?;
-        Ok(Catalog { path: path.to_path_buf(), sec_path, reader, write_lock: Mutex::new(()) })
+        let reader = DB::open_cf_descriptors_as_secondary(&o, path, &sec_path, descriptors())
+            .map_err(|e| db_err(path, e))?;
+        Ok(Catalog {
+            path: path.to_path_buf(),
+            sec_path,
+            reader,
+            write_lock: Mutex::new(()),
+        })
     }
 
     /// See the latest writes of every process.
     pub fn refresh(&self) -> CatalogResult<()> {
-        self.reader.try_catch_up_with_primary().map_err(|e| db_err(&self.path, e))
+        self.reader
+            .try_catch_up_with_primary()
+            .map_err(|e| db_err(&self.path, e))
     }
 
     /// Apply a batch atomically and durably, then refresh this process's view.
@@ -211,18 +232,26 @@ impl Catalog {
         self.refresh()
     }
 
-
     fn cf(&self, name: &'static str) -> CatalogResult<&rocksdb::ColumnFamily> {
         cf_handle(&self.reader, name, &self.path)
     }
 
     pub fn chunk(&self, id: &[u8; 32]) -> CatalogResult<Option<ChunkLoc>> {
-        let v = self.reader.get_pinned_cf(self.cf("chunks")?, id).map_err(|e| db_err(&self.path, e))?;
+        let v = self
+            .reader
+            .get_pinned_cf(self.cf("chunks")?, id)
+            .map_err(|e| db_err(&self.path, e))?;
         v.map(|v| ChunkLoc::decode(&v)).transpose()
     }
 
     pub fn segmemo(&self, key: &[u8; 32]) -> CatalogResult<Option<SegMemo>> {
-        let Some(v) = self.reader.get_pinned_cf(self.cf("segmemo")?, key).map_err(|e| db_err(&self.path, e))? else { return Ok(None) };
+        let Some(v) = self
+            .reader
+            .get_pinned_cf(self.cf("segmemo")?, key)
+            .map_err(|e| db_err(&self.path, e))?
+        else {
+            return Ok(None);
+        };
         if v.len() != 45 || v[0] != codec::VERSION {
             return Ok(None); // a cache: an entry it cannot read is a miss
         }
@@ -233,7 +262,12 @@ impl Catalog {
         }))
     }
 
-    fn scan(&self, cf: &'static str, prefix: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> CatalogResult<bool>) -> CatalogResult<()> {
+    fn scan(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> CatalogResult<bool>,
+    ) -> CatalogResult<()> {
         let h = self.cf(cf)?;
         let mode = IteratorMode::From(prefix, rocksdb::Direction::Forward);
         for item in self.reader.iterator_cf(h, mode) {
@@ -246,9 +280,15 @@ impl Catalog {
     }
 
     /// Visit every blob location; return false from `f` to stop.
-    pub fn for_each_chunk(&self, mut f: impl FnMut([u8; 32], ChunkLoc) -> bool) -> CatalogResult<()> {
+    pub fn for_each_chunk(
+        &self,
+        mut f: impl FnMut([u8; 32], ChunkLoc) -> bool,
+    ) -> CatalogResult<()> {
         self.scan("chunks", &[], |k, v| {
-            let id: [u8; 32] = k.try_into().map_err(|_| CatalogError::Value { cf: "chunks", what: "key length".into() })?;
+            let id: [u8; 32] = k.try_into().map_err(|_| CatalogError::Value {
+                cf: "chunks",
+                what: "key length".into(),
+            })?;
             Ok(f(id, ChunkLoc::decode(v)?))
         })
     }
@@ -256,7 +296,10 @@ impl Catalog {
     pub fn packs(&self) -> CatalogResult<Vec<(PackId, PackInfo)>> {
         let mut out = Vec::new();
         self.scan("packs", &[], |k, v| {
-            let id: PackId = k.try_into().map_err(|_| CatalogError::Value { cf: "packs", what: "key length".into() })?;
+            let id: PackId = k.try_into().map_err(|_| CatalogError::Value {
+                cf: "packs",
+                what: "key length".into(),
+            })?;
             out.push((id, PackInfo::decode(v)?));
             Ok(true)
         })?;
@@ -266,9 +309,20 @@ impl Catalog {
     pub fn condemned(&self) -> CatalogResult<Vec<(PackId, u64)>> {
         let mut out = Vec::new();
         self.scan("condemned", &[], |k, v| {
-            let id: PackId = k.try_into().map_err(|_| CatalogError::Value { cf: "condemned", what: "key length".into() })?;
-            let t = codec::versioned(v, "condemned")?.try_into().map(u64::from_le_bytes);
-            out.push((id, t.map_err(|_| CatalogError::Value { cf: "condemned", what: "value length".into() })?));
+            let id: PackId = k.try_into().map_err(|_| CatalogError::Value {
+                cf: "condemned",
+                what: "key length".into(),
+            })?;
+            let t = codec::versioned(v, "condemned")?
+                .try_into()
+                .map(u64::from_le_bytes);
+            out.push((
+                id,
+                t.map_err(|_| CatalogError::Value {
+                    cf: "condemned",
+                    what: "value length".into(),
+                })?,
+            ));
             Ok(true)
         })?;
         Ok(out)
@@ -279,7 +333,10 @@ impl Catalog {
         let prefix = vm.map(|v| backup_key(v, "")).unwrap_or_default();
         let mut out = Vec::new();
         self.scan("backups", &prefix, |k, v| {
-            let bad = || CatalogError::Value { cf: "backups", what: "key".into() };
+            let bad = || CatalogError::Value {
+                cf: "backups",
+                what: "key".into(),
+            };
             let sep = k.iter().position(|&b| b == 0).ok_or_else(bad)?;
             let vm = String::from_utf8(k[..sep].to_vec()).map_err(|_| bad())?;
             let id = String::from_utf8(k[sep + 1..].to_vec()).map_err(|_| bad())?;
@@ -303,7 +360,11 @@ impl Catalog {
 fn compact_if_needed(db: &DB, path: &Path) -> CatalogResult<()> {
     for name in CFS {
         let cf = cf_handle(db, name, path)?;
-        let prop = |p: &str| db.property_int_value_cf(cf, p).map(|v| v.unwrap_or(0)).map_err(|e| db_err(path, e));
+        let prop = |p: &str| {
+            db.property_int_value_cf(cf, p)
+                .map(|v| v.unwrap_or(0))
+                .map_err(|e| db_err(path, e))
+        };
         let l0 = prop("rocksdb.num-files-at-level0")?;
         let mut files = 0;
         for level in 0..7 {
@@ -338,8 +399,13 @@ fn open_primary(path: &Path) -> CatalogResult<DB> {
     }
 }
 
-fn cf_handle<'a>(db: &'a DB, name: &'static str, path: &Path) -> CatalogResult<&'a rocksdb::ColumnFamily> {
-    db.cf_handle(name).ok_or_else(|| db_err(path, format!("column family {name} missing")))
+fn cf_handle<'a>(
+    db: &'a DB,
+    name: &'static str,
+    path: &Path,
+) -> CatalogResult<&'a rocksdb::ColumnFamily> {
+    db.cf_handle(name)
+        .ok_or_else(|| db_err(path, format!("column family {name} missing")))
 }
 
 impl Drop for Catalog {
@@ -350,10 +416,16 @@ impl Drop for Catalog {
 
 /// Remove secondary-instance directories of processes that are gone.
 fn sweep_readers(root: &Path) {
-    let Ok(rd) = std::fs::read_dir(root) else { return };
+    let Ok(rd) = std::fs::read_dir(root) else {
+        return;
+    };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        let pid: u32 = name.split('-').next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let pid: u32 = name
+            .split('-')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         if !crate::store::pid_alive(pid) {
             let _ = std::fs::remove_dir_all(e.path());
         }
@@ -370,14 +442,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
         {
-            let old: Vec<_> = CFS[..4].iter().map(|n| ColumnFamilyDescriptor::new(*n, options())).collect();
+            let old: Vec<_> = CFS[..4]
+                .iter()
+                .map(|n| ColumnFamilyDescriptor::new(*n, options()))
+                .collect();
             let db = DB::open_cf_descriptors(&options(), &path, old).unwrap();
-            db.put_cf(db.cf_handle("packs").unwrap(), [1u8; 16], PackInfo { created: 5, size: 6, entries: 7 }.encode()).unwrap();
+            db.put_cf(
+                db.cf_handle("packs").unwrap(),
+                [1u8; 16],
+                PackInfo {
+                    created: 5,
+                    size: 6,
+                    entries: 7,
+                }
+                .encode(),
+            )
+            .unwrap();
         }
         let c = Catalog::open(&path).unwrap();
-        assert_eq!(c.packs().unwrap(), vec![([1u8; 16], PackInfo { created: 5, size: 6, entries: 7 })]);
+        assert_eq!(
+            c.packs().unwrap(),
+            vec![(
+                [1u8; 16],
+                PackInfo {
+                    created: 5,
+                    size: 6,
+                    entries: 7
+                }
+            )]
+        );
         assert_eq!(c.segmemo(&[9; 32]).unwrap(), None);
-        let memo = SegMemo { seglist: [3; 32], data_bytes: 12345, chunks: 4 };
+        let memo = SegMemo {
+            seglist: [3; 32],
+            data_bytes: 12345,
+            chunks: 4,
+        };
         let mut b = Batch::default();
         b.put_segmemo(&[9; 32], &memo);
         c.write(b).unwrap();
@@ -395,14 +494,31 @@ mod tests {
         for i in 0..60u32 {
             let mut b = Batch::default();
             b.put_backup("vm", &format!("20261123-{i:06}"), br#"{"m":1}"#);
-            b.put_segmemo(&[i as u8; 32], &SegMemo { seglist: [1; 32], data_bytes: 1, chunks: 1 });
+            b.put_segmemo(
+                &[i as u8; 32],
+                &SegMemo {
+                    seglist: [1; 32],
+                    data_bytes: 1,
+                    chunks: 1,
+                },
+            );
             c.write(b).unwrap();
         }
-        let ssts = std::fs::read_dir(&path).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "sst")).count();
-        assert!(ssts <= 2 * CFS.len(), "{ssts} table files after 60 small writes");
+        let ssts = std::fs::read_dir(&path)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "sst"))
+            .count();
+        assert!(
+            ssts <= 2 * CFS.len(),
+            "{ssts} table files after 60 small writes"
+        );
         let all = c.backups(Some("vm")).unwrap();
         assert_eq!(all.len(), 60);
         assert_eq!(all[59].1, "20261123-000059");
-        assert_eq!(c.segmemo(&[59; 32]).unwrap().map(|m| m.seglist), Some([1; 32]));
+        assert_eq!(
+            c.segmemo(&[59; 32]).unwrap().map(|m| m.seglist),
+            Some([1; 32])
+        );
     }
 }

@@ -40,7 +40,14 @@ pub fn encode(data: &[u8], level: i32) -> (Codec, Vec<u8>) {
 }
 
 /// Decode a stored blob and check that it hashes to `id`.
-pub fn decode(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+pub fn decode(
+    keyer: &Keyer,
+    kind: BlobKind,
+    id: &BlobId,
+    codec: Codec,
+    stored: &[u8],
+    raw_len: usize,
+) -> Result<Vec<u8>, ChunkError> {
     match codec {
         Codec::Raw => check(keyer, kind, id, stored.to_vec(), raw_len),
         Codec::Zstd => check(keyer, kind, id, decompress(id, stored, raw_len)?, raw_len),
@@ -48,7 +55,14 @@ pub fn decode(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: 
 }
 
 /// [`decode`] of a buffer it may keep: a raw blob is checked in place, not copied.
-pub fn decode_owned(keyer: &Keyer, kind: BlobKind, id: &BlobId, codec: Codec, stored: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+pub fn decode_owned(
+    keyer: &Keyer,
+    kind: BlobKind,
+    id: &BlobId,
+    codec: Codec,
+    stored: Vec<u8>,
+    raw_len: usize,
+) -> Result<Vec<u8>, ChunkError> {
     match codec {
         Codec::Raw => check(keyer, kind, id, stored, raw_len),
         Codec::Zstd => check(keyer, kind, id, decompress(id, &stored, raw_len)?, raw_len),
@@ -65,14 +79,26 @@ fn decompress(id: &BlobId, stored: &[u8], raw_len: usize) -> Result<Vec<u8>, Chu
             let d = d.as_mut().ok_or_else(|| "no zstd context".to_string())?;
             d.decompress(stored, raw_len).map_err(|e| e.to_string())
         })
-        .map_err(|e| ChunkError::Corrupt { id: *id, what: format!("does not decompress ({e})") })
+        .map_err(|e| ChunkError::Corrupt {
+            id: *id,
+            what: format!("does not decompress ({e})"),
+        })
 }
 
 /// `data` if it has `raw_len` bytes and hashes to `id`.
-fn check(keyer: &Keyer, kind: BlobKind, id: &BlobId, data: Vec<u8>, raw_len: usize) -> Result<Vec<u8>, ChunkError> {
+fn check(
+    keyer: &Keyer,
+    kind: BlobKind,
+    id: &BlobId,
+    data: Vec<u8>,
+    raw_len: usize,
+) -> Result<Vec<u8>, ChunkError> {
     let corrupt = |what: String| ChunkError::Corrupt { id: *id, what };
     if data.len() != raw_len {
-        return Err(corrupt(format!("has {} bytes, expected {raw_len}", data.len())));
+        return Err(corrupt(format!(
+            "has {} bytes, expected {raw_len}",
+            data.len()
+        )));
     }
     if keyer.id(kind, &data) != *id {
         return Err(corrupt("does not match its hash".to_string()));
@@ -106,7 +132,10 @@ mod tests {
         assert_eq!(codec, Codec::Zstd);
         let n = stored.len() / 2;
         stored[n] ^= 0x40;
-        assert!(matches!(decode(&k, BlobKind::Chunk, &id, codec, &stored, data.len()), Err(ChunkError::Corrupt { .. })));
+        assert!(matches!(
+            decode(&k, BlobKind::Chunk, &id, codec, &stored, data.len()),
+            Err(ChunkError::Corrupt { .. })
+        ));
         let mut raw = data.clone();
         raw[10] = 6;
         assert!(decode(&k, BlobKind::Chunk, &id, Codec::Raw, &raw, data.len()).is_err());

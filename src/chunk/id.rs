@@ -64,7 +64,11 @@ impl Keyer {
     pub fn new(key: [u8; 32]) -> Self {
         let meta_key = *blake3::keyed_hash(&key, b"holdfast metadata blob key v1").as_bytes();
         let memo_key = *blake3::keyed_hash(&key, b"holdfast segment memo key v1").as_bytes();
-        Keyer { data_key: key, meta_key, memo_key }
+        Keyer {
+            data_key: key,
+            meta_key,
+            memo_key,
+        }
     }
 
     /// The catalog's key for a whole segment's bytes (its segment-list memo).
@@ -73,7 +77,11 @@ impl Keyer {
     }
 
     pub fn id(&self, kind: BlobKind, data: &[u8]) -> BlobId {
-        let key = if kind == BlobKind::Chunk { &self.data_key } else { &self.meta_key };
+        let key = if kind == BlobKind::Chunk {
+            &self.data_key
+        } else {
+            &self.meta_key
+        };
         BlobId(*blake3::keyed_hash(key, data).as_bytes())
     }
 }

@@ -20,7 +20,9 @@ use thiserror::Error;
 pub enum ChunkError {
     #[error("invalid chunker parameters: {0}")]
     Params(String),
-    #[error("damaged data: blob {id} {what}; run `holdfast verify` to see which backups it affects")]
+    #[error(
+        "damaged data: blob {id} {what}; run `holdfast verify` to see which backups it affects"
+    )]
     Corrupt { id: BlobId, what: String },
     #[error("invalid blob id {0:?}: expected 64 hex digits")]
     BadId(String),
@@ -37,7 +39,12 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams { segment_size: 4 << 20, min_size: 16 << 10, avg_size: 64 << 10, max_size: 256 << 10 }
+        ChunkerParams {
+            segment_size: 4 << 20,
+            min_size: 16 << 10,
+            avg_size: 64 << 10,
+            max_size: 256 << 10,
+        }
     }
 }
 
@@ -49,13 +56,20 @@ impl ChunkerParams {
             || !(f::AVERAGE_MIN..=f::AVERAGE_MAX).contains(&self.avg_size)
             || !(f::MAXIMUM_MIN..=f::MAXIMUM_MAX).contains(&self.max_size)
         {
-            return err("sizes out of range (min 64 B..1 MiB, avg 256 B..4 MiB, max 1 KiB..16 MiB)");
+            return err(
+                "sizes out of range (min 64 B..1 MiB, avg 256 B..4 MiB, max 1 KiB..16 MiB)",
+            );
         }
         if !(self.min_size <= self.avg_size && self.avg_size <= self.max_size) {
             return err("need min <= avg <= max");
         }
-        if !self.segment_size.is_power_of_two() || self.segment_size < self.max_size || self.segment_size > (64 << 20) {
-            return err("segment size must be a power of two between the max chunk size and 64 MiB");
+        if !self.segment_size.is_power_of_two()
+            || self.segment_size < self.max_size
+            || self.segment_size > (64 << 20)
+        {
+            return err(
+                "segment size must be a power of two between the max chunk size and 64 MiB",
+            );
         }
         Ok(())
     }
@@ -85,8 +99,18 @@ mod tests {
     #[test]
     fn default_params_are_valid() {
         ChunkerParams::default().validate().unwrap();
-        assert!(ChunkerParams { min_size: 1 << 20, ..Default::default() }.validate().is_err());
-        assert!(ChunkerParams { segment_size: 3 << 20, ..Default::default() }.validate().is_err());
+        assert!(ChunkerParams {
+            min_size: 1 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(ChunkerParams {
+            segment_size: 3 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
     }
 
     #[test]

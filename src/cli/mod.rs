@@ -13,13 +13,17 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "Back up VM disks into a deduplicating store, and restore them.",
+#[command(
+    name = "holdfast",
+    version,
+    about = "Back up VM disks into a deduplicating store, and restore them.",
     long_about = "Back up VM disks into a deduplicating store, and restore them.\n\n\
 Disks are cut into content-defined chunks inside aligned 4 MiB segments, named by a keyed hash,\n\
 compressed with zstd and stored once. Every backup is a complete map of its disks; only new\n\
 chunks take space.\n\n\
 Quick start:\n  holdfast init --repo /srv/backups\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img\n  \
-holdfast backups\n  holdfast restore web-01 --disk root --to /tmp/root.img\n  holdfast verify")]
+holdfast backups\n  holdfast restore web-01 --disk root --to /tmp/root.img\n  holdfast verify"
+)]
 pub struct Cli {
     /// Repository directory [default: /var/lib/holdfast as root, else ~/.local/share/holdfast]
     #[arg(long, global = true, env = "HOLDFAST_REPO")]
@@ -79,14 +83,16 @@ enum Cmd {
         existing: bool,
     },
     /// Back up a VM: its disks as files, block devices or NBD exports, or a running VM through QEMU
-    #[command(after_help = "Examples:\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img --disk data=/dev/vg0/web-01-data\n  \
+    #[command(
+        after_help = "Examples:\n  holdfast backup web-01 --disk root=/var/lib/vm/web-01.img --disk data=/dev/vg0/web-01-data\n  \
 holdfast backup web-01 --disk root='nbd+unix:///root?socket=/run/qsd.sock' --bitmap hf-1\n  \
 holdfast backup web-01                       (a VM declared with `holdfast vm add`)\n  \
 holdfast backup web-01 --qmp /run/qemu/web-01.qmp --disk root=disk0 --quiesce\n\n\
 A VM in QEMU is read from a point-in-time read point while it keeps running; only the 4 MiB\n\
 segments its dirty bitmap marks since the last backup are read. With --bitmap (NBD disks), only\n\
 the segments that hold dirty blocks are read; every other segment is taken unread from the\n\
-backup the bitmap started from (--since, default: the latest backup).")]
+backup the bitmap started from (--since, default: the latest backup)."
+    )]
     Backup {
         /// VM name: letters, digits, '-', '_', '.'
         vm: String,
@@ -123,7 +129,9 @@ backup the bitmap started from (--since, default: the latest backup).")]
         spec: String,
     },
     /// Restore one disk to a sparse raw image (every chunk is re-hashed)
-    #[command(after_help = "Example: holdfast restore web-01@20261122-101500 --disk root --to /tmp/root.img")]
+    #[command(
+        after_help = "Example: holdfast restore web-01@20261122-101500 --disk root --to /tmp/root.img"
+    )]
     Restore {
         /// VM or VM@ID (default: the newest backup)
         spec: String,
@@ -159,11 +167,13 @@ backup the bitmap started from (--since, default: the latest backup).")]
         price: f64,
     },
     /// Serve a backup's disk over NBD (read-only, or writes to a local overlay); Ctrl-C stops it
-    #[command(after_help = "Examples:\n  holdfast export web-01 --listen unix:/run/hf-web01.sock\n  \
+    #[command(
+        after_help = "Examples:\n  holdfast export web-01 --listen unix:/run/hf-web01.sock\n  \
 holdfast export web-01@20261122-101500 --disk root --listen tcp:10809 --writable\n\n\
 Clients: nbdinfo/nbdcopy/qemu-img with nbd+unix:///DISK?socket=PATH or nbd://HOST:PORT/DISK.\n\
 The store is never written: with --writable, writes go to an overlay file that is deleted on\n\
-exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
+exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map)."
+    )]
     Export {
         /// VM or VM@ID (default: the newest backup)
         spec: String,
@@ -186,14 +196,16 @@ exit unless --keep-overlay PATH keeps it (PATH, plus its block map PATH.map).")]
         cache: String,
     },
     /// Browse every backup as a read-only filesystem, down to the files inside the guests
-    #[command(after_help = "Layout:\n  MOUNTPOINT/<vm>/latest                 the newest backup (a symlink)\n  \
+    #[command(
+        after_help = "Layout:\n  MOUNTPOINT/<vm>/latest                 the newest backup (a symlink)\n  \
 MOUNTPOINT/<vm>/<id>/<disk>.img         the raw disk\n  \
 MOUNTPOINT/<vm>/<id>/<disk>/p1.img      a raw partition\n  \
 MOUNTPOINT/<vm>/<id>/<disk>/p1/...      its files (ext2/3/4, FAT12/16/32, NTFS)\n  \
 MOUNTPOINT/<vm>/<id>/<disk>/fs/...      a disk that is one filesystem without a partition table\n\n\
 Runs in the foreground until `holdfast umount MOUNTPOINT`, Ctrl-C or SIGTERM. Damaged data is an\n\
 I/O error for the reads that touch it, never wrong bytes.\n\n\
-Example:\n  mkdir -p /mnt/holdfast && holdfast mount /mnt/holdfast &\n  ls /mnt/holdfast/web-01/latest/root/p2/etc")]
+Example:\n  mkdir -p /mnt/holdfast && holdfast mount /mnt/holdfast &\n  ls /mnt/holdfast/web-01/latest/root/p2/etc"
+    )]
     Mount {
         /// An existing empty directory
         mountpoint: PathBuf,
@@ -213,16 +225,21 @@ Example:\n  mkdir -p /mnt/holdfast && holdfast mount /mnt/holdfast &\n  ls /mnt/
         lazy: bool,
     },
     /// Print a file from inside a backup to standard output, without mounting
-    #[command(after_help = "Example: holdfast cat web-01@20261122-101500:root/p2/etc/fstab\n\n\
-PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a partition table.")]
+    #[command(
+        after_help = "Example: holdfast cat web-01@20261122-101500:root/p2/etc/fstab\n\n\
+PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a partition table."
+    )]
     Cat {
         /// VM[@ID]:DISK/PART/PATH (VM alone means the newest backup)
         spec: String,
     },
     /// Copy files or a directory tree out of a backup, with owners, modes, times and links
-    #[command(name = "restore-files", after_help = "Example: holdfast restore-files web-01:root/p2/etc/nginx --to /tmp/restored\n\n\
+    #[command(
+        name = "restore-files",
+        after_help = "Example: holdfast restore-files web-01:root/p2/etc/nginx --to /tmp/restored\n\n\
 Creates TO/<last path component> (or TO/DISK-PART for a whole filesystem); an existing one is\n\
-never overwritten. Nothing is left behind if the copy fails.")]
+never overwritten. Nothing is left behind if the copy fails."
+    )]
     RestoreFiles {
         /// VM[@ID]:DISK/PART/PATH (VM alone means the newest backup)
         spec: String,
@@ -269,15 +286,23 @@ pub fn default_repo() -> PathBuf {
     if unsafe { libc::geteuid() } == 0 {
         return PathBuf::from("/var/lib/holdfast");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/holdfast")
 }
 
 fn parse_disk(s: &str) -> Result<(String, PathBuf)> {
-    let (name, path) = s.split_once('=').ok_or_else(|| Error::Invalid(format!("--disk {s:?} must be NAME=PATH, e.g. --disk root=/var/lib/vm/web-01.img")))?;
+    let (name, path) = s.split_once('=').ok_or_else(|| {
+        Error::Invalid(format!(
+            "--disk {s:?} must be NAME=PATH, e.g. --disk root=/var/lib/vm/web-01.img"
+        ))
+    })?;
     crate::names::check("disk", name)?;
     if path.is_empty() {
-        return Err(Error::Invalid(format!("--disk {s:?} has no path after '='")));
+        return Err(Error::Invalid(format!(
+            "--disk {s:?} has no path after '='"
+        )));
     }
     Ok((name.to_string(), PathBuf::from(path)))
 }
@@ -295,33 +320,79 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     let config = vm::config_path(cli.config.as_deref(), &repo_dir);
     match cli.cmd {
-        Cmd::Init { segment_size, chunk_min, chunk_avg, chunk_max, compression_level, s3, endpoint, region, path_style, cache_size, existing } => {
-            let params = crate::chunk::ChunkerParams { segment_size, min_size: chunk_min, avg_size: chunk_avg, max_size: chunk_max };
+        Cmd::Init {
+            segment_size,
+            chunk_min,
+            chunk_avg,
+            chunk_max,
+            compression_level,
+            s3,
+            endpoint,
+            region,
+            path_style,
+            cache_size,
+            existing,
+        } => {
+            let params = crate::chunk::ChunkerParams {
+                segment_size,
+                min_size: chunk_min,
+                avg_size: chunk_avg,
+                max_size: chunk_max,
+            };
             let repo = match s3 {
                 Some(url) => {
-                    let mut loc = crate::store::s3::S3Location::parse(&url).map_err(Error::Invalid)?;
+                    let mut loc =
+                        crate::store::s3::S3Location::parse(&url).map_err(Error::Invalid)?;
                     (loc.endpoint, loc.region, loc.path_style) = (endpoint, region, path_style);
-                    Repo::init_s3(&repo_dir, loc, params, compression_level, parse_size(&cache_size)?, existing)?
+                    Repo::init_s3(
+                        &repo_dir,
+                        loc,
+                        params,
+                        compression_level,
+                        parse_size(&cache_size)?,
+                        existing,
+                    )?
                 }
                 None => Repo::init(&repo_dir, params, compression_level)?,
             };
             out.init(&repo);
         }
-        Cmd::Backup { vm, disks, bitmap, since, qmp, agent, quiesce, full } => {
+        Cmd::Backup {
+            vm,
+            disks,
+            bitmap,
+            since,
+            qmp,
+            agent,
+            quiesce,
+            full,
+        } => {
             crate::names::check("VM", &vm)?;
             jobs::catch_interrupts();
             let repo = open()?;
             if qmp.is_some() || disks.is_empty() {
                 if qmp.is_some() && disks.is_empty() {
-                    return Err(Error::Invalid("--qmp needs the disks as --disk NAME=NODE (QEMU block node names)".into()));
+                    return Err(Error::Invalid(
+                        "--qmp needs the disks as --disk NAME=NODE (QEMU block node names)".into(),
+                    ));
                 }
-                let a = vm::VmBackupArgs { vm, qmp, agent, disks, quiesce, full };
+                let a = vm::VmBackupArgs {
+                    vm,
+                    qmp,
+                    agent,
+                    disks,
+                    quiesce,
+                    full,
+                };
                 let m = vm::backup(&repo, &config, a, &bar)?;
                 out.backup(&m);
                 return Ok(0);
             }
             if quiesce || full || agent.is_some() {
-                return Err(Error::Invalid("--quiesce, --full and --agent are for VMs in QEMU (declared, or with --qmp)".into()));
+                return Err(Error::Invalid(
+                    "--quiesce, --full and --agent are for VMs in QEMU (declared, or with --qmp)"
+                        .into(),
+                ));
             }
             let mut specs = Vec::new();
             for d in &disks {
@@ -334,7 +405,13 @@ pub fn run(cli: Cli) -> Result<i32> {
                 } else {
                     Box::new(FileSource::open(&path)?)
                 };
-                specs.push(DiskSpec { name, source, since: since.clone(), checkpoint: None, origin: None });
+                specs.push(DiskSpec {
+                    name,
+                    source,
+                    since: since.clone(),
+                    checkpoint: None,
+                    origin: None,
+                });
             }
             let m = jobs::backup::backup(&repo, &vm, specs, &test_hooks(), &bar)?;
             out.backup(&m);
@@ -348,7 +425,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             let ms = repo.manifests(vm.as_deref())?;
             if ms.is_empty() {
                 if let Some(v) = &vm {
-                    return Err(Error::NotFound(format!("no backups of VM {v:?}; `holdfast backups` lists every VM's backups")));
+                    return Err(Error::NotFound(format!(
+                        "no backups of VM {v:?}; `holdfast backups` lists every VM's backups"
+                    )));
                 }
             }
             out.backups(&ms);
@@ -358,7 +437,12 @@ pub fn run(cli: Cli) -> Result<i32> {
             repo.sync()?;
             out.show(&repo.resolve(&spec)?);
         }
-        Cmd::Restore { spec, disk, to, force } => {
+        Cmd::Restore {
+            spec,
+            disk,
+            to,
+            force,
+        } => {
             let repo = open()?;
             repo.sync()?;
             let m = repo.resolve(&spec)?;
@@ -369,7 +453,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Verify { spec, sample } => {
             if !(sample > 0.0 && sample <= 100.0) {
-                return Err(Error::Invalid(format!("--sample {sample} must be a percentage above 0 and at most 100")));
+                return Err(Error::Invalid(format!(
+                    "--sample {sample} must be a percentage above 0 and at most 100"
+                )));
             }
             let repo = open()?;
             repo.sync()?;
@@ -392,7 +478,9 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Forget { spec } => {
             if !spec.contains('@') {
-                return Err(Error::Invalid(format!("{spec:?}: give VM@ID (`holdfast backups VM` lists the ids)")));
+                return Err(Error::Invalid(format!(
+                    "{spec:?}: give VM@ID (`holdfast backups VM` lists the ids)"
+                )));
             }
             let repo = open()?;
             repo.sync()?;
@@ -409,12 +497,31 @@ pub fn run(cli: Cli) -> Result<i32> {
             repo.sync()?;
             out.stats(&jobs::stats::stats(&repo, price)?);
         }
-        Cmd::Export { spec, disk, listen, writable, keep_overlay, cache } => {
-            let cache_bytes = parse_size(&cache).map_err(|e| Error::Invalid(format!("--cache: {e}")))?;
-            let args = export::ExportArgs { spec: &spec, disk: disk.as_deref(), listen: &listen, writable, keep_overlay: keep_overlay.as_deref(), cache_bytes };
+        Cmd::Export {
+            spec,
+            disk,
+            listen,
+            writable,
+            keep_overlay,
+            cache,
+        } => {
+            let cache_bytes =
+                parse_size(&cache).map_err(|e| Error::Invalid(format!("--cache: {e}")))?;
+            let args = export::ExportArgs {
+                spec: &spec,
+                disk: disk.as_deref(),
+                listen: &listen,
+                writable,
+                keep_overlay: keep_overlay.as_deref(),
+                cache_bytes,
+            };
             export::run(&repo_dir, args)?;
         }
-        Cmd::Mount { mountpoint, vm, private } => {
+        Cmd::Mount {
+            mountpoint,
+            vm,
+            private,
+        } => {
             if let Some(v) = &vm {
                 crate::names::check("VM", v)?;
             }
@@ -422,10 +529,16 @@ pub fn run(cli: Cli) -> Result<i32> {
             repo.sync()?;
             if let Some(v) = &vm {
                 if repo.manifests(Some(v))?.is_empty() {
-                    return Err(Error::NotFound(format!("no backups of VM {v:?}; `holdfast backups` lists every VM's backups")));
+                    return Err(Error::NotFound(format!(
+                        "no backups of VM {v:?}; `holdfast backups` lists every VM's backups"
+                    )));
                 }
             }
-            let cfg = crate::fuse::MountConfig { vm, allow_other: !private, threads: 4 };
+            let cfg = crate::fuse::MountConfig {
+                vm,
+                allow_other: !private,
+                threads: 4,
+            };
             let at = mountpoint.display().to_string();
             crate::fuse::serve(repo, &mountpoint, cfg, || {
                 println!("mounted holdfast backups at {at} (read-only); unmount with `holdfast umount {at}` or Ctrl-C");
@@ -435,7 +548,10 @@ pub fn run(cli: Cli) -> Result<i32> {
         }
         Cmd::Umount { mountpoint, lazy } => {
             if crate::fuse::clean_stale(&mountpoint)? {
-                println!("removed a stale holdfast mount at {} (its process had died)", mountpoint.display());
+                println!(
+                    "removed a stale holdfast mount at {} (its process had died)",
+                    mountpoint.display()
+                );
             } else {
                 crate::fuse::unmount(&mountpoint, lazy)?;
                 println!("unmounted {}", mountpoint.display());
@@ -467,7 +583,9 @@ pub fn run(cli: Cli) -> Result<i32> {
             let repo = open()?;
             vm::doctor(&repo, &config, &name, dry_run, cli.json)?;
         }
-        Cmd::Catalog { cmd: CatalogCmd::Rebuild } => {
+        Cmd::Catalog {
+            cmd: CatalogCmd::Rebuild,
+        } => {
             refuse_if_busy(&repo_dir)?;
             let r = crate::repo::rebuild_catalog(&repo_dir)?;
             out.rebuild(&r);
@@ -479,7 +597,10 @@ pub fn run(cli: Cli) -> Result<i32> {
 /// Test-only: `HOLDFAST_TEST_PAUSE_BEFORE_COMMIT=PATH` makes a backup create `PATH.waiting`
 /// when all its packs are durable, then wait (at most 5 minutes) until `PATH` exists.
 pub(crate) fn test_hooks() -> jobs::backup::Hooks {
-    let Some(flag) = std::env::var_os("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT").map(PathBuf::from) else { return Default::default() };
+    let Some(flag) = std::env::var_os("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT").map(PathBuf::from)
+    else {
+        return Default::default();
+    };
     jobs::backup::Hooks {
         before_commit: Some(Box::new(move || {
             let _ = std::fs::write(flag.with_extension("waiting"), b"");
@@ -515,7 +636,11 @@ fn parse_size(s: &str) -> Result<u64> {
         _ => (t, 1),
     };
     match num.parse::<u64>() {
-        Ok(n) if mul > 0 => n.checked_mul(mul).ok_or_else(|| Error::Invalid(format!("size {s:?} is too large"))),
-        _ => Err(Error::Invalid(format!("{s:?} is not a size; write e.g. 512M or 4G"))),
+        Ok(n) if mul > 0 => n
+            .checked_mul(mul)
+            .ok_or_else(|| Error::Invalid(format!("size {s:?} is too large"))),
+        _ => Err(Error::Invalid(format!(
+            "{s:?} is not a size; write e.g. 512M or 4G"
+        ))),
     }
 }

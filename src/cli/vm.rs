@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 #[derive(Subcommand)]
 pub enum VmCmd {
     /// Declare a VM that runs in QEMU (its QMP socket and disks)
-    #[command(after_help = "Example:\n  holdfast vm add web-01 --qmp /run/qemu/web-01.qmp --disk root=disk0 --agent /run/qemu/web-01.qga\n\n\
-NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-named-block-nodes).")]
+    #[command(
+        after_help = "Example:\n  holdfast vm add web-01 --qmp /run/qemu/web-01.qmp --disk root=disk0 --agent /run/qemu/web-01.qga\n\n\
+NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-named-block-nodes)."
+    )]
     Add {
         /// The VM's name: letters, digits, '-', '_', '.'
         name: String,
@@ -55,10 +57,12 @@ NODE is the QEMU block node name of the disk (-blockdev node-name=..., or query-
 #[derive(Subcommand)]
 pub enum SnapshotCmd {
     /// Take a snapshot (a rollback point) of a VM, or of several VMs at once
-    #[command(after_help = "Examples:\n  holdfast snapshot create web-01 PreUpdate --description 'before apt upgrade'\n  \
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot create web-01 PreUpdate --description 'before apt upgrade'\n  \
 holdfast snapshot create web-01 PreUpdate --memory --ttl 2d\n  holdfast snapshot create --vm web-01 --vm db-01 PreMigration\n\n\
 Names: letters, digits, '-' and '_'. qcow2 disks get QEMU internal snapshots (with --memory, RAM\n\
-and device state too); raw disks get external qcow2 overlays (disk-only).")]
+and device state too); raw disks get external qcow2 overlays (disk-only)."
+    )]
     Create {
         /// VM NAME, or just NAME with --vm
         #[arg(value_name = "VM NAME", num_args = 1..=2, required = true)]
@@ -85,13 +89,19 @@ and device state too); raw disks get external qcow2 overlays (disk-only).")]
         vm: Option<String>,
     },
     /// Return a VM to a snapshot (memory snapshots while it runs; disk-only ones when it is shut down)
-    #[command(after_help = "A snapshot with memory state is reverted while the VM runs, which then runs on from the\n\
+    #[command(
+        after_help = "A snapshot with memory state is reverted while the VM runs, which then runs on from the\n\
 snapshot. QEMU reverts disk-only snapshots only while the VM is shut down: shut it down, run\n\
 this, start it again. The next backup of the VM reads every disk whole (a revert is invisible\n\
-to dirty bitmaps).")]
+to dirty bitmaps)."
+    )]
     Revert { vm: String, name: String },
     /// Give a snapshot another name (QEMU's tag stays)
-    Rename { vm: String, old: String, new: String },
+    Rename {
+        vm: String,
+        old: String,
+        new: String,
+    },
     /// Delete a snapshot (the VM keeps its current state)
     Delete {
         vm: String,
@@ -105,7 +115,9 @@ to dirty bitmaps).")]
 }
 
 pub fn config_path(config: Option<&Path>, repo_dir: &Path) -> PathBuf {
-    config.map(Path::to_path_buf).unwrap_or_else(|| repo_dir.join("vms.toml"))
+    config
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| repo_dir.join("vms.toml"))
 }
 
 fn load(config: &Path) -> Result<VmsFile> {
@@ -119,14 +131,22 @@ pub fn declared(config: &Path, repo_dir: &Path, name: &str) -> Result<Vm> {
 
 fn all_vms(config: &Path, repo_dir: &Path) -> Result<Vec<Vm>> {
     let f = load(config)?;
-    f.vm.iter().map(|(n, c)| f.resolve(n, c, repo_dir)).collect()
+    f.vm.iter()
+        .map(|(n, c)| f.resolve(n, c, repo_dir))
+        .collect()
 }
 
 fn parse_node(s: &str) -> Result<(String, String)> {
-    let (name, node) = s.split_once('=').ok_or_else(|| Error::Invalid(format!("--disk {s:?} must be NAME=NODE, e.g. --disk root=disk0")))?;
+    let (name, node) = s.split_once('=').ok_or_else(|| {
+        Error::Invalid(format!(
+            "--disk {s:?} must be NAME=NODE, e.g. --disk root=disk0"
+        ))
+    })?;
     crate::names::check("disk", name)?;
     if node.is_empty() {
-        return Err(Error::Invalid(format!("--disk {s:?} has no node name after '='")));
+        return Err(Error::Invalid(format!(
+            "--disk {s:?} has no node name after '='"
+        )));
     }
     Ok((name.into(), node.into()))
 }
@@ -134,7 +154,17 @@ fn parse_node(s: &str) -> Result<(String, String)> {
 pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> {
     let mut f = load(config)?;
     match cmd {
-        VmCmd::Add { name, qmp, disks, agent, work_dir, nbd_socket, snapshot_ttl, snapshot_limit, no_check } => {
+        VmCmd::Add {
+            name,
+            qmp,
+            disks,
+            agent,
+            work_dir,
+            nbd_socket,
+            snapshot_ttl,
+            snapshot_limit,
+            no_check,
+        } => {
             crate::names::check("VM", &name)?;
             if f.vm.contains_key(&name) {
                 return Err(Error::Invalid(format!("VM {name} is already declared in {}; `holdfast vm remove {name}` first to change it", config.display())));
@@ -149,7 +179,15 @@ pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> 
                     return Err(Error::Invalid(format!("disk {n} is given twice")));
                 }
             }
-            let c = VmConfig { qmp, agent, work_dir, nbd_socket, snapshot_ttl, snapshot_limit, disks: map };
+            let c = VmConfig {
+                qmp,
+                agent,
+                work_dir,
+                nbd_socket,
+                snapshot_ttl,
+                snapshot_limit,
+                disks: map,
+            };
             if !no_check {
                 let v = f.resolve(&name, &c, repo_dir)?;
                 let rt = vmbackup::runtime()?;
@@ -167,24 +205,42 @@ pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> 
         }
         VmCmd::List => {
             if json {
-                println!("{}", serde_json::to_string_pretty(&f.vm).unwrap_or_default());
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&f.vm).unwrap_or_default()
+                );
             } else if f.vm.is_empty() {
                 println!("no VMs declared in {}; add one with `holdfast vm add NAME --qmp SOCKET --disk NAME=NODE`", config.display());
             } else {
                 for (n, c) in &f.vm {
-                    let disks: Vec<String> = c.disks.iter().map(|(a, b)| format!("{a}={b}")).collect();
-                    let agent = c.agent.as_ref().map(|a| format!(" agent {}", a.display())).unwrap_or_default();
-                    println!("{n:<16} qmp {}{agent} disks {}", c.qmp.display(), disks.join(" "));
+                    let disks: Vec<String> =
+                        c.disks.iter().map(|(a, b)| format!("{a}={b}")).collect();
+                    let agent = c
+                        .agent
+                        .as_ref()
+                        .map(|a| format!(" agent {}", a.display()))
+                        .unwrap_or_default();
+                    println!(
+                        "{n:<16} qmp {}{agent} disks {}",
+                        c.qmp.display(),
+                        disks.join(" ")
+                    );
                 }
             }
         }
         VmCmd::Remove { name } => {
             if f.vm.remove(&name).is_none() {
-                return Err(Error::NotFound(format!("VM {name:?} is not declared in {}", config.display())));
+                return Err(Error::NotFound(format!(
+                    "VM {name:?} is not declared in {}",
+                    config.display()
+                )));
             }
             f.save(config)?;
             if !json {
-                println!("removed VM {name} from {}; its backups and snapshots stay", config.display());
+                println!(
+                    "removed VM {name} from {}; its backups and snapshots stay",
+                    config.display()
+                );
             }
         }
     }
@@ -201,7 +257,12 @@ pub struct VmBackupArgs {
 }
 
 /// `holdfast backup VM` of a VM in QEMU: declared, or given with --qmp and --disk NAME=NODE.
-pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progress) -> Result<crate::repo::Manifest> {
+pub fn backup(
+    repo: &Repo,
+    config: &Path,
+    a: VmBackupArgs,
+    progress: &dyn Progress,
+) -> Result<crate::repo::Manifest> {
     let vm = match &a.qmp {
         Some(qmp) => {
             let mut disks = std::collections::BTreeMap::new();
@@ -209,7 +270,15 @@ pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progre
                 let (n, node) = parse_node(d)?;
                 disks.insert(n, node);
             }
-            let c = VmConfig { qmp: qmp.clone(), agent: a.agent.clone(), work_dir: None, nbd_socket: None, snapshot_ttl: None, snapshot_limit: None, disks };
+            let c = VmConfig {
+                qmp: qmp.clone(),
+                agent: a.agent.clone(),
+                work_dir: None,
+                nbd_socket: None,
+                snapshot_ttl: None,
+                snapshot_limit: None,
+                disks,
+            };
             VmsFile::default().resolve(&a.vm, &c, &repo.dir)?
         }
         None => {
@@ -220,7 +289,16 @@ pub fn backup(repo: &Repo, config: &Path, a: VmBackupArgs, progress: &dyn Progre
             v
         }
     };
-    let r = vmbackup::backup_vm(repo, &vm, &VmBackupOptions { quiesce: a.quiesce, full: a.full }, &super::test_hooks(), progress)?;
+    let r = vmbackup::backup_vm(
+        repo,
+        &vm,
+        &VmBackupOptions {
+            quiesce: a.quiesce,
+            full: a.full,
+        },
+        &super::test_hooks(),
+        progress,
+    )?;
     // Notes go to stderr, also with --json.
     for c in &r.cleaned {
         eprintln!("holdfast: removed a leftover of an interrupted run: {c}");
@@ -238,7 +316,10 @@ pub fn doctor(repo: &Repo, config: &Path, name: &str, dry_run: bool, json: bool)
     let vm = declared(config, &repo.dir, name)?;
     let found = vmbackup::doctor(repo, &vm, dry_run)?;
     if json {
-        println!("{}", serde_json::json!({ "vm": name, "leftovers": found, "cleaned": !dry_run }));
+        println!(
+            "{}",
+            serde_json::json!({ "vm": name, "leftovers": found, "cleaned": !dry_run })
+        );
     } else if found.is_empty() {
         println!("VM {name}: nothing left behind in QEMU");
     } else {
@@ -255,9 +336,17 @@ fn when(ms: u64) -> String {
 }
 
 pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Result<()> {
-    let print = |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    let print =
+        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     match cmd {
-        SnapshotCmd::Create { args, vms, memory, quiesce, description, ttl } => {
+        SnapshotCmd::Create {
+            args,
+            vms,
+            memory,
+            quiesce,
+            description,
+            ttl,
+        } => {
             let (names, name) = match (vms.is_empty(), args.as_slice()) {
                 (true, [vm, name]) => (vec![vm.clone()], name.clone()),
                 (false, [name]) => (vms, name.clone()),
@@ -265,16 +354,42 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
                 (false, _) => return Err(Error::Invalid("with --vm, give only the snapshot NAME, e.g. `holdfast snapshot create --vm a --vm b PreUpdate`".into())),
             };
             snapshot::check_name(&name)?;
-            let ttl = ttl.as_deref().map(parse_duration).transpose().map_err(Error::Invalid)?;
-            let targets: Vec<Vm> = names.iter().map(|n| declared(config, &repo.dir, n)).collect::<Result<_>>()?;
-            let made = snapshot::create(repo, &targets, &CreateArgs { name, memory, quiesce, description, ttl })?;
+            let ttl = ttl
+                .as_deref()
+                .map(parse_duration)
+                .transpose()
+                .map_err(Error::Invalid)?;
+            let targets: Vec<Vm> = names
+                .iter()
+                .map(|n| declared(config, &repo.dir, n))
+                .collect::<Result<_>>()?;
+            let made = snapshot::create(
+                repo,
+                &targets,
+                &CreateArgs {
+                    name,
+                    memory,
+                    quiesce,
+                    description,
+                    ttl,
+                },
+            )?;
             if json {
                 print(serde_json::to_value(&made).unwrap_or_default());
             } else {
                 for s in &made {
                     let what = if s.memory { "with memory" } else { "disk-only" };
-                    let kind = if s.kind == snapshot::Kind::Internal { "internal" } else { "external overlay" };
-                    println!("snapshot {} of VM {} taken ({what}, {kind}); expires {}", s.name, s.vm, s.expires_ms.map(when).unwrap_or_else(|| "never".into()));
+                    let kind = if s.kind == snapshot::Kind::Internal {
+                        "internal"
+                    } else {
+                        "external overlay"
+                    };
+                    println!(
+                        "snapshot {} of VM {} taken ({what}, {kind}); expires {}",
+                        s.name,
+                        s.vm,
+                        s.expires_ms.map(when).unwrap_or_else(|| "never".into())
+                    );
                 }
             }
         }
@@ -289,12 +404,31 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
             } else if l.is_empty() {
                 println!("no snapshots; take one with `holdfast snapshot create VM NAME`");
             } else {
-                println!("{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE", "VM", "NAME", "CREATED", "SIZE", "MEMORY", "EXPIRES");
+                println!(
+                    "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE",
+                    "VM", "NAME", "CREATED", "SIZE", "MEMORY", "EXPIRES"
+                );
                 for x in &l {
                     let s = &x.snapshot;
-                    let size = x.size.map(|b| HumanBytes(b).to_string()).unwrap_or_else(|| "?".into());
-                    let desc = s.description.as_ref().map(|d| format!("  {d}")).unwrap_or_default();
-                    println!("{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}{desc}", s.vm, s.name, when(s.created_ms), size, if s.memory { "yes" } else { "no" }, s.expires_ms.map(when).unwrap_or_else(|| "never".into()), x.state);
+                    let size = x
+                        .size
+                        .map(|b| HumanBytes(b).to_string())
+                        .unwrap_or_else(|| "?".into());
+                    let desc = s
+                        .description
+                        .as_ref()
+                        .map(|d| format!("  {d}"))
+                        .unwrap_or_default();
+                    println!(
+                        "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}{desc}",
+                        s.vm,
+                        s.name,
+                        when(s.created_ms),
+                        size,
+                        if s.memory { "yes" } else { "no" },
+                        s.expires_ms.map(when).unwrap_or_else(|| "never".into()),
+                        x.state
+                    );
                 }
             }
         }
@@ -304,7 +438,14 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
             if json {
                 print(serde_json::to_value(&r).unwrap_or_default());
             } else if r.online {
-                println!("VM {vm} reverted to snapshot {name}; it is {}", if r.running_after == Some(true) { "running" } else { "paused" });
+                println!(
+                    "VM {vm} reverted to snapshot {name}; it is {}",
+                    if r.running_after == Some(true) {
+                        "running"
+                    } else {
+                        "paused"
+                    }
+                );
             } else {
                 println!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
             }
@@ -330,14 +471,22 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
                 print(serde_json::json!({ "deleted": gone, "failed": failed }));
             } else {
                 for s in &gone {
-                    println!("expired snapshot {} of VM {} (taken {})", s.name, s.vm, when(s.created_ms));
+                    println!(
+                        "expired snapshot {} of VM {} (taken {})",
+                        s.name,
+                        s.vm,
+                        when(s.created_ms)
+                    );
                 }
                 if gone.is_empty() && failed.is_empty() {
                     println!("no snapshot is past its lifespan");
                 }
             }
             if let Some(f) = failed.first() {
-                return Err(Error::Invalid(format!("{} snapshot(s) could not be expired; first: {f}", failed.len())));
+                return Err(Error::Invalid(format!(
+                    "{} snapshot(s) could not be expired; first: {f}",
+                    failed.len()
+                )));
             }
         }
     }

@@ -28,7 +28,10 @@ use crate::guestfs::{self, Kind};
 use crate::jobs::browse::{Browser, DiskView};
 use crate::repo::{Manifest, Repo};
 use crate::{Error, Result};
-use fuser::{Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, Request};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEntry, ReplyOpen, Request,
+};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -111,13 +114,19 @@ const PACKED: u64 = 1 << 63;
 
 fn packed(n: &Node) -> Option<u64> {
     match *n {
-        Node::Fs(d, p, g) if d < (1 << 19) && p < 16 && g < (1 << 40) => Some(PACKED | u64::from(d) << 44 | u64::from(p) << 40 | g),
+        Node::Fs(d, p, g) if d < (1 << 19) && p < 16 && g < (1 << 40) => {
+            Some(PACKED | u64::from(d) << 44 | u64::from(p) << 40 | g)
+        }
         _ => None,
     }
 }
 
 fn unpack(i: u64) -> Option<Node> {
-    (i & PACKED != 0).then_some(Node::Fs(((i >> 44) & 0x7ffff) as u32, ((i >> 40) & 0xf) as u16, i & ((1 << 40) - 1)))
+    (i & PACKED != 0).then_some(Node::Fs(
+        ((i >> 44) & 0x7ffff) as u32,
+        ((i >> 40) & 0xf) as u16,
+        i & ((1 << 40) - 1),
+    ))
 }
 
 /// The one mapping of holdfast errors to errno.
@@ -175,7 +184,13 @@ impl HoldfastFs {
         if let Some(i) = packed(node) {
             return i;
         }
-        if let Some(i) = self.inodes.read().unwrap_or_else(|p| p.into_inner()).ids.get(node) {
+        if let Some(i) = self
+            .inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .ids
+            .get(node)
+        {
             return *i;
         }
         let mut w = self.inodes.write().unwrap_or_else(|p| p.into_inner());
@@ -194,7 +209,10 @@ impl HoldfastFs {
             return Ok(n);
         }
         let r = self.inodes.read().unwrap_or_else(|p| p.into_inner());
-        i.checked_sub(1).and_then(|k| r.nodes.get(k as usize)).cloned().ok_or(Errno::ENOENT)
+        i.checked_sub(1)
+            .and_then(|k| r.nodes.get(k as usize))
+            .cloned()
+            .ok_or(Errno::ENOENT)
     }
 
     /// Committed backups (of the filtered VM), re-read from the catalog at most once a second.
@@ -217,17 +235,32 @@ impl HoldfastFs {
     }
 
     fn manifest(&self, vm: &str, id: &str) -> std::result::Result<Arc<Manifest>, Errno> {
-        self.backups()?.iter().find(|m| m.vm == vm && m.id == id).cloned().ok_or(Errno::ENOENT)
+        self.backups()?
+            .iter()
+            .find(|m| m.vm == vm && m.id == id)
+            .cloned()
+            .ok_or(Errno::ENOENT)
     }
 
     fn latest(&self, vm: &str) -> std::result::Result<Arc<Manifest>, Errno> {
         // Manifests come oldest first within each VM.
-        self.backups()?.iter().rev().find(|m| m.vm == vm).cloned().ok_or(Errno::ENOENT)
+        self.backups()?
+            .iter()
+            .rev()
+            .find(|m| m.vm == vm)
+            .cloned()
+            .ok_or(Errno::ENOENT)
     }
 
     fn slot_id(&self, m: &Arc<Manifest>, disk: usize) -> u32 {
         let key = (m.vm.clone(), m.id.clone(), m.disks[disk].name.clone());
-        if let Some(i) = self.inodes.read().unwrap_or_else(|p| p.into_inner()).disk_ids.get(&key) {
+        if let Some(i) = self
+            .inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .disk_ids
+            .get(&key)
+        {
             return *i;
         }
         let mut w = self.inodes.write().unwrap_or_else(|p| p.into_inner());
@@ -235,13 +268,23 @@ impl HoldfastFs {
             return *i;
         }
         let i = w.disks.len() as u32;
-        w.disks.push(Arc::new(DiskSlot { manifest: m.clone(), disk, view: Mutex::new(None) }));
+        w.disks.push(Arc::new(DiskSlot {
+            manifest: m.clone(),
+            disk,
+            view: Mutex::new(None),
+        }));
         w.disk_ids.insert(key, i);
         i
     }
 
     fn slot(&self, i: u32) -> std::result::Result<Arc<DiskSlot>, Errno> {
-        self.inodes.read().unwrap_or_else(|p| p.into_inner()).disks.get(i as usize).cloned().ok_or(Errno::ENOENT)
+        self.inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .disks
+            .get(i as usize)
+            .cloned()
+            .ok_or(Errno::ENOENT)
     }
 
     fn view(&self, slot: &DiskSlot) -> std::result::Result<Arc<DiskView>, Errno> {
@@ -249,52 +292,120 @@ impl HoldfastFs {
         if let Some(v) = g.as_ref() {
             return Ok(v.clone());
         }
-        let v = self.browser.disk(&slot.manifest, &slot.manifest.disks[slot.disk]).map_err(|e| {
-            tracing::error!("{}@{} disk {}: {e}", slot.manifest.vm, slot.manifest.id, slot.manifest.disks[slot.disk].name);
-            errno(&e)
-        })?;
+        let v = self
+            .browser
+            .disk(&slot.manifest, &slot.manifest.disks[slot.disk])
+            .map_err(|e| {
+                tracing::error!(
+                    "{}@{} disk {}: {e}",
+                    slot.manifest.vm,
+                    slot.manifest.id,
+                    slot.manifest.disks[slot.disk].name
+                );
+                errno(&e)
+            })?;
         *g = Some(v.clone());
         Ok(v)
     }
 
-    fn fs(&self, d: u32, p: u16) -> std::result::Result<(Arc<DiskView>, Arc<dyn guestfs::Filesystem>), Errno> {
+    fn fs(
+        &self,
+        d: u32,
+        p: u16,
+    ) -> std::result::Result<(Arc<DiskView>, Arc<dyn guestfs::Filesystem>), Errno> {
         let view = self.view(&*self.slot(d)?)?;
-        let fs = view.parts().get(usize::from(p)).and_then(|p| p.fs()).ok_or(Errno::ENOENT)?;
+        let fs = view
+            .parts()
+            .get(usize::from(p))
+            .and_then(|p| p.fs())
+            .ok_or(Errno::ENOENT)?;
         Ok((view, fs))
     }
 
     fn dir_attr(&self, ino: u64, time: SystemTime) -> FileAttr {
-        FileAttr { ino: INodeNo(ino), size: 0, blocks: 0, atime: time, mtime: time, ctime: time, crtime: time, kind: FileType::Directory, perm: 0o555, nlink: 2, uid: 0, gid: 0, rdev: 0, blksize: 4096, flags: 0 }
+        FileAttr {
+            ino: INodeNo(ino),
+            size: 0,
+            blocks: 0,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind: FileType::Directory,
+            perm: 0o555,
+            nlink: 2,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
     }
 
     fn file_attr(&self, ino: u64, size: u64, data: u64, time: SystemTime) -> FileAttr {
         // Raw disks and partitions hold every guest file, whatever its mode: root only.
-        FileAttr { size, blocks: data.div_ceil(512), kind: FileType::RegularFile, perm: 0o400, nlink: 1, ..self.dir_attr(ino, time) }
+        FileAttr {
+            size,
+            blocks: data.div_ceil(512),
+            kind: FileType::RegularFile,
+            perm: 0o400,
+            nlink: 1,
+            ..self.dir_attr(ino, time)
+        }
     }
 
     /// Attributes of `node`, and how long the kernel may cache them.
     fn attr(&self, node: &Node) -> std::result::Result<(FileAttr, Duration), Errno> {
         let ino = self.ino(node);
-        let btime = |m: &Manifest| UNIX_EPOCH + Duration::from_millis(if m.time_ms > 0 { m.time_ms } else { m.time * 1000 });
+        let btime = |m: &Manifest| {
+            UNIX_EPOCH
+                + Duration::from_millis(if m.time_ms > 0 {
+                    m.time_ms
+                } else {
+                    m.time * 1000
+                })
+        };
         Ok(match node {
             Node::Root => (self.dir_attr(ino, self.mounted), TTL_DYNAMIC),
             Node::Vm(vm) => (self.dir_attr(ino, btime(&*self.latest(vm)?)), TTL_DYNAMIC),
-            Node::Backup(vm, id) => (self.dir_attr(ino, btime(&*self.manifest(vm, id)?)), TTL_STATIC),
+            Node::Backup(vm, id) => (
+                self.dir_attr(ino, btime(&*self.manifest(vm, id)?)),
+                TTL_STATIC,
+            ),
             Node::Latest(vm) => {
                 let m = self.latest(vm)?;
-                let a = FileAttr { kind: FileType::Symlink, perm: 0o777, size: m.id.len() as u64, ..self.dir_attr(ino, btime(&m)) };
+                let a = FileAttr {
+                    kind: FileType::Symlink,
+                    perm: 0o777,
+                    size: m.id.len() as u64,
+                    ..self.dir_attr(ino, btime(&m))
+                };
                 (a, TTL_DYNAMIC)
             }
             Node::DiskImg(d) => {
                 let s = self.slot(*d)?;
                 let e = &s.manifest.disks[s.disk];
-                (self.file_attr(ino, e.size, e.data_bytes, btime(&s.manifest)), TTL_STATIC)
+                (
+                    self.file_attr(ino, e.size, e.data_bytes, btime(&s.manifest)),
+                    TTL_STATIC,
+                )
             }
-            Node::DiskDir(d) => (self.dir_attr(ino, btime(&self.slot(*d)?.manifest)), TTL_STATIC),
+            Node::DiskDir(d) => (
+                self.dir_attr(ino, btime(&self.slot(*d)?.manifest)),
+                TTL_STATIC,
+            ),
             Node::PartImg(d, p) => {
                 let s = self.slot(*d)?;
-                let part = self.view(&s)?.parts().get(usize::from(*p)).cloned().ok_or(Errno::ENOENT)?;
-                (self.file_attr(ino, part.len, part.len, btime(&s.manifest)), TTL_STATIC)
+                let part = self
+                    .view(&s)?
+                    .parts()
+                    .get(usize::from(*p))
+                    .cloned()
+                    .ok_or(Errno::ENOENT)?;
+                (
+                    self.file_attr(ino, part.len, part.len, btime(&s.manifest)),
+                    TTL_STATIC,
+                )
             }
             Node::Fs(d, p, gino) => {
                 let (_, fs) = self.fs(*d, *p)?;
@@ -327,7 +438,11 @@ impl HoldfastFs {
 
     /// The entries of directory `node` (without `.` and `..`).
     fn children(&self, node: &Node) -> std::result::Result<Vec<Entry>, Errno> {
-        let dir = |name: &str, node: Node| Entry { name: name.into(), node, kind: FileType::Directory };
+        let dir = |name: &str, node: Node| Entry {
+            name: name.into(),
+            node,
+            kind: FileType::Directory,
+        };
         let mut out = Vec::new();
         match node {
             Node::Root => {
@@ -344,14 +459,22 @@ impl HoldfastFs {
                     out.push(dir(&m.id, Node::Backup(vm.clone(), m.id.as_str().into())));
                 }
                 if !out.is_empty() {
-                    out.push(Entry { name: "latest".into(), node: Node::Latest(vm.clone()), kind: FileType::Symlink });
+                    out.push(Entry {
+                        name: "latest".into(),
+                        node: Node::Latest(vm.clone()),
+                        kind: FileType::Symlink,
+                    });
                 }
             }
             Node::Backup(vm, id) => {
                 let m = self.manifest(vm, id)?;
                 for (i, d) in m.disks.iter().enumerate() {
                     let slot = self.slot_id(&m, i);
-                    out.push(Entry { name: format!("{}.img", d.name).into(), node: Node::DiskImg(slot), kind: FileType::RegularFile });
+                    out.push(Entry {
+                        name: format!("{}.img", d.name).into(),
+                        node: Node::DiskImg(slot),
+                        kind: FileType::RegularFile,
+                    });
                     out.push(dir(&d.name, Node::DiskDir(slot)));
                 }
             }
@@ -360,7 +483,11 @@ impl HoldfastFs {
                 for (i, p) in view.parts().iter().enumerate() {
                     let i = u16::try_from(i).map_err(|_| Errno::EFBIG)?;
                     if !p.whole {
-                        out.push(Entry { name: format!("{}.img", p.name).into(), node: Node::PartImg(*d, i), kind: FileType::RegularFile });
+                        out.push(Entry {
+                            name: format!("{}.img", p.name).into(),
+                            node: Node::PartImg(*d, i),
+                            kind: FileType::RegularFile,
+                        });
                     }
                     if let Some(fs) = p.fs() {
                         out.push(dir(&p.name, Node::Fs(*d, i, fs.root())));
@@ -372,10 +499,19 @@ impl HoldfastFs {
                 for e in fs.readdir(*gino).map_err(|e| guest_errno(&e))? {
                     // A damaged or hostile directory: the kernel rejects a whole listing that
                     // holds a name it cannot use.
-                    if e.name.is_empty() || e.name.contains(&b'/') || e.name.contains(&0) || e.name == b"." || e.name == b".." {
+                    if e.name.is_empty()
+                        || e.name.contains(&b'/')
+                        || e.name.contains(&0)
+                        || e.name == b"."
+                        || e.name == b".."
+                    {
                         continue;
                     }
-                    out.push(Entry { name: OsString::from_vec(e.name), node: Node::Fs(*d, *p, e.ino), kind: file_type(e.kind) });
+                    out.push(Entry {
+                        name: OsString::from_vec(e.name),
+                        node: Node::Fs(*d, *p, e.ino),
+                        kind: file_type(e.kind),
+                    });
                 }
             }
             Node::Latest(_) | Node::DiskImg(_) | Node::PartImg(..) => return Err(Errno::ENOTDIR),
@@ -387,25 +523,44 @@ impl HoldfastFs {
         if let Node::Fs(d, p, gino) = parent {
             // Straight to the guest filesystem: a directory of 10,000 files is not listed per lookup.
             let (_, fs) = self.fs(*d, *p)?;
-            let a = fs.lookup(*gino, name.as_bytes()).map_err(|e| guest_errno(&e))?.ok_or(Errno::ENOENT)?;
+            let a = fs
+                .lookup(*gino, name.as_bytes())
+                .map_err(|e| guest_errno(&e))?
+                .ok_or(Errno::ENOENT)?;
             return Ok(Node::Fs(*d, *p, a.ino));
         }
-        self.children(parent)?.into_iter().find(|e| e.name == name).map(|e| e.node).ok_or(Errno::ENOENT)
+        self.children(parent)?
+            .into_iter()
+            .find(|e| e.name == name)
+            .map(|e| e.node)
+            .ok_or(Errno::ENOENT)
     }
 
-    fn read_node(&self, node: &Node, offset: u64, size: u32) -> std::result::Result<Vec<u8>, Errno> {
+    fn read_node(
+        &self,
+        node: &Node,
+        offset: u64,
+        size: u32,
+    ) -> std::result::Result<Vec<u8>, Errno> {
         let mut buf = vec![0u8; size as usize];
         let n = match node {
             Node::DiskImg(d) => {
                 let view = self.view(&*self.slot(*d)?)?;
                 view.read(&mut buf, offset).map_err(|e| {
-                    tracing::error!("{}: cannot read {size} bytes at offset {offset}: {e}", view.label);
+                    tracing::error!(
+                        "{}: cannot read {size} bytes at offset {offset}: {e}",
+                        view.label
+                    );
                     errno(&e)
                 })?
             }
             Node::PartImg(d, p) => {
                 let view = self.view(&*self.slot(*d)?)?;
-                let part = view.parts().get(usize::from(*p)).cloned().ok_or(Errno::ENOENT)?;
+                let part = view
+                    .parts()
+                    .get(usize::from(*p))
+                    .cloned()
+                    .ok_or(Errno::ENOENT)?;
                 part.read(&mut buf, offset).map_err(|_| Errno::EIO)?
             }
             Node::Fs(d, p, gino) => {
@@ -427,12 +582,20 @@ impl HoldfastFs {
 impl fuser::Filesystem for HoldfastFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
-        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS | fuser::InitFlags::FUSE_READDIRPLUS_AUTO | fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        let _ = config.add_capabilities(
+            fuser::InitFlags::FUSE_DO_READDIRPLUS
+                | fuser::InitFlags::FUSE_READDIRPLUS_AUTO
+                | fuser::InitFlags::FUSE_PARALLEL_DIROPS,
+        );
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.node(parent).and_then(|p| self.lookup_node(&p, name)).and_then(|n| self.attr(&n)) {
+        match self
+            .node(parent)
+            .and_then(|p| self.lookup_node(&p, name))
+            .and_then(|n| self.attr(&n))
+        {
             Ok((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
@@ -462,14 +625,29 @@ impl fuser::Filesystem for HoldfastFs {
             return reply.error(Errno::EROFS);
         }
         match self.node(ino) {
-            Ok(Node::DiskImg(_) | Node::PartImg(..) | Node::Fs(..)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(Node::DiskImg(_) | Node::PartImg(..) | Node::Fs(..)) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            }
             Ok(_) => reply.error(Errno::EISDIR),
             Err(e) => reply.error(e),
         }
     }
 
-    fn read(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<fuser::LockOwner>, reply: ReplyData) {
-        match self.node(ino).and_then(|n| self.read_node(&n, offset, size)) {
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self
+            .node(ino)
+            .and_then(|n| self.read_node(&n, offset, size))
+        {
             Ok(b) => reply.data(&b),
             Err(e) => reply.error(e),
         }
@@ -491,13 +669,27 @@ impl fuser::Filesystem for HoldfastFs {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else { return reply.error(Errno::EBADF) };
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         // Offsets are shared with readdirplus (the kernel may mix them on one handle):
         // 0 is ".", 1 is "..", 2 + i is entry i.
         for i in offset as usize..list.len() + 2 {
             let full = match i {
-                0 | 1 => reply.add(ino, i as u64 + 1, FileType::Directory, if i == 0 { "." } else { ".." }),
+                0 | 1 => reply.add(
+                    ino,
+                    i as u64 + 1,
+                    FileType::Directory,
+                    if i == 0 { "." } else { ".." },
+                ),
                 _ => {
                     let e = &list[i - 2];
                     reply.add(INodeNo(self.ino(&e.node)), i as u64 + 1, e.kind, &e.name)
@@ -510,18 +702,36 @@ impl fuser::Filesystem for HoldfastFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else { return reply.error(Errno::EBADF) };
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(list) = lock(&self.dirs).get(&u64::from(fh)).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
         let me = match self.node(ino).and_then(|n| self.attr(&n)) {
             Ok(a) => a,
             Err(e) => return reply.error(e),
         };
         for i in offset as usize..list.len() + 2 {
             let full = match i {
-                0 | 1 => reply.add(ino, i as u64 + 1, if i == 0 { "." } else { ".." }, &me.1, &me.0, Generation(0)),
+                0 | 1 => reply.add(
+                    ino,
+                    i as u64 + 1,
+                    if i == 0 { "." } else { ".." },
+                    &me.1,
+                    &me.0,
+                    Generation(0),
+                ),
                 _ => {
                     let e = &list[i - 2];
-                    let Ok((a, ttl)) = self.attr(&e.node) else { continue };
+                    let Ok((a, ttl)) = self.attr(&e.node) else {
+                        continue;
+                    };
                     reply.add(a.ino, i as u64 + 1, &e.name, &ttl, &a, Generation(0))
                 }
             };
@@ -532,7 +742,14 @@ impl fuser::Filesystem for HoldfastFs {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: fuser::ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: fuser::ReplyEmpty,
+    ) {
         lock(&self.dirs).remove(&u64::from(fh));
         reply.ok();
     }
@@ -544,19 +761,43 @@ impl fuser::Filesystem for HoldfastFs {
 
 /// Mount the backups at `mountpoint` and serve until unmounted (`holdfast umount`, SIGINT or
 /// SIGTERM). `ready` is called once the mount is in place.
-pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ready: impl FnOnce()) -> Result<()> {
+pub fn serve(
+    repo: Arc<Repo>,
+    mountpoint: &Path,
+    cfg: MountConfig,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let meta = std::fs::metadata(mountpoint);
     match meta {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::Invalid(format!("{} is not a directory; mount on an empty directory", mountpoint.display()))),
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{} is not a directory; mount on an empty directory",
+                mountpoint.display()
+            )))
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
-        Err(_) => return Err(Error::NotFound(format!("{} does not exist; create it first (mkdir -p {})", mountpoint.display(), mountpoint.display()))),
+        Err(_) => {
+            return Err(Error::NotFound(format!(
+                "{} does not exist; create it first (mkdir -p {})",
+                mountpoint.display(),
+                mountpoint.display()
+            )))
+        }
     }
     if clean_stale(mountpoint)? {
-        eprintln!("holdfast: removed a stale holdfast mount at {} (its process had died)", mountpoint.display());
+        eprintln!(
+            "holdfast: removed a stale holdfast mount at {} (its process had died)",
+            mountpoint.display()
+        );
     }
     if let Some(m) = holdfast_mount(mountpoint) {
-        return Err(Error::Busy(format!("{} is already a holdfast mount ({}); unmount it first with `holdfast umount {}`", mountpoint.display(), m.source, mountpoint.display())));
+        return Err(Error::Busy(format!(
+            "{} is already a holdfast mount ({}); unmount it first with `holdfast umount {}`",
+            mountpoint.display(),
+            m.source,
+            mountpoint.display()
+        )));
     }
     let fs = HoldfastFs::new(repo, cfg.vm);
     let mut options = vec![
@@ -571,22 +812,35 @@ pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ready: impl F
     options.dedup();
     let mut config = fuser::Config::default();
     config.mount_options = options;
-    config.acl = if cfg.allow_other { fuser::SessionACL::All } else { fuser::SessionACL::Owner };
+    config.acl = if cfg.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
     // Caught from before the mount exists: a signal the moment the mount is ready must
     // unmount it, not kill the process and leave a stale mount.
-    let mut signals = crate::jobs::Signals::catch().map_err(|e| Error::io("catch SIGINT and SIGTERM", e))?;
-    let session = fuser::Session::new(fs, mountpoint, &config).map_err(|e| Error::io(format!("mount FUSE at {}", mountpoint.display()), e))?;
+    let mut signals =
+        crate::jobs::Signals::catch().map_err(|e| Error::io("catch SIGINT and SIGTERM", e))?;
+    let session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(|e| Error::io(format!("mount FUSE at {}", mountpoint.display()), e))?;
     ready();
     let at = mountpoint.to_path_buf();
-    let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
-        signals.wait();
-        if let Err(e) = unmount(&at, false) {
-            // Busy: detach now; the mount ends when the last open file closes.
-            eprintln!("holdfast: {e}; detaching it instead");
-            let _ = unmount(&at, true);
-        }
-    });
-    session.run().map_err(|e| Error::io(format!("serve the FUSE mount at {}", mountpoint.display()), e))
+    let _ = std::thread::Builder::new()
+        .name("holdfast-signals".into())
+        .spawn(move || {
+            signals.wait();
+            if let Err(e) = unmount(&at, false) {
+                // Busy: detach now; the mount ends when the last open file closes.
+                eprintln!("holdfast: {e}; detaching it instead");
+                let _ = unmount(&at, true);
+            }
+        });
+    session.run().map_err(|e| {
+        Error::io(
+            format!("serve the FUSE mount at {}", mountpoint.display()),
+            e,
+        )
+    })
 }

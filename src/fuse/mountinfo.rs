@@ -22,7 +22,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -40,11 +43,17 @@ fn parse_line(line: &str) -> Option<MountEntry> {
     let mut r = right.split(' ');
     let fstype = r.next()?;
     let source = r.next()?;
-    Some(MountEntry { mountpoint: PathBuf::from(unescape(mountpoint)), fstype: fstype.into(), source: unescape(source) })
+    Some(MountEntry {
+        mountpoint: PathBuf::from(unescape(mountpoint)),
+        fstype: fstype.into(),
+        source: unescape(source),
+    })
 }
 
 pub fn mounts() -> Vec<MountEntry> {
-    std::fs::read_to_string("/proc/self/mountinfo").map(|s| s.lines().filter_map(parse_line).collect()).unwrap_or_default()
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| s.lines().filter_map(parse_line).collect())
+        .unwrap_or_default()
 }
 
 /// `path` made absolute without touching the mount itself (a stale mount cannot be stat'ed).
@@ -59,7 +68,9 @@ fn absolute(path: &Path) -> PathBuf {
 /// The holdfast mount at `path`, if there is one (the last one mounted there).
 pub fn holdfast_mount(path: &Path) -> Option<MountEntry> {
     let want = absolute(path);
-    mounts().into_iter().rev().find(|m| m.mountpoint == want && m.fstype.starts_with("fuse") && m.source.starts_with("holdfast:"))
+    mounts().into_iter().rev().find(|m| {
+        m.mountpoint == want && m.fstype.starts_with("fuse") && m.source.starts_with("holdfast:")
+    })
 }
 
 fn serving_pid(m: &MountEntry) -> Option<u32> {
@@ -68,18 +79,22 @@ fn serving_pid(m: &MountEntry) -> Option<u32> {
 
 /// Detach a holdfast mount at `path` whose process is gone. True when one was cleaned.
 pub fn clean_stale(path: &Path) -> Result<bool> {
-    let Some(m) = holdfast_mount(path) else { return Ok(false) };
+    let Some(m) = holdfast_mount(path) else {
+        return Ok(false);
+    };
     let dead = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
         || serving_pid(&m).is_some_and(|pid| !crate::store::pid_alive(pid));
     if !dead {
         return Ok(false);
     }
-    umount2(&m.mountpoint, libc::MNT_DETACH).map_err(|e| Error::io(format!("detach the stale mount {}", path.display()), e))?;
+    umount2(&m.mountpoint, libc::MNT_DETACH)
+        .map_err(|e| Error::io(format!("detach the stale mount {}", path.display()), e))?;
     Ok(true)
 }
 
 fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
     if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         Ok(())
@@ -92,7 +107,10 @@ fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
 /// The serving process ends once the kernel lets go.
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let Some(m) = holdfast_mount(path) else {
-        return Err(Error::NotFound(format!("{} is not a holdfast mount (`grep holdfast: /proc/self/mountinfo` lists them)", path.display())));
+        return Err(Error::NotFound(format!(
+            "{} is not a holdfast mount (`grep holdfast: /proc/self/mountinfo` lists them)",
+            path.display()
+        )));
     };
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&m.mountpoint, flags) {
@@ -115,7 +133,10 @@ mod tests {
         let l = "36 35 0:42 / /mnt/with\\040space rw,nosuid shared:1 - fuse.holdfast holdfast:1234 ro,user_id=0";
         let m = parse_line(l).unwrap();
         assert_eq!(m.mountpoint, PathBuf::from("/mnt/with space"));
-        assert_eq!((m.fstype.as_str(), m.source.as_str()), ("fuse.holdfast", "holdfast:1234"));
+        assert_eq!(
+            (m.fstype.as_str(), m.source.as_str()),
+            ("fuse.holdfast", "holdfast:1234")
+        );
         assert_eq!(serving_pid(&m), Some(1234));
         assert!(parse_line("garbage").is_none());
         assert_eq!(unescape("a\\134b"), "a\\b");

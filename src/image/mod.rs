@@ -22,7 +22,11 @@ struct Cache<V> {
 
 impl<V: Clone> Cache<V> {
     fn new(cap: usize) -> Self {
-        Cache { map: HashMap::new(), order: VecDeque::new(), cap }
+        Cache {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+        }
     }
     fn get(&self, id: &BlobId) -> Option<V> {
         self.map.get(id).cloned()
@@ -135,7 +139,8 @@ impl Chunks {
         let (tx, rx) = crossbeam_channel::bounded::<BlobId>(256);
         let mut threads = Vec::new();
         for _ in 0..prefetch_threads() {
-            let (repo, cache, queued, rx) = (repo.clone(), cache.clone(), queued.clone(), rx.clone());
+            let (repo, cache, queued, rx) =
+                (repo.clone(), cache.clone(), queued.clone(), rx.clone());
             threads.push(std::thread::spawn(move || {
                 for id in rx {
                     let _ = load(&repo, &cache, &id);
@@ -143,7 +148,13 @@ impl Chunks {
                 }
             }));
         }
-        Arc::new(Chunks { repo, cache, prefetch: Some(tx), queued, threads })
+        Arc::new(Chunks {
+            repo,
+            cache,
+            prefetch: Some(tx),
+            queued,
+            threads,
+        })
     }
 
     pub fn repo(&self) -> &Arc<Repo> {
@@ -162,8 +173,12 @@ impl Chunks {
 
     /// Queue `id` for the prefetch threads; false when the queue is full.
     fn queue(&self, id: &BlobId) -> bool {
-        let Some(tx) = &self.prefetch else { return false };
-        if lock(&self.cache).get(id).is_some_and(|s| s.get().is_some()) || !lock(&self.queued).insert(*id) {
+        let Some(tx) = &self.prefetch else {
+            return false;
+        };
+        if lock(&self.cache).get(id).is_some_and(|s| s.get().is_some())
+            || !lock(&self.queued).insert(*id)
+        {
             return true;
         }
         if tx.try_send(*id).is_err() {
@@ -227,7 +242,9 @@ impl ImageReader {
     /// Entries of segment `i` with their offsets inside the segment (`Some(None)`: a hole);
     /// with `now`, `None` instead of reading the store.
     fn entries_in(&self, i: usize, now: bool) -> Result<Option<Option<Entries>>> {
-        let Some(id) = self.segs.get(i).copied().flatten() else { return Ok(Some(None)) };
+        let Some(id) = self.segs.get(i).copied().flatten() else {
+            return Ok(Some(None));
+        };
         if let Some(v) = lock(&self.seglists).get(&id) {
             return Ok(Some(Some(v)));
         }
@@ -253,7 +270,9 @@ impl ImageReader {
     /// Record a read of `[offset, end)`; true when it continues a recent read.
     fn sequential(&self, offset: u64, end: u64) -> bool {
         for e in &self.ends {
-            if e.compare_exchange(offset, end, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+            if e.compare_exchange(offset, end, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+            {
                 return true;
             }
         }
@@ -320,7 +339,13 @@ impl ImageReader {
     /// Hand the parts of `[offset, offset + len)` to `f` in order; the byte count handed.
     /// With `now`, only what is in memory: `None` (after handing some parts, perhaps) at the
     /// first thing that is not.
-    fn walk(&self, offset: u64, len: usize, now: bool, f: &mut dyn FnMut(Part)) -> Result<Option<usize>> {
+    fn walk(
+        &self,
+        offset: u64,
+        len: usize,
+        now: bool,
+        f: &mut dyn FnMut(Part),
+    ) -> Result<Option<usize>> {
         if offset >= self.size {
             return Ok(Some(0));
         }
@@ -361,7 +386,14 @@ impl ImageReader {
 
     /// The parts of `want` bytes at `in_seg` of a segment with entries `es`; false when `now`
     /// and a chunk is not decoded yet.
-    fn parts_of(&self, es: &[(u64, SegEntry)], in_seg: u64, want: usize, now: bool, f: &mut dyn FnMut(Part)) -> Result<bool> {
+    fn parts_of(
+        &self,
+        es: &[(u64, SegEntry)],
+        in_seg: u64,
+        want: usize,
+        now: bool,
+        f: &mut dyn FnMut(Part),
+    ) -> Result<bool> {
         let mut k = es.partition_point(|(at, e)| at + u64::from(e.len()) <= in_seg);
         let mut filled = 0;
         while filled < want {
@@ -381,7 +413,10 @@ impl ImageReader {
         }
         if filled < want {
             // A segment list shorter than its segment would leave bytes unset: refuse it.
-            return Err(crate::Error::Damaged(format!("a segment list covers {} bytes too few", want - filled)));
+            return Err(crate::Error::Damaged(format!(
+                "a segment list covers {} bytes too few",
+                want - filled
+            )));
         }
         Ok(true)
     }
@@ -414,7 +449,10 @@ impl ImageReader {
                 Some(None) => push(seg_end - pos, true),
                 Some(Some(es)) => {
                     for (at, e) in es.iter() {
-                        let (a, b) = ((seg_start + at).max(pos), (seg_start + at + u64::from(e.len())).min(seg_end));
+                        let (a, b) = (
+                            (seg_start + at).max(pos),
+                            (seg_start + at + u64::from(e.len())).min(seg_end),
+                        );
                         if a < b {
                             push(b - a, matches!(e, SegEntry::Hole(_)));
                         }

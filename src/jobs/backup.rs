@@ -98,8 +98,17 @@ struct Upload {
 
 impl<'a> PackSink<'a> {
     pub(crate) fn new(repo: &'a Repo) -> Self {
-        let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS").ok().and_then(|v| v.parse().ok());
-        PackSink { repo, writer: Self::fresh_writer(repo), pending: HashSet::new(), uploads: VecDeque::new(), stats: BackupStats::default(), crash_after }
+        let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        PackSink {
+            repo,
+            writer: Self::fresh_writer(repo),
+            pending: HashSet::new(),
+            uploads: VecDeque::new(),
+            stats: BackupStats::default(),
+            crash_after,
+        }
     }
 
     fn fresh_writer(repo: &Repo) -> PackWriter {
@@ -130,7 +139,8 @@ impl<'a> PackSink<'a> {
 
     /// Add without the dedup check (gc copies blobs that the catalog still lists elsewhere).
     pub(crate) fn add_unchecked(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
-        self.writer.add(b.id.0, b.kind as u8, b.codec as u8, b.stored, b.raw_len);
+        self.writer
+            .add(b.id.0, b.kind as u8, b.codec as u8, b.stored, b.raw_len);
         self.pending.insert(b.id.0);
         self.stats.new_raw_bytes += u64::from(b.raw_len);
         self.stats.new_stored_bytes += b.stored.len() as u64;
@@ -148,7 +158,8 @@ impl<'a> PackSink<'a> {
         if self.writer.is_empty() {
             return Ok(());
         }
-        let (bytes, entries) = std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
+        let (bytes, entries) =
+            std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
         let pack_id = Repo::new_pack_id()?;
         let store = self.repo.store.clone();
         let size = bytes.len() as u64;
@@ -156,7 +167,12 @@ impl<'a> PackSink<'a> {
             .name("holdfast-upload".into())
             .spawn(move || store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes))
             .map_err(|e| Error::io("start an upload thread", e))?;
-        self.uploads.push_back(Upload { pack_id, size, entries, done });
+        self.uploads.push_back(Upload {
+            pack_id,
+            size,
+            entries,
+            done,
+        });
         while self.uploads.len() > self.max_uploads() - 1 {
             self.finish_one()?;
         }
@@ -165,21 +181,45 @@ impl<'a> PackSink<'a> {
 
     /// Wait for the oldest upload and record its pack in the catalog.
     fn finish_one(&mut self) -> Result<()> {
-        let Some(u) = self.uploads.pop_front() else { return Ok(()) };
-        let stored = u.done.join().unwrap_or_else(|_| Err(crate::store::StoreError::Remote { key: hex::encode(u.pack_id), msg: "the upload thread panicked".into() }));
+        let Some(u) = self.uploads.pop_front() else {
+            return Ok(());
+        };
+        let stored = u.done.join().unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Remote {
+                key: hex::encode(u.pack_id),
+                msg: "the upload thread panicked".into(),
+            })
+        });
         stored?;
         let mut batch = Batch::default();
         for e in &u.entries {
-            let loc = ChunkLoc { pack: u.pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+            let loc = ChunkLoc {
+                pack: u.pack_id,
+                kind: e.kind,
+                codec: e.codec,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+            };
             batch.put_chunk(&e.id, &loc);
         }
-        batch.put_pack(&u.pack_id, &PackInfo { created: crate::timefmt::now_millis(), size: u.size, entries: u.entries.len() as u32 });
+        batch.put_pack(
+            &u.pack_id,
+            &PackInfo {
+                created: crate::timefmt::now_millis(),
+                size: u.size,
+                entries: u.entries.len() as u32,
+            },
+        );
         self.repo.catalog.write(batch)?;
         for e in &u.entries {
             self.pending.remove(&e.id);
         }
         self.stats.packs_written += 1;
-        if self.crash_after.is_some_and(|n| self.stats.packs_written >= n) {
+        if self
+            .crash_after
+            .is_some_and(|n| self.stats.packs_written >= n)
+        {
             eprintln!("holdfast: HOLDFAST_TEST_CRASH_AFTER_PACKS reached, aborting");
             std::process::abort();
         }
@@ -215,7 +255,13 @@ pub(crate) struct NewBlobRef<'b> {
 }
 
 /// Back up `disks` of `vm`. Returns the committed manifest.
-pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
+pub fn backup(
+    repo: &Repo,
+    vm: &str,
+    disks: Vec<DiskSpec>,
+    hooks: &Hooks,
+    progress: &dyn Progress,
+) -> Result<Manifest> {
     crate::names::check("VM", vm)?;
     let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
     backup_locked(repo, vm, &lock, disks, hooks, progress)
@@ -223,20 +269,40 @@ pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, hooks: &Hooks, progre
 
 /// [`backup`] under a VM lock the caller holds (the QEMU cycle holds it from before the read
 /// point until after its teardown).
-pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>, hooks: &Hooks, progress: &dyn Progress) -> Result<Manifest> {
+pub fn backup_locked(
+    repo: &Repo,
+    vm: &str,
+    lock: &VmLock,
+    disks: Vec<DiskSpec>,
+    hooks: &Hooks,
+    progress: &dyn Progress,
+) -> Result<Manifest> {
     let mut seen = HashSet::new();
     for d in &disks {
         crate::names::check("disk", &d.name)?;
         if !seen.insert(d.name.clone()) {
-            return Err(Error::Invalid(format!("disk {} is given twice; each --disk needs its own name", d.name)));
+            return Err(Error::Invalid(format!(
+                "disk {} is given twice; each --disk needs its own name",
+                d.name
+            )));
         }
     }
     if disks.is_empty() {
-        return Err(Error::Invalid("no disks to back up; pass --disk NAME=PATH".into()));
+        return Err(Error::Invalid(
+            "no disks to back up; pass --disk NAME=PATH".into(),
+        ));
     }
     // `holdfast mount` shows disk X as X.img and X/: a disk named X.img would collide.
-    if let Some(d) = disks.iter().find(|d| d.name.strip_suffix(".img").is_some_and(|base| seen.contains(base))) {
-        return Err(Error::Invalid(format!("disks {} and {} would have the same name in a mount; rename one", d.name, d.name.trim_end_matches(".img"))));
+    if let Some(d) = disks.iter().find(|d| {
+        d.name
+            .strip_suffix(".img")
+            .is_some_and(|base| seen.contains(base))
+    }) {
+        return Err(Error::Invalid(format!(
+            "disks {} and {} would have the same name in a mount; rename one",
+            d.name,
+            d.name.trim_end_matches(".img")
+        )));
     }
     let started = Instant::now();
     let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
@@ -248,7 +314,10 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
     getrandom::fill(&mut suffix).map_err(|e| Error::Invalid(e.to_string()))?;
     let id = format!("{}-{}", crate::timefmt::compact(time), hex::encode(suffix));
 
-    let extents: Vec<Vec<Extent>> = disks.iter().map(|d| d.source.extents()).collect::<std::result::Result<_, _>>()?;
+    let extents: Vec<Vec<Extent>> = disks
+        .iter()
+        .map(|d| d.source.extents())
+        .collect::<std::result::Result<_, _>>()?;
     let total: u64 = extents.iter().flatten().map(|(a, b)| b - a).sum();
     tracing::debug!(ms = started.elapsed().as_millis(), "backup: extents known");
     progress.begin("backup", total);
@@ -258,16 +327,27 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
     let mut done = 0u64;
     for (d, ex) in disks.iter().zip(&extents) {
         let base = incremental_base(repo, vm, d)?;
-        let entry = backup_disk(repo, d, ex, base.as_ref(), &mut sink, &mut memos, &mut |n| {
-            done += n;
-            progress.add(n);
-            lock.progress(done, total);
-        })?;
+        let entry = backup_disk(
+            repo,
+            d,
+            ex,
+            base.as_ref(),
+            &mut sink,
+            &mut memos,
+            &mut |n| {
+                done += n;
+                progress.add(n);
+                lock.progress(done, total);
+            },
+        )?;
         entries.push(entry);
     }
     sink.flush()?;
     progress.end();
-    tracing::debug!(ms = started.elapsed().as_millis(), "backup: disks read, packs written");
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "backup: disks read, packs written"
+    );
     if let Some(h) = &hooks.before_commit {
         h();
     }
@@ -286,14 +366,27 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         n.head += 1;
         stats.store_requests = Some(n);
     }
-    let manifest = Manifest { version: 1, vm: vm.into(), id: id.clone(), time, time_ms: lock.started_ms(), disks: entries, stats };
+    let manifest = Manifest {
+        version: 1,
+        vm: vm.into(),
+        id: id.clone(),
+        time,
+        time_ms: lock.started_ms(),
+        disks: entries,
+        stats,
+    };
     let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     let key = Manifest::key(vm, &id);
     if repo.store.exists(&key)? {
-        return Err(Error::Invalid(format!("backup id {id} exists already; re-run the backup")));
+        return Err(Error::Invalid(format!(
+            "backup id {id} exists already; re-run the backup"
+        )));
     }
     repo.store.put(&key, &json)?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "backup: manifest committed");
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "backup: manifest committed"
+    );
     // One catalog write for the backup and the segment memo (a cache of segment bytes to
     // segment lists, valid only now that the backup is committed). If it fails, the committed
     // manifest is still in the store and the next command's sync imports it.
@@ -303,21 +396,34 @@ pub fn backup_locked(repo: &Repo, vm: &str, lock: &VmLock, disks: Vec<DiskSpec>,
         batch.put_segmemo(k, m);
     }
     repo.catalog.write(batch)?;
-    tracing::debug!(ms = started.elapsed().as_millis(), "backup: catalog written");
+    tracing::debug!(
+        ms = started.elapsed().as_millis(),
+        "backup: catalog written"
+    );
     Ok(manifest)
 }
 
 /// The previous backup a changed-block read builds on, when the source tracks changes and a
 /// matching backup exists (same disk name, size and segment size). None means a full read.
 fn incremental_base(repo: &Repo, vm: &str, d: &DiskSpec) -> Result<Option<Base>> {
-    let Some(dirty) = d.source.dirty()? else { return Ok(None) };
+    let Some(dirty) = d.source.dirty()? else {
+        return Ok(None);
+    };
     let prev = match &d.since {
         Some(id) => Some(repo.resolve(&format!("{vm}@{id}"))?),
-        None => repo.manifests(Some(vm))?.into_iter().rev().find(|m| m.disks.iter().any(|x| x.name == d.name)),
+        None => repo
+            .manifests(Some(vm))?
+            .into_iter()
+            .rev()
+            .find(|m| m.disks.iter().any(|x| x.name == d.name)),
     };
     let Some(prev) = prev else { return Ok(None) };
     let seg = repo.config.chunker.segment_size;
-    let Some(pd) = prev.disks.iter().find(|x| x.name == d.name && x.size == d.source.size() && x.segment_size == seg) else {
+    let Some(pd) = prev
+        .disks
+        .iter()
+        .find(|x| x.name == d.name && x.size == d.source.size() && x.segment_size == seg)
+    else {
         if d.since.is_some() {
             return Err(Error::Invalid(format!(
                 "backup {vm}@{} has no disk {} of {} bytes to build on; drop --since for a full read",
@@ -328,10 +434,22 @@ fn incremental_base(repo: &Repo, vm: &str, d: &DiskSpec) -> Result<Option<Base>>
         }
         return Ok(None);
     };
-    Ok(Some(Base { id: prev.id.clone(), segs: repo.disk_segments(pd)?, dirty }))
+    Ok(Some(Base {
+        id: prev.id.clone(),
+        segs: repo.disk_segments(pd)?,
+        dirty,
+    }))
 }
 
-fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base>, sink: &mut PackSink, memos: &mut Vec<([u8; 32], SegMemo)>, on_read: &mut dyn FnMut(u64)) -> Result<DiskEntry> {
+fn backup_disk(
+    repo: &Repo,
+    d: &DiskSpec,
+    extents: &[Extent],
+    base: Option<&Base>,
+    sink: &mut PackSink,
+    memos: &mut Vec<([u8; 32], SegMemo)>,
+    on_read: &mut dyn FnMut(u64),
+) -> Result<DiskEntry> {
     let size = d.source.size();
     let seg = u64::from(repo.config.chunker.segment_size);
     let n_segs = size.div_ceil(seg);
@@ -369,7 +487,13 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
             for r in res_rx.iter() {
                 let r = r?;
                 for b in &r.blobs {
-                    sink.add(NewBlobRef { id: b.id, kind: b.kind, codec: b.codec, stored: &b.stored, raw_len: b.raw_len })?;
+                    sink.add(NewBlobRef {
+                        id: b.id,
+                        kind: b.kind,
+                        codec: b.codec,
+                        stored: &b.stored,
+                        raw_len: b.raw_len,
+                    })?;
                 }
                 sink.stats.read_bytes += r.read;
                 sink.stats.reused_chunks += r.reused;
@@ -391,7 +515,13 @@ fn backup_disk(repo: &Repo, d: &DiskSpec, extents: &[Extent], base: Option<&Base
         let bytes = format::encode_index((i * format::SEGMENTS_PER_INDEX) as u64, part);
         let id = repo.keyer.id(BlobKind::Index, &bytes);
         let (codec, stored) = chunk::encode(&bytes, repo.config.compression.level);
-        sink.add(NewBlobRef { id, kind: BlobKind::Index, codec, stored: &stored, raw_len: bytes.len() as u32 })?;
+        sink.add(NewBlobRef {
+            id,
+            kind: BlobKind::Index,
+            codec,
+            stored: &stored,
+            raw_len: bytes.len() as u32,
+        })?;
         index.push(id.to_hex());
     }
     Ok(DiskEntry {
@@ -419,9 +549,20 @@ const POOLED: usize = 8;
 
 /// Segment buffers go back to the reader once processed: no 4 MiB allocation and zero-fill
 /// per segment.
-type Pool = (crossbeam_channel::Sender<BytesMut>, crossbeam_channel::Receiver<BytesMut>);
+type Pool = (
+    crossbeam_channel::Sender<BytesMut>,
+    crossbeam_channel::Receiver<BytesMut>,
+);
 
-fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u64, size: u64, pool: &Pool, tx: crossbeam_channel::Sender<Result<Segment>>) {
+fn read_segments(
+    src: &dyn Source,
+    extents: &[Extent],
+    reuse: Reuse<'_>,
+    seg: u64,
+    size: u64,
+    pool: &Pool,
+    tx: crossbeam_channel::Sender<Result<Segment>>,
+) {
     let mut no = 0u64;
     let tx = &tx;
     let mut next = || -> Option<ReadJob> {
@@ -440,7 +581,15 @@ fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u6
                 let di = dirty.partition_point(|d| d.1 <= start);
                 if di >= dirty.len() || dirty[di].0 >= end {
                     let prev = prev.get(this as usize).copied().flatten();
-                    if tx.send(Ok(Segment { no: this, data: None, len: end - start, reuse: Some(prev) })).is_err() {
+                    if tx
+                        .send(Ok(Segment {
+                            no: this,
+                            data: None,
+                            len: end - start,
+                            reuse: Some(prev),
+                        }))
+                        .is_err()
+                    {
                         return None;
                     }
                     continue;
@@ -449,11 +598,22 @@ fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u6
             let mut ranges = Vec::new();
             let mut j = extents.partition_point(|e| e.1 <= start);
             while j < extents.len() && extents[j].0 < end {
-                ranges.push(((extents[j].0.max(start) - start) as usize, (extents[j].1.min(end) - start) as usize));
+                ranges.push((
+                    (extents[j].0.max(start) - start) as usize,
+                    (extents[j].1.min(end) - start) as usize,
+                ));
                 j += 1;
             }
             if ranges.is_empty() {
-                if tx.send(Ok(Segment { no: this, data: None, len: end - start, reuse: None })).is_err() {
+                if tx
+                    .send(Ok(Segment {
+                        no: this,
+                        data: None,
+                        len: end - start,
+                        reuse: None,
+                    }))
+                    .is_err()
+                {
                     return None;
                 }
                 continue;
@@ -467,11 +627,23 @@ fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u6
                 filled = b;
             }
             buf[filled..].fill(0);
-            return Some(ReadJob { tag: this, offset: start, buf, ranges });
+            return Some(ReadJob {
+                tag: this,
+                offset: start,
+                buf,
+                ranges,
+            });
         }
     };
     let mut done = |r: std::result::Result<ReadJob, SourceError>| match r {
-        Ok(job) => tx.send(Ok(Segment { no: job.tag, len: job.buf.len() as u64, data: Some(job.buf), reuse: None })).is_ok(),
+        Ok(job) => tx
+            .send(Ok(Segment {
+                no: job.tag,
+                len: job.buf.len() as u64,
+                data: Some(job.buf),
+                reuse: None,
+            }))
+            .is_ok(),
         Err(e) => {
             let _ = tx.send(Err(e.into()));
             false
@@ -481,7 +653,16 @@ fn read_segments(src: &dyn Source, extents: &[Extent], reuse: Reuse<'_>, seg: u6
 }
 
 fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegResult> {
-    let mut r = SegResult { no: sg.no, seglist: None, blobs: Vec::new(), read: 0, data_bytes: 0, reused: 0, memo: None, memo_hit: false };
+    let mut r = SegResult {
+        no: sg.no,
+        seglist: None,
+        blobs: Vec::new(),
+        read: 0,
+        data_bytes: 0,
+        reused: 0,
+        memo: None,
+        memo_hit: false,
+    };
     if let Some(Some(prev)) = sg.reuse {
         // A clean segment: its data bytes come from the previous segment list, no byte is read.
         for e in repo.seglist(&prev, sg.len)? {
@@ -530,16 +711,38 @@ fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegR
             continue;
         }
         let (codec, stored) = chunk::encode(bytes, level);
-        r.blobs.push(NewBlob { id, kind: BlobKind::Chunk, codec, stored, raw_len: len as u32 });
+        r.blobs.push(NewBlob {
+            id,
+            kind: BlobKind::Chunk,
+            codec,
+            stored,
+            raw_len: len as u32,
+        });
     }
     let bytes = format::encode_seglist(&entries);
     let id = repo.keyer.id(BlobKind::SegList, &bytes);
     if repo.catalog.chunk(&id.0)?.is_none() {
         let (codec, stored) = chunk::encode(&bytes, level);
-        r.blobs.push(NewBlob { id, kind: BlobKind::SegList, codec, stored, raw_len: bytes.len() as u32 });
+        r.blobs.push(NewBlob {
+            id,
+            kind: BlobKind::SegList,
+            codec,
+            stored,
+            raw_len: bytes.len() as u32,
+        });
     }
     r.seglist = Some(id);
-    let chunks = entries.iter().filter(|e| matches!(e, SegEntry::Chunk(..))).count() as u32;
-    r.memo = Some((memo_key, SegMemo { seglist: id.0, data_bytes: r.data_bytes, chunks }));
+    let chunks = entries
+        .iter()
+        .filter(|e| matches!(e, SegEntry::Chunk(..)))
+        .count() as u32;
+    r.memo = Some((
+        memo_key,
+        SegMemo {
+            seglist: id.0,
+            data_bytes: r.data_bytes,
+            chunks,
+        },
+    ));
     Ok(r)
 }

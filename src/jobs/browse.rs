@@ -32,7 +32,11 @@ pub struct Browser {
 impl Browser {
     /// `cache_chunks` decoded chunks are kept for all disks together (64 KiB on average each).
     pub fn new(repo: Arc<Repo>, cache_chunks: usize, log_damage: bool) -> Browser {
-        Browser { chunks: Chunks::new(repo, cache_chunks), log_damage, disks: Mutex::new(HashMap::new()) }
+        Browser {
+            chunks: Chunks::new(repo, cache_chunks),
+            log_damage,
+            disks: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn repo(&self) -> &Arc<Repo> {
@@ -47,8 +51,17 @@ impl Browser {
         }
         let reader = Arc::new(ImageReader::with_chunks(self.chunks.clone(), disk)?);
         let label = format!("{}@{} disk {}", m.vm, m.id, disk.name);
-        let dev: Arc<dyn Device> = Arc::new(ImageDevice { reader: reader.clone(), label: label.clone(), log: self.log_damage });
-        let view = Arc::new(DiskView { label, reader, dev, parts: Mutex::new(None) });
+        let dev: Arc<dyn Device> = Arc::new(ImageDevice {
+            reader: reader.clone(),
+            label: label.clone(),
+            log: self.log_damage,
+        });
+        let view = Arc::new(DiskView {
+            label,
+            reader,
+            dev,
+            parts: Mutex::new(None),
+        });
         Ok(lock(&self.disks).entry(key).or_insert(view).clone())
     }
 }
@@ -73,10 +86,17 @@ impl Device for ImageDevice {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         match self.reader.read_at(buf, offset) {
             Ok(n) if n == buf.len() => Ok(()),
-            Ok(_) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("read at {offset} past the end of {}", self.label))),
+            Ok(_) => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read at {offset} past the end of {}", self.label),
+            )),
             Err(e) => {
                 if self.log {
-                    tracing::error!("{}: cannot read {} bytes at disk offset {offset}: {e}", self.label, buf.len());
+                    tracing::error!(
+                        "{}: cannot read {} bytes at disk offset {offset}: {e}",
+                        self.label,
+                        buf.len()
+                    );
                 }
                 Err(io::Error::other(e.to_string()))
             }
@@ -116,7 +136,14 @@ impl DiskView {
                 // Extended partitions are containers of the logical ones, not volumes.
                 .filter(|p| !matches!(p.kind.as_str(), "0x05" | "0x0f" | "0x85"))
                 .filter_map(|p| match guestfs::Slice::partition(self.dev.clone(), p) {
-                    Ok(s) => Some(Arc::new(PartView::new(format!("p{}", p.number), p.start, p.len, false, Arc::new(s), &self.label))),
+                    Ok(s) => Some(Arc::new(PartView::new(
+                        format!("p{}", p.number),
+                        p.start,
+                        p.len,
+                        false,
+                        Arc::new(s),
+                        &self.label,
+                    ))),
                     Err(e) => {
                         tracing::warn!("{}: partition {} skipped: {e}", self.label, p.number);
                         None
@@ -124,7 +151,14 @@ impl DiskView {
                 })
                 .collect(),
             Ok(_) => {
-                let whole = PartView::new(WHOLE_DISK.into(), 0, self.size(), true, self.dev.clone(), &self.label);
+                let whole = PartView::new(
+                    WHOLE_DISK.into(),
+                    0,
+                    self.size(),
+                    true,
+                    self.dev.clone(),
+                    &self.label,
+                );
                 match whole.try_fs() {
                     Ok(Some(_)) => vec![Arc::new(whole)],
                     Ok(None) => Vec::new(),
@@ -162,9 +196,24 @@ pub struct PartView {
 }
 
 impl PartView {
-    fn new(name: String, start: u64, len: u64, whole: bool, dev: Arc<dyn Device>, disk_label: &str) -> PartView {
+    fn new(
+        name: String,
+        start: u64,
+        len: u64,
+        whole: bool,
+        dev: Arc<dyn Device>,
+        disk_label: &str,
+    ) -> PartView {
         let label = format!("{disk_label} partition {name}");
-        PartView { name, start, len, whole, dev, label, fs: Mutex::new(None) }
+        PartView {
+            name,
+            start,
+            len,
+            whole,
+            dev,
+            label,
+            fs: Mutex::new(None),
+        }
     }
 
     /// The guest filesystem, when holdfast can read it.
@@ -218,7 +267,9 @@ pub struct FileSpec {
 impl FileSpec {
     pub fn parse(s: &str) -> Result<FileSpec> {
         let example = "e.g. web-01@20261122-101500:root/p2/etc/fstab, or web-01:root/p2/etc for the newest backup";
-        let (backup, rest) = s.split_once(':').ok_or_else(|| Error::Invalid(format!("{s:?} must be VM[@ID]:DISK/PART/PATH; {example}")))?;
+        let (backup, rest) = s.split_once(':').ok_or_else(|| {
+            Error::Invalid(format!("{s:?} must be VM[@ID]:DISK/PART/PATH; {example}"))
+        })?;
         let mut it = rest.trim_start_matches('/').splitn(3, '/');
         let disk = it.next().unwrap_or_default();
         let part = it.next().unwrap_or_default();
@@ -226,7 +277,12 @@ impl FileSpec {
             return Err(Error::Invalid(format!("{s:?} must name a backup, a disk and a partition: VM[@ID]:DISK/PART/PATH; {example}")));
         }
         let path = it.next().unwrap_or_default().trim_matches('/').to_string();
-        Ok(FileSpec { backup: backup.into(), disk: disk.into(), part: part.into(), path })
+        Ok(FileSpec {
+            backup: backup.into(),
+            disk: disk.into(),
+            part: part.into(),
+            path,
+        })
     }
 }
 
@@ -244,22 +300,49 @@ pub struct Located {
 pub fn locate(b: &Browser, spec: &FileSpec, follow: bool) -> Result<Located> {
     let repo = b.repo();
     let manifest = repo.resolve(&spec.backup)?;
-    let entry = manifest.disks.iter().find(|d| d.name == spec.disk).ok_or_else(|| {
-        let names: Vec<&str> = manifest.disks.iter().map(|d| d.name.as_str()).collect();
-        Error::NotFound(format!("backup {}@{} has no disk {:?}; its disks: {}", manifest.vm, manifest.id, spec.disk, names.join(", ")))
-    })?;
+    let entry = manifest
+        .disks
+        .iter()
+        .find(|d| d.name == spec.disk)
+        .ok_or_else(|| {
+            let names: Vec<&str> = manifest.disks.iter().map(|d| d.name.as_str()).collect();
+            Error::NotFound(format!(
+                "backup {}@{} has no disk {:?}; its disks: {}",
+                manifest.vm,
+                manifest.id,
+                spec.disk,
+                names.join(", ")
+            ))
+        })?;
     let disk = b.disk(&manifest, entry)?;
     let part = disk.part(&spec.part).ok_or_else(|| {
         let names: Vec<String> = disk.parts().iter().map(|p| p.name.clone()).collect();
-        let have = if names.is_empty() { "none holdfast can read".to_string() } else { names.join(", ") };
-        Error::NotFound(format!("{} has no partition {:?}; its partitions: {have}", disk.label, spec.part))
+        let have = if names.is_empty() {
+            "none holdfast can read".to_string()
+        } else {
+            names.join(", ")
+        };
+        Error::NotFound(format!(
+            "{} has no partition {:?}; its partitions: {have}",
+            disk.label, spec.part
+        ))
     })?;
     let fs = part.fs().ok_or_else(|| Error::NotFound(format!("{} holds no filesystem holdfast can read (ext2/3/4, FAT, NTFS); restore it raw with holdfast restore", part.label)))?;
     let attr = resolve(fs.as_ref(), &spec.path, follow).map_err(|e| match e {
         Walk::Guest(e) => guest_error(&part, &spec.path, e),
-        Walk::Loop => Error::Invalid(format!("{}: /{}: too many levels of symbolic links", part.label(), spec.path)),
+        Walk::Loop => Error::Invalid(format!(
+            "{}: /{}: too many levels of symbolic links",
+            part.label(),
+            spec.path
+        )),
     })?;
-    Ok(Located { manifest, disk, part, fs, attr })
+    Ok(Located {
+        manifest,
+        disk,
+        part,
+        fs,
+        attr,
+    })
 }
 
 enum Walk {
@@ -270,8 +353,13 @@ enum Walk {
 /// Walk `path` from the filesystem's root, following the symlinks met on the way (and a final
 /// one when `follow`) inside this filesystem: an absolute target starts again at its root, and
 /// `..` never leaves it. At most 40 links.
-fn resolve(fs: &dyn Filesystem, path: &str, follow: bool) -> std::result::Result<guestfs::Attr, Walk> {
-    let mut todo: std::collections::VecDeque<Vec<u8>> = path.split('/').map(|c| c.as_bytes().to_vec()).collect();
+fn resolve(
+    fs: &dyn Filesystem,
+    path: &str,
+    follow: bool,
+) -> std::result::Result<guestfs::Attr, Walk> {
+    let mut todo: std::collections::VecDeque<Vec<u8>> =
+        path.split('/').map(|c| c.as_bytes().to_vec()).collect();
     let mut stack = vec![fs.getattr(fs.root()).map_err(Walk::Guest)?];
     let mut links = 0;
     while let Some(c) = todo.pop_front() {
@@ -285,11 +373,17 @@ fn resolve(fs: &dyn Filesystem, path: &str, follow: bool) -> std::result::Result
             }
             _ => {}
         }
-        let cur = stack.last().map(|a| (a.ino, a.kind)).unwrap_or((fs.root(), Kind::Dir));
+        let cur = stack
+            .last()
+            .map(|a| (a.ino, a.kind))
+            .unwrap_or((fs.root(), Kind::Dir));
         if cur.1 != Kind::Dir {
             return Err(Walk::Guest(guestfs::GuestFsError::NotDir));
         }
-        let a = fs.lookup(cur.0, &c).map_err(Walk::Guest)?.ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))?;
+        let a = fs
+            .lookup(cur.0, &c)
+            .map_err(Walk::Guest)?
+            .ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))?;
         if a.kind == Kind::Symlink && (follow || !todo.is_empty()) {
             links += 1;
             if links > 40 {
@@ -306,14 +400,20 @@ fn resolve(fs: &dyn Filesystem, path: &str, follow: bool) -> std::result::Result
         }
         stack.push(a);
     }
-    stack.pop().ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))
+    stack
+        .pop()
+        .ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))
 }
 
 /// A guest filesystem error as a holdfast error: damage is `Damaged` (exit 3), the rest says
 /// which path.
 pub fn guest_error(part: &PartView, path: &str, e: guestfs::GuestFsError) -> Error {
     use guestfs::GuestFsError as G;
-    let shown = if path.is_empty() { "/".to_string() } else { format!("/{path}") };
+    let shown = if path.is_empty() {
+        "/".to_string()
+    } else {
+        format!("/{path}")
+    };
     match e {
         G::NotFound => Error::NotFound(format!("{}: no {shown} in its filesystem", part.label())),
         G::Io { .. } => Error::Damaged(format!("{}: {shown}: {e}", part.label())),
@@ -328,7 +428,15 @@ mod tests {
     #[test]
     fn file_specs() {
         let f = FileSpec::parse("web-01@2026:root/p2/etc/fstab").unwrap();
-        assert_eq!(f, FileSpec { backup: "web-01@2026".into(), disk: "root".into(), part: "p2".into(), path: "etc/fstab".into() });
+        assert_eq!(
+            f,
+            FileSpec {
+                backup: "web-01@2026".into(),
+                disk: "root".into(),
+                part: "p2".into(),
+                path: "etc/fstab".into()
+            }
+        );
         assert_eq!(FileSpec::parse("vm:root/p1").unwrap().path, "");
         assert_eq!(FileSpec::parse("vm:root/p1/").unwrap().path, "");
         for bad in ["vm", "vm:", "vm:root", ":root/p1/x", "vm:/p1"] {

@@ -33,15 +33,26 @@ pub struct Overlay {
 impl Overlay {
     /// A new overlay file at `path` for a disk of `size` bytes (created; must not exist).
     pub fn create(path: &Path, size: u64, keep: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
         file.set_len(size)?;
         let words = size.div_ceil(BLOCK).div_ceil(64) as usize;
-        Ok(Overlay { file, path: path.into(), keep, bits: RwLock::new(vec![0; words]), rmw: Mutex::new(()) })
+        Ok(Overlay {
+            file,
+            path: path.into(),
+            keep,
+            bits: RwLock::new(vec![0; words]),
+            rmw: Mutex::new(()),
+        })
     }
 
     fn has(&self, block: u64) -> bool {
         let b = self.bits.read().unwrap_or_else(|p| p.into_inner());
-        b.get((block / 64) as usize).is_some_and(|w| w & (1 << (block % 64)) != 0)
+        b.get((block / 64) as usize)
+            .is_some_and(|w| w & (1 << (block % 64)) != 0)
     }
 
     fn mark(&self, block: u64) {
@@ -87,7 +98,13 @@ impl BackupExport {
     }
 
     /// Write whole or partial blocks into the overlay.
-    fn overlay_write(&self, o: &Overlay, data: Option<&[u8]>, offset: u64, len: u64) -> io::Result<()> {
+    fn overlay_write(
+        &self,
+        o: &Overlay,
+        data: Option<&[u8]>,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
         let _g = o.rmw.lock().unwrap_or_else(|p| p.into_inner());
         let mut pos = offset;
         let end = offset + len;
@@ -129,7 +146,9 @@ impl BackupExport {
     }
 
     fn writable(&self) -> io::Result<&Overlay> {
-        self.overlay.as_ref().ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))
+        self.overlay
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EPERM))
     }
 }
 
@@ -148,7 +167,9 @@ impl Export for BackupExport {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.check_range(offset, buf.len() as u64)?;
-        let Some(o) = &self.overlay else { return self.base_read(buf, offset) };
+        let Some(o) = &self.overlay else {
+            return self.base_read(buf, offset);
+        };
         // Runs of blocks from the same side.
         let mut done = 0usize;
         while done < buf.len() {
@@ -178,7 +199,10 @@ impl Export for BackupExport {
             return Ok(vec![ReadPart::Owned(buf)]);
         }
         // Decoded chunks go out as they sit in the cache: no copy.
-        let parts = self.reader.read_parts(offset, len as usize).map_err(to_io)?;
+        let parts = self
+            .reader
+            .read_parts(offset, len as usize)
+            .map_err(to_io)?;
         Ok(shared(parts))
     }
 
@@ -189,15 +213,24 @@ impl Export for BackupExport {
         if let Err(e) = self.check_range(offset, u64::from(len)) {
             return Some(Err(e));
         }
-        Some(self.reader.read_parts_now(offset, len as usize)?.map(shared).map_err(to_io))
+        Some(
+            self.reader
+                .read_parts_now(offset, len as usize)?
+                .map(shared)
+                .map_err(to_io),
+        )
     }
 
     fn block_status_now(&self, offset: u64, len: u32) -> Option<io::Result<Vec<(u32, u32)>>> {
         if self.overlay.is_some() {
             return None;
         }
-        let end = offset.saturating_add(u64::from(len)).min(self.reader.size());
-        let runs = self.reader.allocation_now(offset, end.saturating_sub(offset))?;
+        let end = offset
+            .saturating_add(u64::from(len))
+            .min(self.reader.size());
+        let runs = self
+            .reader
+            .allocation_now(offset, end.saturating_sub(offset))?;
         Some(runs.map(|runs| self.extents(offset, runs)).map_err(to_io))
     }
 
@@ -225,8 +258,13 @@ impl Export for BackupExport {
     }
 
     fn block_status(&self, offset: u64, len: u32) -> io::Result<Vec<(u32, u32)>> {
-        let end = offset.saturating_add(u64::from(len)).min(self.reader.size());
-        let runs = self.reader.allocation(offset, end.saturating_sub(offset)).map_err(to_io)?;
+        let end = offset
+            .saturating_add(u64::from(len))
+            .min(self.reader.size());
+        let runs = self
+            .reader
+            .allocation(offset, end.saturating_sub(offset))
+            .map_err(to_io)?;
         Ok(self.extents(offset, runs))
     }
 }
@@ -254,7 +292,15 @@ impl BackupExport {
         };
         for (l, hole) in runs {
             if !hole || self.overlay.is_none() {
-                push(&mut out, l, if hole { proto::STATE_HOLE | proto::STATE_ZERO } else { 0 });
+                push(
+                    &mut out,
+                    l,
+                    if hole {
+                        proto::STATE_HOLE | proto::STATE_ZERO
+                    } else {
+                        0
+                    },
+                );
                 pos += l;
                 continue;
             }
@@ -262,7 +308,15 @@ impl BackupExport {
             while at < pos + l {
                 let bend = ((at / BLOCK + 1) * BLOCK).min(pos + l);
                 let data = self.overlay.as_ref().is_some_and(|o| o.has(at / BLOCK));
-                push(&mut out, bend - at, if data { 0 } else { proto::STATE_HOLE | proto::STATE_ZERO });
+                push(
+                    &mut out,
+                    bend - at,
+                    if data {
+                        0
+                    } else {
+                        proto::STATE_HOLE | proto::STATE_ZERO
+                    },
+                );
                 at = bend;
             }
             pos += l;

@@ -36,14 +36,18 @@ pub fn cat(b: &Browser, spec: &FileSpec, out: &mut dyn Write) -> Result<u64> {
     let mut buf = vec![0u8; BLOCK];
     let mut at = 0u64;
     while at < l.attr.size {
-        let n = l.fs.read(l.attr.ino, at, &mut buf).map_err(|e| guest_error(&l.part, &spec.path, e))?;
+        let n =
+            l.fs.read(l.attr.ino, at, &mut buf)
+                .map_err(|e| guest_error(&l.part, &spec.path, e))?;
         if n == 0 {
             break;
         }
-        out.write_all(&buf[..n]).map_err(|e| Error::io("write to standard output", e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io("write to standard output", e))?;
         at += n as u64;
     }
-    out.flush().map_err(|e| Error::io("write to standard output", e))?;
+    out.flush()
+        .map_err(|e| Error::io("write to standard output", e))?;
     Ok(at)
 }
 
@@ -81,10 +85,19 @@ impl Drop for TempTree {
 
 /// Copy the file or directory at `spec` into the existing directory `to`. Device nodes are
 /// recreated only with `devices` (and as root): a guest's device node is a host device here.
-pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, progress: &dyn Progress) -> Result<FilesReport> {
+pub fn restore_files(
+    b: &Browser,
+    spec: &FileSpec,
+    to: &Path,
+    devices: bool,
+    progress: &dyn Progress,
+) -> Result<FilesReport> {
     let started = std::time::Instant::now();
     if !to.is_dir() {
-        return Err(Error::NotFound(format!("{} is not a directory; create it first, or pick another --to", to.display())));
+        return Err(Error::NotFound(format!(
+            "{} is not a directory; create it first, or pick another --to",
+            to.display()
+        )));
     }
     let l = locate(b, spec, false)?;
     let name = match spec.path.rsplit('/').next().filter(|s| !s.is_empty()) {
@@ -93,10 +106,17 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, pro
     };
     let target = to.join(&name);
     if target.symlink_metadata().is_ok() {
-        return Err(Error::Invalid(format!("{} exists; holdfast never overwrites: remove it or pick another --to", target.display())));
+        return Err(Error::Invalid(format!(
+            "{} exists; holdfast never overwrites: remove it or pick another --to",
+            target.display()
+        )));
     }
     let items = walk(&l, &spec.path)?;
-    let total: u64 = items.iter().filter(|i| i.attr.kind == Kind::File).map(|i| i.attr.size).sum();
+    let total: u64 = items
+        .iter()
+        .filter(|i| i.attr.kind == Kind::File)
+        .map(|i| i.attr.size)
+        .sum();
     progress.begin("restore-files", total);
     let tmp = to.join(format!(".{name}.holdfast-{}", std::process::id()));
     let mut guard = TempTree(Some(tmp.clone()));
@@ -108,10 +128,15 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, pro
             rep.skipped_devices += 1;
             continue;
         }
-        let dst = if it.rel.as_os_str().is_empty() { tmp.clone() } else { tmp.join(&it.rel) };
+        let dst = if it.rel.as_os_str().is_empty() {
+            tmp.clone()
+        } else {
+            tmp.join(&it.rel)
+        };
         if it.attr.kind != Kind::Dir && it.attr.nlink > 1 {
             if let Some(first) = links.get(&it.attr.ino) {
-                std::fs::hard_link(first, &dst).map_err(|e| Error::io(format!("link {}", dst.display()), e))?;
+                std::fs::hard_link(first, &dst)
+                    .map_err(|e| Error::io(format!("link {}", dst.display()), e))?;
                 rep.hardlinks += 1;
                 continue;
             }
@@ -124,7 +149,11 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, pro
     }
     // Directories last and deepest first, so adding their entries does not change their times.
     for it in items.iter().rev().filter(|i| i.attr.kind == Kind::Dir) {
-        let dst = if it.rel.as_os_str().is_empty() { tmp.clone() } else { tmp.join(&it.rel) };
+        let dst = if it.rel.as_os_str().is_empty() {
+            tmp.clone()
+        } else {
+            tmp.join(&it.rel)
+        };
         set_meta(&dst, &it.attr, as_root)?;
     }
     sync_tree(to)?;
@@ -139,16 +168,23 @@ pub fn restore_files(b: &Browser, spec: &FileSpec, to: &Path, devices: bool, pro
 
 /// Everything under the located node, parents before children.
 fn walk(l: &Located, path: &str) -> Result<Vec<Item>> {
-    let mut out = vec![Item { rel: PathBuf::new(), attr: l.attr.clone() }];
+    let mut out = vec![Item {
+        rel: PathBuf::new(),
+        attr: l.attr.clone(),
+    }];
     let mut seen_dirs = HashSet::from([l.attr.ino]);
     let mut i = 0;
     while i < out.len() {
         if out[i].attr.kind == Kind::Dir {
             let depth = out[i].rel.components().count();
             if depth >= MAX_DEPTH {
-                return Err(Error::Invalid(format!("/{path}: directories nested deeper than {MAX_DEPTH}")));
+                return Err(Error::Invalid(format!(
+                    "/{path}: directories nested deeper than {MAX_DEPTH}"
+                )));
             }
-            let mut entries = l.fs.readdir(out[i].attr.ino).map_err(|e| guest_error(&l.part, path, e))?;
+            let mut entries =
+                l.fs.readdir(out[i].attr.ino)
+                    .map_err(|e| guest_error(&l.part, path, e))?;
             entries.sort_by(|a, b| a.name.cmp(&b.name));
             let base = out[i].rel.clone();
             for e in entries {
@@ -156,11 +192,16 @@ fn walk(l: &Located, path: &str) -> Result<Vec<Item>> {
                 if e.name.contains(&b'/') || name == "." || name == ".." || e.name.is_empty() {
                     continue; // not a name a Linux filesystem can hold
                 }
-                let attr = l.fs.getattr(e.ino).map_err(|e| guest_error(&l.part, path, e))?;
+                let attr =
+                    l.fs.getattr(e.ino)
+                        .map_err(|e| guest_error(&l.part, path, e))?;
                 if attr.kind == Kind::Dir && !seen_dirs.insert(attr.ino) {
                     continue; // a directory reached twice: a damaged or hostile tree
                 }
-                out.push(Item { rel: base.join(name), attr });
+                out.push(Item {
+                    rel: base.join(name),
+                    attr,
+                });
             }
         }
         i += 1;
@@ -168,7 +209,14 @@ fn walk(l: &Located, path: &str) -> Result<Vec<Item>> {
     Ok(out)
 }
 
-fn create(l: &Located, spec: &FileSpec, it: &Item, dst: &Path, rep: &mut FilesReport, progress: &dyn Progress) -> Result<()> {
+fn create(
+    l: &Located,
+    spec: &FileSpec,
+    it: &Item,
+    dst: &Path,
+    rep: &mut FilesReport,
+    progress: &dyn Progress,
+) -> Result<()> {
     let err = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", dst.display()), e);
     match it.attr.kind {
         Kind::Dir => {
@@ -185,8 +233,11 @@ fn create(l: &Located, spec: &FileSpec, it: &Item, dst: &Path, rep: &mut FilesRe
             rep.bytes += it.attr.size;
         }
         Kind::Symlink => {
-            let t = l.fs.readlink(it.attr.ino).map_err(|e| guest_error(&l.part, &spec.path, e))?;
-            std::os::unix::fs::symlink(OsStr::from_bytes(&t), dst).map_err(|e| err("create symlink", e))?;
+            let t =
+                l.fs.readlink(it.attr.ino)
+                    .map_err(|e| guest_error(&l.part, &spec.path, e))?;
+            std::os::unix::fs::symlink(OsStr::from_bytes(&t), dst)
+                .map_err(|e| err("create symlink", e))?;
             rep.symlinks += 1;
         }
         Kind::Fifo | Kind::CharDev | Kind::BlockDev | Kind::Socket => {
@@ -197,7 +248,10 @@ fn create(l: &Located, spec: &FileSpec, it: &Item, dst: &Path, rep: &mut FilesRe
                 _ => libc::S_IFSOCK,
             };
             let c = cstr(dst)?;
-            let dev = libc::makedev((it.attr.rdev >> 8) & 0xfff, (it.attr.rdev & 0xff) | ((it.attr.rdev >> 12) & 0xfff00));
+            let dev = libc::makedev(
+                (it.attr.rdev >> 8) & 0xfff,
+                (it.attr.rdev & 0xff) | ((it.attr.rdev >> 12) & 0xfff00),
+            );
             // SAFETY: a valid path; mknod has no other preconditions.
             if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) } != 0 {
                 return Err(err("create", std::io::Error::last_os_error()));
@@ -214,9 +268,18 @@ enum CopyError {
 }
 
 /// Copy one guest file; all-zero blocks are left as holes.
-fn copy_file(fs: &dyn Filesystem, a: &Attr, dst: &Path, progress: &dyn Progress) -> std::result::Result<(), CopyError> {
+fn copy_file(
+    fs: &dyn Filesystem,
+    a: &Attr,
+    dst: &Path,
+    progress: &dyn Progress,
+) -> std::result::Result<(), CopyError> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(dst).map_err(CopyError::Local)?;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)
+        .map_err(CopyError::Local)?;
     let mut buf = vec![0u8; BLOCK];
     let mut at = 0u64;
     while at < a.size {
@@ -237,7 +300,8 @@ fn copy_file(fs: &dyn Filesystem, a: &Attr, dst: &Path, progress: &dyn Progress)
                 i += 4096;
             }
             let end = i.min(n);
-            f.write_all_at(&buf[start..end], at + start as u64).map_err(CopyError::Local)?;
+            f.write_all_at(&buf[start..end], at + start as u64)
+                .map_err(CopyError::Local)?;
         }
         at += n as u64;
         progress.add(n as u64);
@@ -250,7 +314,15 @@ fn copy_file(fs: &dyn Filesystem, a: &Attr, dst: &Path, progress: &dyn Progress)
 fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     let (a, b) = (cstr(from)?, cstr(to)?);
     // SAFETY: valid NUL-terminated paths.
-    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_NOREPLACE) };
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
     if r == 0 {
         return Ok(());
     }
@@ -258,28 +330,48 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     if e.raw_os_error() == Some(libc::EEXIST) {
         return Err(Error::Invalid(format!("{} appeared while restoring; holdfast never overwrites: remove it or pick another --to", to.display())));
     }
-    Err(Error::io(format!("rename {} to {}", from.display(), to.display()), e))
+    Err(Error::io(
+        format!("rename {} to {}", from.display(), to.display()),
+        e,
+    ))
 }
 
 fn cstr(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::Invalid(format!("{} has a NUL byte", p.display())))
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} has a NUL byte", p.display())))
 }
 
 /// Owner (as root), mode (not for symlinks) and times, without following symlinks.
 fn set_meta(dst: &Path, a: &Attr, as_root: bool) -> Result<()> {
     let c = cstr(dst)?;
-    let fail = |what: &str| Error::io(format!("{what} {}", dst.display()), std::io::Error::last_os_error());
+    let fail = |what: &str| {
+        Error::io(
+            format!("{what} {}", dst.display()),
+            std::io::Error::last_os_error(),
+        )
+    };
     // SAFETY: valid NUL-terminated paths and initialized timespecs for each call.
     unsafe {
         if as_root && libc::lchown(c.as_ptr(), a.uid, a.gid) != 0 {
             return Err(fail("chown"));
         }
-        if a.kind != Kind::Symlink && libc::chmod(c.as_ptr(), libc::mode_t::from(a.perm & 0o7777)) != 0 {
+        if a.kind != Kind::Symlink
+            && libc::chmod(c.as_ptr(), libc::mode_t::from(a.perm & 0o7777)) != 0
+        {
             return Err(fail("chmod"));
         }
-        let ts = |t: crate::guestfs::Time| libc::timespec { tv_sec: t.secs as libc::time_t, tv_nsec: libc::c_long::from(t.nanos.min(999_999_999) as i32) };
+        let ts = |t: crate::guestfs::Time| libc::timespec {
+            tv_sec: t.secs as libc::time_t,
+            tv_nsec: libc::c_long::from(t.nanos.min(999_999_999) as i32),
+        };
         let times = [ts(a.atime), ts(a.mtime)];
-        if libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) != 0 {
+        if libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        ) != 0
+        {
             return Err(fail("set times of"));
         }
     }
@@ -288,10 +380,14 @@ fn set_meta(dst: &Path, a: &Attr, as_root: bool) -> Result<()> {
 
 /// Make everything written under `dir` durable (one syncfs for the whole filesystem).
 fn sync_tree(dir: &Path) -> Result<()> {
-    let f = std::fs::File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
+    let f =
+        std::fs::File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
     // SAFETY: a valid open file descriptor.
     if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
-        return Err(Error::io(format!("sync {}", dir.display()), std::io::Error::last_os_error()));
+        return Err(Error::io(
+            format!("sync {}", dir.display()),
+            std::io::Error::last_os_error(),
+        ));
     }
     Ok(())
 }

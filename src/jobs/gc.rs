@@ -40,7 +40,8 @@ pub struct GcReport {
 pub fn forget(repo: &Repo, spec: &str) -> Result<crate::repo::Manifest> {
     let m = repo.resolve(spec)?;
     let _lock = VmLock::acquire(&repo.dir, &m.vm, "forget")?;
-    repo.store.delete(&crate::repo::Manifest::key(&m.vm, &m.id))?;
+    repo.store
+        .delete(&crate::repo::Manifest::key(&m.vm, &m.id))?;
     let mut b = Batch::default();
     b.delete_backup(&m.vm, &m.id);
     repo.catalog.write(b)?;
@@ -97,10 +98,21 @@ pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
     delete_condemned(repo, &mut rep)?;
     // Step 1.
     let now = crate::timefmt::now_millis();
-    let cutoff = lock::running(&repo.dir).iter().filter(|s| s.op == "backup").map(|s| s.started_ms).min().unwrap_or(now).min(now);
+    let cutoff = lock::running(&repo.dir)
+        .iter()
+        .filter(|s| s.op == "backup")
+        .map(|s| s.started_ms)
+        .min()
+        .unwrap_or(now)
+        .min(now);
     let refs = referenced(repo)?;
     rep.referenced_blobs = refs.len() as u64;
-    let condemned: HashSet<PackId> = repo.catalog.condemned()?.into_iter().map(|(p, _)| p).collect();
+    let condemned: HashSet<PackId> = repo
+        .catalog
+        .condemned()?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     let packs: HashMap<PackId, u64> = repo
         .catalog
         .packs()?
@@ -108,7 +120,19 @@ pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
         .filter(|(id, info)| info.created < cutoff && !condemned.contains(id))
         .map(|(id, info)| (id, info.size))
         .collect();
-    let mut usage: HashMap<PackId, PackUse> = packs.keys().map(|p| (*p, PackUse { live: vec![], live_bytes: 0, dead: vec![] })).collect();
+    let mut usage: HashMap<PackId, PackUse> = packs
+        .keys()
+        .map(|p| {
+            (
+                *p,
+                PackUse {
+                    live: vec![],
+                    live_bytes: 0,
+                    dead: vec![],
+                },
+            )
+        })
+        .collect();
     repo.catalog.for_each_chunk(|id, loc| {
         if let Some(u) = usage.get_mut(&loc.pack) {
             if refs.contains(&id) {
@@ -149,16 +173,35 @@ pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
 }
 
 /// Copy the live blobs of a pack into new packs (verified; stored bytes kept as they are).
-fn copy_live(repo: &Repo, pid: &PackId, live: &[([u8; 32], ChunkLoc)], sink: &mut super::backup::PackSink) -> Result<()> {
+fn copy_live(
+    repo: &Repo,
+    pid: &PackId,
+    live: &[([u8; 32], ChunkLoc)],
+    sink: &mut super::backup::PackSink,
+) -> Result<()> {
     let key = pack::pack_key(&hex::encode(pid));
     for (id, loc) in live {
-        let kind = BlobKind::from_u8(loc.kind).ok_or_else(|| Error::Damaged(format!("blob {} has unknown kind {}", hex::encode(id), loc.kind)))?;
+        let kind = BlobKind::from_u8(loc.kind).ok_or_else(|| {
+            Error::Damaged(format!(
+                "blob {} has unknown kind {}",
+                hex::encode(id),
+                loc.kind
+            ))
+        })?;
         let bid = chunk::BlobId(*id);
         repo.read_at(kind, &bid, loc).map_err(refuse)?;
-        let stored = repo.store.get_range(&key, loc.offset, loc.stored_len as usize)?;
+        let stored = repo
+            .store
+            .get_range(&key, loc.offset, loc.stored_len as usize)?;
         let codec = Codec::from_u8(loc.codec).unwrap_or(Codec::Raw);
         // The old location is still in the catalog, so add directly (not through the dedup check).
-        sink.add_unchecked(super::backup::NewBlobRef { id: bid, kind, codec, stored: &stored, raw_len: loc.raw_len })?;
+        sink.add_unchecked(super::backup::NewBlobRef {
+            id: bid,
+            kind,
+            codec,
+            stored: &stored,
+            raw_len: loc.raw_len,
+        })?;
     }
     Ok(())
 }
@@ -168,9 +211,16 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
     if condemned.is_empty() {
         return Ok(());
     }
-    let running: Vec<u64> = lock::running(&repo.dir).iter().filter(|s| s.op == "backup").map(|s| s.started_ms).collect();
+    let running: Vec<u64> = lock::running(&repo.dir)
+        .iter()
+        .filter(|s| s.op == "backup")
+        .map(|s| s.started_ms)
+        .collect();
     let total = condemned.len() as u64;
-    let ready: Vec<(PackId, u64)> = condemned.into_iter().filter(|(_, at)| running.iter().all(|start| start > at)).collect();
+    let ready: Vec<(PackId, u64)> = condemned
+        .into_iter()
+        .filter(|(_, at)| running.iter().all(|start| start > at))
+        .collect();
     rep.packs_deferred = total - ready.len() as u64;
     if ready.is_empty() {
         return Ok(());
@@ -187,7 +237,14 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
         let mut revived = false;
         for e in entries.iter().filter(|e| refs.contains(&e.id)) {
             if repo.catalog.chunk(&e.id)?.is_none() {
-                let loc = ChunkLoc { pack: pid, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+                let loc = ChunkLoc {
+                    pack: pid,
+                    kind: e.kind,
+                    codec: e.codec,
+                    offset: e.offset,
+                    stored_len: e.stored_len,
+                    raw_len: e.raw_len,
+                };
                 batch.put_chunk(&e.id, &loc);
                 rep.blobs_restored += 1;
                 revived = true;

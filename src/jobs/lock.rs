@@ -43,7 +43,12 @@ impl VmLock {
         let dir = locks_dir(repo_dir);
         fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let path = dir.join(format!("{vm}.lock"));
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
         // SAFETY: flock on a valid fd.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let json = dir.join(format!("{vm}.json"));
@@ -51,14 +56,35 @@ impl VmLock {
                 .ok()
                 .and_then(|b| serde_json::from_slice::<LockState>(&b).ok())
                 .map(|s| {
-                    let pct = (s.done * 100).checked_div(s.total).map(|p| format!(", {p}% done ({} of {})", human(s.done), human(s.total))).unwrap_or_default();
-                    format!("a {} (pid {}, started {}{pct})", s.op, s.pid, crate::timefmt::rfc3339(s.started_ms / 1000))
+                    let pct = (s.done * 100)
+                        .checked_div(s.total)
+                        .map(|p| format!(", {p}% done ({} of {})", human(s.done), human(s.total)))
+                        .unwrap_or_default();
+                    format!(
+                        "a {} (pid {}, started {}{pct})",
+                        s.op,
+                        s.pid,
+                        crate::timefmt::rfc3339(s.started_ms / 1000)
+                    )
                 })
                 .unwrap_or_else(|| "another operation".to_string());
-            return Err(Error::Busy(format!("VM {vm} is busy: {what} is running; wait for it to finish, then retry")));
+            return Err(Error::Busy(format!(
+                "VM {vm} is busy: {what} is running; wait for it to finish, then retry"
+            )));
         }
-        let state = LockState { vm: vm.into(), op: op.into(), pid: std::process::id(), started_ms: crate::timefmt::now_millis(), done: 0, total: 0 };
-        let lock = VmLock { _file: file, json: dir.join(format!("{vm}.json")), state: Mutex::new((state, Instant::now())) };
+        let state = LockState {
+            vm: vm.into(),
+            op: op.into(),
+            pid: std::process::id(),
+            started_ms: crate::timefmt::now_millis(),
+            done: 0,
+            total: 0,
+        };
+        let lock = VmLock {
+            _file: file,
+            json: dir.join(format!("{vm}.json")),
+            state: Mutex::new((state, Instant::now())),
+        };
         lock.write_state()?;
         Ok(lock)
     }
@@ -68,10 +94,18 @@ impl VmLock {
     }
 
     fn write_state(&self) -> Result<()> {
-        let s = self.state.lock().map(|s| s.0.clone()).map_err(|_| Error::Invalid("lock state poisoned".into()))?;
-        let tmp = self.json.with_extension(format!("json.{}", std::process::id()));
+        let s = self
+            .state
+            .lock()
+            .map(|s| s.0.clone())
+            .map_err(|_| Error::Invalid("lock state poisoned".into()))?;
+        let tmp = self
+            .json
+            .with_extension(format!("json.{}", std::process::id()));
         let body = serde_json::to_vec(&s).map_err(|e| Error::Invalid(e.to_string()))?;
-        fs::write(&tmp, body).and_then(|_| fs::rename(&tmp, &self.json)).map_err(|e| Error::io(format!("write {}", self.json.display()), e))
+        fs::write(&tmp, body)
+            .and_then(|_| fs::rename(&tmp, &self.json))
+            .map_err(|e| Error::io(format!("write {}", self.json.display()), e))
     }
 
     /// Record progress (written at most once a second).
@@ -101,7 +135,9 @@ impl Drop for VmLock {
 
 /// Operations running now (their processes are alive), as recorded in `locks/`.
 pub fn running(repo_dir: &Path) -> Vec<LockState> {
-    let Ok(rd) = fs::read_dir(locks_dir(repo_dir)) else { return vec![] };
+    let Ok(rd) = fs::read_dir(locks_dir(repo_dir)) else {
+        return vec![];
+    };
     rd.flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| serde_json::from_slice::<LockState>(&fs::read(e.path()).ok()?).ok())
@@ -118,7 +154,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let a = VmLock::acquire(d.path(), "vm1", "backup").unwrap();
         a.progress(50, 200);
-        let err = VmLock::acquire(d.path(), "vm1", "restore").err().unwrap().to_string();
+        let err = VmLock::acquire(d.path(), "vm1", "restore")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("VM vm1 is busy: a backup (pid"), "{err}");
         assert!(VmLock::acquire(d.path(), "vm2", "backup").is_ok());
         assert_eq!(running(d.path()).len(), 1);

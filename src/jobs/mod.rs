@@ -18,7 +18,10 @@ pub use progress::{NoProgress, Progress};
 
 /// Worker threads for CPU-bound stages (hashing, compression, decompression).
 pub fn workers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 64)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 64)
 }
 
 /// Test hooks at named stages of a job: `HOLDFAST_TEST_KILL_AT=STAGE` kills this process there
@@ -33,9 +36,14 @@ pub(crate) fn test_point(stage: &str) -> crate::Result<()> {
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
     if is("HOLDFAST_TEST_FAIL_AT") {
-        return Err(crate::Error::Invalid(format!("HOLDFAST_TEST_FAIL_AT={stage}: failing here on purpose")));
+        return Err(crate::Error::Invalid(format!(
+            "HOLDFAST_TEST_FAIL_AT={stage}: failing here on purpose"
+        )));
     }
-    let pause = std::env::var("HOLDFAST_TEST_PAUSE_AT").ok().and_then(|v| v.strip_prefix(&format!("{stage}:")).map(std::path::PathBuf::from));
+    let pause = std::env::var("HOLDFAST_TEST_PAUSE_AT").ok().and_then(|v| {
+        v.strip_prefix(&format!("{stage}:"))
+            .map(std::path::PathBuf::from)
+    });
     if let Some(path) = pause {
         let _ = std::fs::write(path.with_extension("waiting"), b"");
         let t = std::time::Instant::now();
@@ -59,10 +67,15 @@ pub struct Signals {
 impl Signals {
     pub fn catch() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let (int, term) = {
             let _in_rt = rt.enter();
-            (signal(SignalKind::interrupt())?, signal(SignalKind::terminate())?)
+            (
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+            )
         };
         Ok(Signals { rt, int, term })
     }
@@ -83,14 +96,18 @@ impl Signals {
 /// stops reading, commits nothing, and a backup of a running VM tears down what it made in
 /// QEMU); a second one ends the process at once (exit 130).
 pub fn catch_interrupts() {
-    let Ok(mut signals) = Signals::catch() else { return };
-    let _ = std::thread::Builder::new().name("holdfast-signals".into()).spawn(move || {
-        signals.wait();
-        eprintln!("holdfast: interrupted: stopping cleanly (again to quit at once)");
-        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
-        signals.wait();
-        std::process::exit(130);
-    });
+    let Ok(mut signals) = Signals::catch() else {
+        return;
+    };
+    let _ = std::thread::Builder::new()
+        .name("holdfast-signals".into())
+        .spawn(move || {
+            signals.wait();
+            eprintln!("holdfast: interrupted: stopping cleanly (again to quit at once)");
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+            signals.wait();
+            std::process::exit(130);
+        });
 }
 
 /// True once an interrupt asked the job to stop.

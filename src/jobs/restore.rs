@@ -30,11 +30,29 @@ pub struct RestoreReport {
 
 /// Pick the disk to restore: the named one, or the only one.
 pub fn pick_disk<'m>(m: &'m Manifest, name: Option<&str>) -> Result<&'m DiskEntry> {
-    let names = || m.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ");
+    let names = || {
+        m.disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     match name {
-        Some(n) => m.disks.iter().find(|d| d.name == n).ok_or_else(|| Error::NotFound(format!("backup {}@{} has no disk {n:?}; it has: {}", m.vm, m.id, names()))),
+        Some(n) => m.disks.iter().find(|d| d.name == n).ok_or_else(|| {
+            Error::NotFound(format!(
+                "backup {}@{} has no disk {n:?}; it has: {}",
+                m.vm,
+                m.id,
+                names()
+            ))
+        }),
         None if m.disks.len() == 1 => Ok(&m.disks[0]),
-        None => Err(Error::Invalid(format!("backup {}@{} has several disks ({}); choose one with --disk", m.vm, m.id, names()))),
+        None => Err(Error::Invalid(format!(
+            "backup {}@{} has several disks ({}); choose one with --disk",
+            m.vm,
+            m.id,
+            names()
+        ))),
     }
 }
 
@@ -57,25 +75,63 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
     let meta = fs::metadata(to).ok();
     if let Some(m) = &meta {
         if m.file_type().is_block_device() {
-            let file = OpenOptions::new().write(true).open(to).map_err(|e| Error::io(format!("open {}", to.display()), e))?;
-            return Ok(Target { file, final_path: to.into(), temp: None, is_block: true });
+            let file = OpenOptions::new()
+                .write(true)
+                .open(to)
+                .map_err(|e| Error::io(format!("open {}", to.display()), e))?;
+            return Ok(Target {
+                file,
+                final_path: to.into(),
+                temp: None,
+                is_block: true,
+            });
         }
         if m.is_dir() {
-            return Err(Error::Invalid(format!("{} is a directory; give the path of the image file to write", to.display())));
+            return Err(Error::Invalid(format!(
+                "{} is a directory; give the path of the image file to write",
+                to.display()
+            )));
         }
         if !force {
-            return Err(Error::Invalid(format!("{} exists; pass --force to overwrite it", to.display())));
+            return Err(Error::Invalid(format!(
+                "{} exists; pass --force to overwrite it",
+                to.display()
+            )));
         }
     }
-    let name = to.file_name().ok_or_else(|| Error::Invalid(format!("{} is not a file path", to.display())))?;
-    let dir = to.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = to
+        .file_name()
+        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", to.display())))?;
+    let dir = to
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(Error::NotFound(format!("directory {} does not exist; create it first", dir.display())));
+        return Err(Error::NotFound(format!(
+            "directory {} does not exist; create it first",
+            dir.display()
+        )));
     }
-    let temp = dir.join(format!(".{}.holdfast-partial.{}", name.to_string_lossy(), std::process::id()));
-    let file = OpenOptions::new().write(true).create(true).truncate(true).open(&temp).map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
-    let t = Target { file, final_path: to.into(), temp: Some(temp), is_block: false };
-    t.file.set_len(size).map_err(|e| Error::io(format!("size {}", to.display()), e))?;
+    let temp = dir.join(format!(
+        ".{}.holdfast-partial.{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&temp)
+        .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
+    let t = Target {
+        file,
+        final_path: to.into(),
+        temp: Some(temp),
+        is_block: false,
+    };
+    t.file
+        .set_len(size)
+        .map_err(|e| Error::io(format!("size {}", to.display()), e))?;
     Ok(t)
 }
 
@@ -85,15 +141,28 @@ impl Target {
         self.file.sync_all().map_err(|e| Error::io(what(), e))?;
         if let Some(t) = self.temp.take() {
             fs::rename(&t, &self.final_path).map_err(|e| Error::io(what(), e))?;
-            let dir = self.final_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(what(), e))?;
+            let dir = self
+                .final_path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io(what(), e))?;
         }
         Ok(())
     }
 }
 
 /// Restore `disk` of backup `m` to `to`.
-pub fn restore(repo: &Repo, m: &Manifest, disk: &DiskEntry, to: &Path, force: bool, progress: &dyn Progress) -> Result<RestoreReport> {
+pub fn restore(
+    repo: &Repo,
+    m: &Manifest,
+    disk: &DiskEntry,
+    to: &Path,
+    force: bool,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
     let started = Instant::now();
     let segs = repo.disk_segments(disk)?;
     let target = open_target(to, disk.size, force)?;
@@ -108,13 +177,26 @@ pub fn restore(repo: &Repo, m: &Manifest, disk: &DiskEntry, to: &Path, force: bo
                 let mut buf = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(slot) = segs.get(i as usize) else { break };
+                    let Some(slot) = segs.get(i as usize) else {
+                        break;
+                    };
                     let start = i * seg;
                     let len = seg.min(disk.size - start);
-                    let r = restore_segment(repo, slot.as_ref(), start, len, &target, &mut buf, progress);
+                    let r = restore_segment(
+                        repo,
+                        slot.as_ref(),
+                        start,
+                        len,
+                        &target,
+                        &mut buf,
+                        progress,
+                    );
                     if let Err(e) = r {
                         failed.store(true, Ordering::Relaxed);
-                        first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                     }
                 }
             });
@@ -138,11 +220,29 @@ pub fn restore(repo: &Repo, m: &Manifest, disk: &DiskEntry, to: &Path, force: bo
 
 /// Restore one segment: chunks are assembled in `buf` and each run of data goes out in one write
 /// (fewer, larger writes: two workers writing one file contend on its inode lock).
-fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, t: &Target, buf: &mut Vec<u8>, progress: &dyn Progress) -> Result<()> {
-    let write = |b: &[u8], at: u64| t.file.write_all_at(b, at).map_err(|e| Error::io(format!("write {}", t.final_path.display()), e));
+fn restore_segment(
+    repo: &Repo,
+    seglist: Option<&BlobId>,
+    start: u64,
+    len: u64,
+    t: &Target,
+    buf: &mut Vec<u8>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let write = |b: &[u8], at: u64| {
+        t.file
+            .write_all_at(b, at)
+            .map_err(|e| Error::io(format!("write {}", t.final_path.display()), e))
+    };
     buf.clear();
     buf.resize(len as usize, 0);
-    let Some(id) = seglist else { return if t.is_block { write(buf, start) } else { Ok(()) } };
+    let Some(id) = seglist else {
+        return if t.is_block {
+            write(buf, start)
+        } else {
+            Ok(())
+        };
+    };
     let entries = repo.seglist(id, len)?;
     // All of the segment's chunks in one go: a remote store fetches neighbours in one request.
     let mut ids = Vec::new();
@@ -155,7 +255,10 @@ fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, 
         }
         at += u64::from(e.len());
     }
-    let mut chunks = repo.read_blobs(BlobKind::Chunk, &ids).map_err(|(i, e)| located(e, start + offsets[i]))?.into_iter();
+    let mut chunks = repo
+        .read_blobs(BlobKind::Chunk, &ids)
+        .map_err(|(i, e)| located(e, start + offsets[i]))?
+        .into_iter();
     let mut at = 0usize;
     let mut run: Option<usize> = None; // start of the current data run inside buf
     for e in entries {
@@ -185,7 +288,9 @@ fn restore_segment(repo: &Repo, seglist: Option<&BlobId>, start: u64, len: u64, 
 fn located(e: Error, at: u64) -> Error {
     match e {
         Error::Chunk(c) => Error::Damaged(format!("{c} (disk offset {at}); nothing was restored")),
-        Error::Damaged(m) => Error::Damaged(format!("{m} (disk offset {at}); nothing was restored")),
+        Error::Damaged(m) => {
+            Error::Damaged(format!("{m} (disk offset {at}); nothing was restored"))
+        }
         other => other,
     }
 }

@@ -78,11 +78,19 @@ fn key(vm: &str, name: &str) -> String {
 
 /// Snapshot names: 1–64 of `[A-Za-z0-9_-]`.
 pub fn check_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
         return Ok(());
     }
-    let mut example: String = name.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_').take(64).collect();
+    let mut example: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .take(64)
+        .collect();
     if example.is_empty() {
         example = "PreUpdate".into();
     }
@@ -98,7 +106,11 @@ pub fn records(repo: &Repo, vm: Option<&str>) -> Result<Vec<Snapshot>> {
     let mut out = Vec::new();
     for k in repo.store.list(&prefix)? {
         let raw = repo.store.get(&k)?;
-        let s: Snapshot = serde_json::from_slice(&raw).map_err(|e| Error::Damaged(format!("snapshot record {k} is damaged ({e}); delete it from the store")))?;
+        let s: Snapshot = serde_json::from_slice(&raw).map_err(|e| {
+            Error::Damaged(format!(
+                "snapshot record {k} is damaged ({e}); delete it from the store"
+            ))
+        })?;
         out.push(s);
     }
     out.sort_by_key(|s| (s.created_ms, s.name.clone()));
@@ -107,11 +119,25 @@ pub fn records(repo: &Repo, vm: Option<&str>) -> Result<Vec<Snapshot>> {
 
 fn record(repo: &Repo, vm: &str, name: &str) -> Result<Snapshot> {
     match repo.store.get(&key(vm, name)) {
-        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| Error::Damaged(format!("snapshot record {} is damaged ({e})", key(vm, name)))),
+        Ok(raw) => serde_json::from_slice(&raw).map_err(|e| {
+            Error::Damaged(format!(
+                "snapshot record {} is damaged ({e})",
+                key(vm, name)
+            ))
+        }),
         Err(StoreError::NotFound(_)) => {
-            let have: Vec<String> = records(repo, Some(vm))?.into_iter().map(|s| s.name).collect();
-            let have = if have.is_empty() { "none".to_string() } else { have.join(", ") };
-            Err(Error::NotFound(format!("VM {vm} has no snapshot {name:?} (its snapshots: {have})")))
+            let have: Vec<String> = records(repo, Some(vm))?
+                .into_iter()
+                .map(|s| s.name)
+                .collect();
+            let have = if have.is_empty() {
+                "none".to_string()
+            } else {
+                have.join(", ")
+            };
+            Err(Error::NotFound(format!(
+                "VM {vm} has no snapshot {name:?} (its snapshots: {have})"
+            )))
         }
         Err(e) => Err(e.into()),
     }
@@ -146,13 +172,28 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
         locks.push(VmLock::acquire(&repo.dir, &vm.name, "snapshot")?);
         let have = records(repo, Some(&vm.name))?;
         if have.iter().any(|s| s.name == args.name) {
-            return Err(Error::Invalid(format!("VM {} already has a snapshot named {}; pick another name or delete it first", vm.name, args.name)));
+            return Err(Error::Invalid(format!(
+                "VM {} already has a snapshot named {}; pick another name or delete it first",
+                vm.name, args.name
+            )));
         }
         if vm.snapshot_limit == 0 {
-            return Err(Error::Invalid(format!("VM {} may hold no snapshots (snapshot_limit = 0 in the config)", vm.name)));
+            return Err(Error::Invalid(format!(
+                "VM {} may hold no snapshots (snapshot_limit = 0 in the config)",
+                vm.name
+            )));
         }
         if have.len() >= vm.snapshot_limit as usize {
-            let list: Vec<String> = have.iter().map(|s| format!("{} (taken {})", s.name, crate::timefmt::rfc3339(s.created_ms / 1000))).collect();
+            let list: Vec<String> = have
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{} (taken {})",
+                        s.name,
+                        crate::timefmt::rfc3339(s.created_ms / 1000)
+                    )
+                })
+                .collect();
             return Err(Error::Invalid(format!(
                 "VM {} already has {} snapshot(s): {}; its limit is {}: delete one first (`holdfast snapshot delete {} {}`) or raise snapshot_limit in the config",
                 vm.name,
@@ -164,7 +205,11 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
             )));
         }
     }
-    let group: Vec<String> = if vms.len() > 1 { vms.iter().map(|v| v.name.clone()).collect() } else { Vec::new() };
+    let group: Vec<String> = if vms.len() > 1 {
+        vms.iter().map(|v| v.name.clone()).collect()
+    } else {
+        Vec::new()
+    };
     let rt = runtime()?;
     let mut made: Vec<(Snapshot, &Vm)> = Vec::new();
     for vm in vms {
@@ -173,7 +218,11 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
             Err(e) => {
                 for (s, vm) in &made {
                     if let Err(u) = remove(repo, &rt, vm, s) {
-                        tracing::error!("could not undo snapshot {} of VM {}: {u}", s.name, vm.name);
+                        tracing::error!(
+                            "could not undo snapshot {} of VM {}: {u}",
+                            s.name,
+                            vm.name
+                        );
                     }
                 }
                 return Err(e);
@@ -183,25 +232,46 @@ pub fn create(repo: &Repo, vms: &[Vm], args: &CreateArgs) -> Result<Vec<Snapshot
     Ok(made.into_iter().map(|(s, _)| s).collect())
 }
 
-fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateArgs, group: &[String]) -> Result<Snapshot> {
+fn create_one(
+    repo: &Repo,
+    rt: &tokio::runtime::Runtime,
+    vm: &Vm,
+    args: &CreateArgs,
+    group: &[String],
+) -> Result<Snapshot> {
     if vm.disks.is_empty() {
-        return Err(Error::Invalid(format!("VM {} has no disks declared", vm.name)));
+        return Err(Error::Invalid(format!(
+            "VM {} has no disks declared",
+            vm.name
+        )));
     }
     let client = super::vmbackup::connect(rt, vm)?;
     let mut disks = Vec::new();
     for (name, node) in &vm.disks {
         let n = rt.block_on(ops::find_disk(&client, &active_node(repo, &vm.name, node)?))?;
-        disks.push(SnapDisk { name: name.clone(), node: n.node_name, file: n.file, format: n.driver, overlay: None });
+        disks.push(SnapDisk {
+            name: name.clone(),
+            node: n.node_name,
+            file: n.file,
+            format: n.driver,
+            overlay: None,
+        });
     }
     // Under an external snapshot the disks are qcow2 overlays; an internal snapshot inside one
     // would be lost when that overlay is committed or reverted, so keep stacking overlays.
-    let under_overlay = records(repo, Some(&vm.name))?.iter().any(|s| s.kind == Kind::External);
+    let under_overlay = records(repo, Some(&vm.name))?
+        .iter()
+        .any(|s| s.kind == Kind::External);
     let internal = !under_overlay && disks.iter().all(|d| d.format == "qcow2");
     if args.memory && !internal {
         let why = if under_overlay {
             "the VM's disks are under an external snapshot (delete it first)".to_string()
         } else {
-            let raw: Vec<&str> = disks.iter().filter(|d| d.format != "qcow2").map(|d| d.name.as_str()).collect();
+            let raw: Vec<&str> = disks
+                .iter()
+                .filter(|d| d.format != "qcow2")
+                .map(|d| d.name.as_str())
+                .collect();
             format!("VM {}'s disk(s) {} are not qcow2", vm.name, raw.join(", "))
         };
         return Err(Error::Invalid(format!("--memory needs qcow2 disks (QEMU keeps memory state inside one): {why}; take a disk-only snapshot instead")));
@@ -216,7 +286,11 @@ fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateA
         vm: vm.name.clone(),
         name: args.name.clone(),
         tag: tag.clone(),
-        kind: if internal { Kind::Internal } else { Kind::External },
+        kind: if internal {
+            Kind::Internal
+        } else {
+            Kind::External
+        },
         memory: args.memory,
         quiesced: false,
         created_ms: now,
@@ -227,34 +301,73 @@ fn create_one(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, args: &CreateA
         group: group.to_vec(),
     };
     let nodes: Vec<String> = snap.disks.iter().map(|d| d.node.clone()).collect();
-    let agent = vm.agent.as_ref().filter(|_| args.quiesce).map(|p| Agent::new(p, Duration::from_secs(10)));
+    let agent = vm
+        .agent
+        .as_ref()
+        .filter(|_| args.quiesce)
+        .map(|p| Agent::new(p, Duration::from_secs(10)));
     if let Some(a) = &agent {
-        rt.block_on(a.ping()).map_err(|e| Error::Invalid(format!("{e}; the VM was not changed: retry without --quiesce")))?;
+        rt.block_on(a.ping()).map_err(|e| {
+            Error::Invalid(format!(
+                "{e}; the VM was not changed: retry without --quiesce"
+            ))
+        })?;
         if let Err(e) = rt.block_on(a.fsfreeze_freeze()) {
             // The freeze may still happen late: always thaw.
-            let thaw = thaw_hard(rt, a).err().map(|t| format!("; the thaw failed too ({t}): the guest's filesystems may still be frozen")).unwrap_or_default();
-            return Err(Error::Invalid(format!("{e}; no snapshot was taken{thaw}; retry without --quiesce")));
+            let thaw = thaw_hard(rt, a)
+                .err()
+                .map(|t| {
+                    format!(
+                        "; the thaw failed too ({t}): the guest's filesystems may still be frozen"
+                    )
+                })
+                .unwrap_or_default();
+            return Err(Error::Invalid(format!(
+                "{e}; no snapshot was taken{thaw}; retry without --quiesce"
+            )));
         }
     }
     let taken = if internal {
         snap.vmstate = args.memory.then(|| nodes[0].clone());
-        rt.block_on(ops::save_internal_snapshot(&client, &tag, &nodes, snap.vmstate.as_deref(), JOB_WAIT)).map_err(|e| match e {
-            e if e.class() == Some("CommandNotFound") => Error::Invalid(format!("--memory needs a full VM (qemu-system); this QEMU cannot save memory state: {e}")),
+        rt.block_on(ops::save_internal_snapshot(
+            &client,
+            &tag,
+            &nodes,
+            snap.vmstate.as_deref(),
+            JOB_WAIT,
+        ))
+        .map_err(|e| match e {
+            e if e.class() == Some("CommandNotFound") => Error::Invalid(format!(
+                "--memory needs a full VM (qemu-system); this QEMU cannot save memory state: {e}"
+            )),
             e => e.into(),
         })
     } else {
-        let reqs: Vec<ops::OverlayRequest> = snap.disks.iter().map(|d| ops::OverlayRequest { node: d.node.clone(), file: PathBuf::from(format!("{}.{tag}.qcow2", d.file)) }).collect();
-        rt.block_on(ops::create_overlays(&client, &reqs)).map_err(Error::from).map(|ovs| {
-            for (d, ov) in snap.disks.iter_mut().zip(ovs) {
-                d.overlay = Some(ov);
-            }
-        })
+        let reqs: Vec<ops::OverlayRequest> = snap
+            .disks
+            .iter()
+            .map(|d| ops::OverlayRequest {
+                node: d.node.clone(),
+                file: PathBuf::from(format!("{}.{tag}.qcow2", d.file)),
+            })
+            .collect();
+        rt.block_on(ops::create_overlays(&client, &reqs))
+            .map_err(Error::from)
+            .map(|ovs| {
+                for (d, ov) in snap.disks.iter_mut().zip(ovs) {
+                    d.overlay = Some(ov);
+                }
+            })
     };
     if let Some(a) = &agent {
         match thaw_hard(rt, a) {
             Ok(()) => snap.quiesced = taken.is_ok(),
             Err(e) => {
-                let what = if taken.is_ok() { "the snapshot was taken, but " } else { "" };
+                let what = if taken.is_ok() {
+                    "the snapshot was taken, but "
+                } else {
+                    ""
+                };
                 rt.block_on(client.close());
                 if taken.is_ok() {
                     let _ = save(repo, &snap);
@@ -310,7 +423,9 @@ fn remove(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, s: &Snapshot) -> R
             match s.kind {
                 Kind::Internal => {
                     let nodes: Vec<String> = s.disks.iter().map(|d| d.node.clone()).collect();
-                    rt.block_on(ops::delete_internal_snapshot(&client, &s.tag, &nodes, JOB_WAIT))?;
+                    rt.block_on(ops::delete_internal_snapshot(
+                        &client, &s.tag, &nodes, JOB_WAIT,
+                    ))?;
                 }
                 Kind::External => {
                     for ov in s.disks.iter().filter_map(|d| d.overlay.as_ref()) {
@@ -330,7 +445,8 @@ fn remove(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, s: &Snapshot) -> R
                 for ov in s.disks.iter().filter_map(|d| d.overlay.as_ref()) {
                     if ov.file.exists() {
                         qemu_img(&["commit", path(&ov.file)?], false)?;
-                        std::fs::remove_file(&ov.file).map_err(|e| Error::io(format!("remove {}", ov.file.display()), e))?;
+                        std::fs::remove_file(&ov.file)
+                            .map_err(|e| Error::io(format!("remove {}", ov.file.display()), e))?;
                     }
                 }
             }
@@ -343,14 +459,22 @@ fn remove(repo: &Repo, rt: &tokio::runtime::Runtime, vm: &Vm, s: &Snapshot) -> R
 }
 
 fn path(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", p.display())))
+    p.to_str()
+        .ok_or_else(|| Error::Invalid(format!("{} is not UTF-8", p.display())))
 }
 
 /// The VM's QMP connection, or None when it is not running (no socket, or nobody listening).
 fn try_connect(rt: &tokio::runtime::Runtime, vm: &Vm) -> Result<Option<Client>> {
     match rt.block_on(Client::connect(&vm.qmp, Duration::from_secs(10))) {
         Ok(c) => Ok(Some(c)),
-        Err(QmpError::Connect { source, .. }) if matches!(source.raw_os_error(), Some(libc::ENOENT) | Some(libc::ECONNREFUSED)) => Ok(None),
+        Err(QmpError::Connect { source, .. })
+            if matches!(
+                source.raw_os_error(),
+                Some(libc::ENOENT) | Some(libc::ECONNREFUSED)
+            ) =>
+        {
+            Ok(None)
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -358,12 +482,26 @@ fn try_connect(rt: &tokio::runtime::Runtime, vm: &Vm) -> Result<Option<Client>> 
 /// Remove holdfast's checkpoint bitmaps from a qcow2 file of a VM that is shut down (see
 /// `revert`: the next backup then reads every allocated extent).
 fn drop_checkpoints_offline(file: &str) -> Result<()> {
-    let out = std::process::Command::new("qemu-img").args(["info", "--output=json", "-U", file]).output().map_err(|e| Error::io("run qemu-img (apt-get install qemu-utils)", e))?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U", file])
+        .output()
+        .map_err(|e| Error::io("run qemu-img (apt-get install qemu-utils)", e))?;
     if !out.status.success() {
-        return Err(Error::Invalid(format!("qemu-img info {file} failed: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Invalid(format!(
+            "qemu-img info {file} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| Error::Invalid(format!("qemu-img info {file}: {e}")))?;
-    let names: Vec<String> = v["format-specific"]["data"]["bitmaps"].as_array().into_iter().flatten().filter_map(|b| b["name"].as_str()).filter(|n| n.starts_with(ops::PREFIX)).map(String::from).collect();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Invalid(format!("qemu-img info {file}: {e}")))?;
+    let names: Vec<String> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| b["name"].as_str())
+        .filter(|n| n.starts_with(ops::PREFIX))
+        .map(String::from)
+        .collect();
     for n in names {
         qemu_img(&["bitmap", "--remove", file, &n], false)?;
     }
@@ -371,12 +509,19 @@ fn drop_checkpoints_offline(file: &str) -> Result<()> {
 }
 
 fn qemu_img(args: &[&str], missing_ok: bool) -> Result<()> {
-    let out = std::process::Command::new("qemu-img").args(args).output().map_err(|e| Error::io("run qemu-img (apt-get install qemu-utils)", e))?;
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|e| Error::io("run qemu-img (apt-get install qemu-utils)", e))?;
     let err = String::from_utf8_lossy(&out.stderr);
     if out.status.success() || (missing_ok && err.contains("not found")) {
         return Ok(());
     }
-    Err(Error::Invalid(format!("qemu-img {} failed: {}", args.join(" "), err.trim().replace('\n', " "))))
+    Err(Error::Invalid(format!(
+        "qemu-img {} failed: {}",
+        args.join(" "),
+        err.trim().replace('\n', " ")
+    )))
 }
 
 /// Delete a snapshot in QEMU and its record; with `forget`, only holdfast's record (for a
@@ -399,7 +544,10 @@ pub fn rename(repo: &Repo, vm: &Vm, old: &str, new: &str) -> Result<Snapshot> {
     let _lock = VmLock::acquire(&repo.dir, &vm.name, "snapshot rename")?;
     let mut s = record(repo, &vm.name, old)?;
     if repo.store.exists(&key(&vm.name, new))? {
-        return Err(Error::Invalid(format!("VM {} already has a snapshot named {new}", vm.name)));
+        return Err(Error::Invalid(format!(
+            "VM {} already has a snapshot named {new}",
+            vm.name
+        )));
     }
     s.name = new.to_string();
     save(repo, &s)?;
@@ -421,7 +569,10 @@ pub fn revert(repo: &Repo, vm: &Vm, name: &str) -> Result<RevertReport> {
     let _lock = VmLock::acquire(&repo.dir, &vm.name, "snapshot revert")?;
     let s = record(repo, &vm.name, name)?;
     if s.kind == Kind::External {
-        if let Some(newer) = records(repo, Some(&vm.name))?.into_iter().find(|x| x.kind == Kind::External && x.created_ms > s.created_ms) {
+        if let Some(newer) = records(repo, Some(&vm.name))?
+            .into_iter()
+            .find(|x| x.kind == Kind::External && x.created_ms > s.created_ms)
+        {
             return Err(Error::Invalid(format!("snapshot {} of VM {} was taken on top of {name}: delete it first (`holdfast snapshot delete {} {}`), then revert", newer.name, vm.name, vm.name, newer.name)));
         }
     }
@@ -510,17 +661,40 @@ pub fn list(repo: &Repo, vms: &[Vm], only: Option<&str>) -> Result<Vec<Listed>> 
                 None => (None, "vm not running".to_string()),
                 Some(nodes) => match s.kind {
                     Kind::Internal => {
-                        let found = nodes.iter().find(|n| n.node_name == s.disks[0].node).and_then(|n| n.snapshots.iter().find(|x| x.tag == s.tag));
-                        (found.map(|x| x.vm_state_size), if found.is_some() { "ok" } else { "missing" }.to_string())
+                        let found = nodes
+                            .iter()
+                            .find(|n| n.node_name == s.disks[0].node)
+                            .and_then(|n| n.snapshots.iter().find(|x| x.tag == s.tag));
+                        (
+                            found.map(|x| x.vm_state_size),
+                            if found.is_some() { "ok" } else { "missing" }.to_string(),
+                        )
                     }
                     Kind::External => {
-                        let present = s.disks.iter().filter_map(|d| d.overlay.as_ref()).all(|ov| nodes.iter().any(|n| n.node_name == ov.overlay_node));
-                        let bytes = s.disks.iter().filter_map(|d| d.overlay.as_ref()).filter_map(|ov| std::fs::metadata(&ov.file).ok()).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).sum();
-                        (Some(bytes), if present { "ok" } else { "missing" }.to_string())
+                        let present = s
+                            .disks
+                            .iter()
+                            .filter_map(|d| d.overlay.as_ref())
+                            .all(|ov| nodes.iter().any(|n| n.node_name == ov.overlay_node));
+                        let bytes = s
+                            .disks
+                            .iter()
+                            .filter_map(|d| d.overlay.as_ref())
+                            .filter_map(|ov| std::fs::metadata(&ov.file).ok())
+                            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                            .sum();
+                        (
+                            Some(bytes),
+                            if present { "ok" } else { "missing" }.to_string(),
+                        )
                     }
                 },
             };
-            out.push(Listed { snapshot: s.clone(), size, state });
+            out.push(Listed {
+                snapshot: s.clone(),
+                size,
+                state,
+            });
         }
     }
     Ok(out)
@@ -534,7 +708,10 @@ pub fn expire(repo: &Repo, vms: &[Vm], now_ms: u64) -> Result<(Vec<Snapshot>, Ve
             continue;
         }
         let Some(vm) = vms.iter().find(|v| v.name == s.vm) else {
-            failed.push(format!("{}/{}: VM {} is not declared in the config", s.vm, s.name, s.vm));
+            failed.push(format!(
+                "{}/{}: VM {} is not declared in the config",
+                s.vm, s.name, s.vm
+            ));
             continue;
         };
         match delete(repo, vm, &s.name, false) {

@@ -63,8 +63,17 @@ pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
     let packs = repo.catalog.packs()?;
     let stored: u64 = packs.iter().map(|(_, p)| p.size).sum();
     let data: u64 = ms.iter().map(|m| m.stats.data_bytes).sum();
-    let counted: Vec<_> = ms.iter().filter_map(|m| m.stats.store_requests.map(|r| (r.put, m.stats.new_raw_bytes))).collect();
-    let (puts, new_bytes) = counted.iter().fold((0u64, 0u64), |(p, b), (pp, bb)| (p + pp, b + bb));
+    let counted: Vec<_> = ms
+        .iter()
+        .filter_map(|m| {
+            m.stats
+                .store_requests
+                .map(|r| (r.put, m.stats.new_raw_bytes))
+        })
+        .collect();
+    let (puts, new_bytes) = counted
+        .iter()
+        .fold((0u64, 0u64), |(p, b), (pp, bb)| (p + pp, b + bb));
     Ok(Stats {
         store: repo.store_url(),
         vms: vms.len() as u64,

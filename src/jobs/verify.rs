@@ -57,8 +57,16 @@ fn sampled(id: &BlobId, percent: f64) -> bool {
     (v % 1_000_000) as f64 / 10_000.0 < percent
 }
 
-pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: &dyn Progress) -> Result<VerifyReport> {
-    let mut rep = VerifyReport { backups: backups.len() as u64, ..Default::default() };
+pub fn verify(
+    repo: &Repo,
+    backups: &[Manifest],
+    sample_percent: f64,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
+    let mut rep = VerifyReport {
+        backups: backups.len() as u64,
+        ..Default::default()
+    };
     let mut bad: BTreeMap<BlobId, (BlobKind, String)> = BTreeMap::new();
     let mut seglists: HashMap<BlobId, Vec<SegEntry>> = HashMap::new();
     let mut chunks: HashMap<BlobId, u32> = HashMap::new();
@@ -81,7 +89,8 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
                 if seglists.contains_key(id) || bad.contains_key(id) {
                     continue;
                 }
-                let len = u64::from(d.segment_size).min(d.size - i as u64 * u64::from(d.segment_size));
+                let len =
+                    u64::from(d.segment_size).min(d.size - i as u64 * u64::from(d.segment_size));
                 match repo.seglist(id, len) {
                     Ok(es) => {
                         for e in &es {
@@ -110,7 +119,10 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
         }
     }
     todo.sort_by_key(|(l, _)| (l.pack, l.offset));
-    progress.begin("verify", todo.iter().map(|(l, _)| u64::from(l.raw_len)).sum());
+    progress.begin(
+        "verify",
+        todo.iter().map(|(l, _)| u64::from(l.raw_len)).sum(),
+    );
     // Work in batches of neighbours in one pack (one request each on a remote store), read
     // past the read cache: verify checks what the store holds.
     let mut batches: Vec<&[(crate::catalog::ChunkLoc, BlobId)]> = Vec::new();
@@ -118,7 +130,8 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
     for i in 1..=todo.len() {
         let split = i == todo.len()
             || todo[i].0.pack != todo[from].0.pack
-            || todo[i - 1].0.offset + u64::from(todo[i - 1].0.stored_len) - todo[from].0.offset >= VERIFY_BATCH;
+            || todo[i - 1].0.offset + u64::from(todo[i - 1].0.stored_len) - todo[from].0.offset
+                >= VERIFY_BATCH;
         if split && i > from {
             batches.push(&todo[from..i]);
             from = i;
@@ -131,10 +144,18 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(batch) = batches.get(i) else { break };
-                let items: Vec<(BlobId, crate::catalog::ChunkLoc)> = batch.iter().map(|(l, id)| (*id, *l)).collect();
-                for ((id, loc), r) in items.iter().zip(repo.read_located(repo.uncached.as_ref(), BlobKind::Chunk, &items)) {
+                let items: Vec<(BlobId, crate::catalog::ChunkLoc)> =
+                    batch.iter().map(|(l, id)| (*id, *l)).collect();
+                for ((id, loc), r) in items.iter().zip(repo.read_located(
+                    repo.uncached.as_ref(),
+                    BlobKind::Chunk,
+                    &items,
+                )) {
                     if let Err(e) = r {
-                        found.lock().unwrap_or_else(|p| p.into_inner()).push((*id, e.to_string()));
+                        found
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((*id, e.to_string()));
                     }
                     progress.add(u64::from(loc.raw_len));
                 }
@@ -157,24 +178,40 @@ pub fn verify(repo: &Repo, backups: &[Manifest], sample_percent: f64, progress: 
 const VERIFY_BATCH: u64 = 8 << 20;
 
 /// Pass 3: which backups, disks and byte ranges each damaged blob affects.
-fn locate_damage(repo: &Repo, backups: &[Manifest], seglists: &HashMap<BlobId, Vec<SegEntry>>, bad: BTreeMap<BlobId, (BlobKind, String)>) -> Vec<Damage> {
+fn locate_damage(
+    repo: &Repo,
+    backups: &[Manifest],
+    seglists: &HashMap<BlobId, Vec<SegEntry>>,
+    bad: BTreeMap<BlobId, (BlobKind, String)>,
+) -> Vec<Damage> {
     let mut affects: HashMap<BlobId, Vec<Affected>> = HashMap::new();
     let bad_ids: HashSet<BlobId> = bad.keys().copied().collect();
     for m in backups {
         for d in &m.disks {
-            let hit = |offset: u64, len: u64| Affected { vm: m.vm.clone(), backup: m.id.clone(), disk: d.name.clone(), offset, len };
+            let hit = |offset: u64, len: u64| Affected {
+                vm: m.vm.clone(),
+                backup: m.id.clone(),
+                disk: d.name.clone(),
+                offset,
+                len,
+            };
             for id in d.index.iter().filter_map(|h| BlobId::parse(h).ok()) {
                 if bad_ids.contains(&id) {
                     affects.entry(id).or_default().push(hit(0, d.size));
                 }
             }
-            let Ok(segs) = repo.disk_segments(d) else { continue };
+            let Ok(segs) = repo.disk_segments(d) else {
+                continue;
+            };
             let seg = u64::from(d.segment_size);
             for (i, s) in segs.iter().enumerate() {
                 let Some(sid) = s else { continue };
                 let start = i as u64 * seg;
                 if bad_ids.contains(sid) {
-                    affects.entry(*sid).or_default().push(hit(start, seg.min(d.size - start)));
+                    affects
+                        .entry(*sid)
+                        .or_default()
+                        .push(hit(start, seg.min(d.size - start)));
                     continue;
                 }
                 let mut at = start;
@@ -190,6 +227,11 @@ fn locate_damage(repo: &Repo, backups: &[Manifest], seglists: &HashMap<BlobId, V
         }
     }
     bad.into_iter()
-        .map(|(id, (kind, error))| Damage { blob: id.to_hex(), kind: kind_name(kind), error, affects: affects.remove(&id).unwrap_or_default() })
+        .map(|(id, (kind, error))| Damage {
+            blob: id.to_hex(),
+            kind: kind_name(kind),
+            error,
+            affects: affects.remove(&id).unwrap_or_default(),
+        })
         .collect()
 }

@@ -97,7 +97,10 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         'w' => 7 * 86400,
         _ => return Err(bad()),
     };
-    n.checked_mul(mul).filter(|&x| x > 0).map(Duration::from_secs).ok_or_else(bad)
+    n.checked_mul(mul)
+        .filter(|&x| x > 0)
+        .map(Duration::from_secs)
+        .ok_or_else(bad)
 }
 
 impl VmsFile {
@@ -108,17 +111,31 @@ impl VmsFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(VmsFile::default()),
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        let f: VmsFile = toml::from_str(&text).map_err(|e| Error::Invalid(format!("{} is not valid: {}", path.display(), e.to_string().replace('\n', " "))))?;
+        let f: VmsFile = toml::from_str(&text).map_err(|e| {
+            Error::Invalid(format!(
+                "{} is not valid: {}",
+                path.display(),
+                e.to_string().replace('\n', " ")
+            ))
+        })?;
         for (name, vm) in &f.vm {
             crate::names::check("VM", name)?;
             for (disk, node) in &vm.disks {
                 crate::names::check("disk", disk)?;
                 if node.is_empty() {
-                    return Err(Error::Invalid(format!("{}: VM {name}: disk {disk} has an empty node name", path.display())));
+                    return Err(Error::Invalid(format!(
+                        "{}: VM {name}: disk {disk} has an empty node name",
+                        path.display()
+                    )));
                 }
             }
-            for d in [&vm.snapshot_ttl, &f.defaults.snapshot_ttl].into_iter().flatten() {
-                parse_duration(d).map_err(|e| Error::Invalid(format!("{}: VM {name}: snapshot_ttl {e}", path.display())))?;
+            for d in [&vm.snapshot_ttl, &f.defaults.snapshot_ttl]
+                .into_iter()
+                .flatten()
+            {
+                parse_duration(d).map_err(|e| {
+                    Error::Invalid(format!("{}: VM {name}: snapshot_ttl {e}", path.display()))
+                })?;
             }
         }
         Ok(f)
@@ -126,10 +143,23 @@ impl VmsFile {
 
     /// Write atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = format!("# holdfast VMs: edit by hand or with `holdfast vm add/remove`\n{}", toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?);
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let tmp = dir.join(format!(".{}.tmp.{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("vms.toml"), std::process::id()));
+        let text = format!(
+            "# holdfast VMs: edit by hand or with `holdfast vm add/remove`\n{}",
+            toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?
+        );
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp.{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("vms.toml"),
+            std::process::id()
+        ));
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
@@ -155,17 +185,35 @@ impl VmsFile {
     }
 
     pub fn resolve(&self, name: &str, c: &VmConfig, repo_dir: &Path) -> Result<Vm> {
-        let ttl = c.snapshot_ttl.as_ref().or(self.defaults.snapshot_ttl.as_ref()).map(|s| parse_duration(s)).transpose().map_err(Error::Invalid)?.unwrap_or(DEFAULT_TTL);
-        let limit = c.snapshot_limit.or(self.defaults.snapshot_limit).unwrap_or(DEFAULT_LIMIT);
-        let work = c.work_dir.clone().unwrap_or_else(|| repo_dir.join("work").join(name));
-        let work_dir = std::path::absolute(&work).map_err(|e| Error::io(format!("resolve {}", work.display()), e))?;
+        let ttl = c
+            .snapshot_ttl
+            .as_ref()
+            .or(self.defaults.snapshot_ttl.as_ref())
+            .map(|s| parse_duration(s))
+            .transpose()
+            .map_err(Error::Invalid)?
+            .unwrap_or(DEFAULT_TTL);
+        let limit = c
+            .snapshot_limit
+            .or(self.defaults.snapshot_limit)
+            .unwrap_or(DEFAULT_LIMIT);
+        let work = c
+            .work_dir
+            .clone()
+            .unwrap_or_else(|| repo_dir.join("work").join(name));
+        let work_dir = std::path::absolute(&work)
+            .map_err(|e| Error::io(format!("resolve {}", work.display()), e))?;
         Ok(Vm {
             name: name.into(),
             qmp: c.qmp.clone(),
             agent: c.agent.clone(),
             work_dir,
             nbd_socket: c.nbd_socket.clone(),
-            disks: c.disks.iter().map(|(a, b)| (a.clone(), b.clone())).collect(),
+            disks: c
+                .disks
+                .iter()
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect(),
             snapshot_ttl: ttl,
             snapshot_limit: limit,
         })
@@ -192,18 +240,45 @@ mod tests {
         let p = d.path().join("vms.toml");
         assert_eq!(VmsFile::load(&p).unwrap(), VmsFile::default());
         let mut f = VmsFile::default();
-        f.vm.insert("web-01".into(), VmConfig { qmp: "/run/q.sock".into(), agent: None, work_dir: None, nbd_socket: None, snapshot_ttl: Some("3d".into()), snapshot_limit: None, disks: [("root".to_string(), "disk0".to_string())].into() });
+        f.vm.insert(
+            "web-01".into(),
+            VmConfig {
+                qmp: "/run/q.sock".into(),
+                agent: None,
+                work_dir: None,
+                nbd_socket: None,
+                snapshot_ttl: Some("3d".into()),
+                snapshot_limit: None,
+                disks: [("root".to_string(), "disk0".to_string())].into(),
+            },
+        );
         f.save(&p).unwrap();
         let g = VmsFile::load(&p).unwrap();
         assert_eq!(g, f);
         let vm = g.vm("web-01", d.path(), &p).unwrap();
-        assert_eq!((vm.snapshot_ttl, vm.snapshot_limit), (Duration::from_secs(3 * 86400), 1));
+        assert_eq!(
+            (vm.snapshot_ttl, vm.snapshot_limit),
+            (Duration::from_secs(3 * 86400), 1)
+        );
         assert_eq!(vm.work_dir, d.path().join("work/web-01"));
         let e = g.vm("db", d.path(), &p).unwrap_err().to_string();
-        assert!(e.contains("VM \"db\" is not declared") && e.contains("declared: web-01"), "{e}");
+        assert!(
+            e.contains("VM \"db\" is not declared") && e.contains("declared: web-01"),
+            "{e}"
+        );
         std::fs::write(&p, "[vm.x]\nqmp = 3\n").unwrap();
-        assert!(VmsFile::load(&p).unwrap_err().to_string().contains("is not valid"));
-        std::fs::write(&p, "[vm.x]\nqmp = \"/q\"\nsnapshot_ttl = \"soon\"\n[vm.x.disks]\nroot = \"n\"\n").unwrap();
-        assert!(VmsFile::load(&p).unwrap_err().to_string().contains("snapshot_ttl"));
+        assert!(VmsFile::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("is not valid"));
+        std::fs::write(
+            &p,
+            "[vm.x]\nqmp = \"/q\"\nsnapshot_ttl = \"soon\"\n[vm.x.disks]\nroot = \"n\"\n",
+        )
+        .unwrap();
+        assert!(VmsFile::load(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("snapshot_ttl"));
     }
 }

@@ -219,7 +219,10 @@ impl Client {
 
     pub async fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ClientError> {
         check_cap("read length", len.into(), MAX_PAYLOAD)?;
-        Ok(self.read_into(offset, BytesMut::zeroed(len as usize)).await?.into())
+        Ok(self
+            .read_into(offset, BytesMut::zeroed(len as usize))
+            .await?
+            .into())
     }
 
     /// Read `buf.len()` bytes at `offset` straight into `buf` (the reply data is received into
@@ -233,8 +236,14 @@ impl Client {
     pub async fn send_read(&self, offset: u64, buf: BytesMut) -> Result<PendingRead, ClientError> {
         let len = u32::try_from(buf.len()).map_err(|_| ProtoError::Invalid("read length"))?;
         check_cap("read length", len.into(), MAX_PAYLOAD)?;
-        let kind = OpKind::Read { offset, buf: Some(buf), covered: Coverage::default() };
-        Ok(PendingRead(self.send(CMD_READ, 0, offset, len, &[], kind).await?))
+        let kind = OpKind::Read {
+            offset,
+            buf: Some(buf),
+            covered: Coverage::default(),
+        };
+        Ok(PendingRead(
+            self.send(CMD_READ, 0, offset, len, &[], kind).await?,
+        ))
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), ClientError> {
@@ -253,7 +262,10 @@ impl Client {
         }
         let len = u32::try_from(data.len()).map_err(|_| ProtoError::Overflow("write length"))?;
         check_cap("write length", len.into(), MAX_PAYLOAD)?;
-        self.send(CMD_WRITE, flags, offset, len, data, OpKind::Plain).await?.output().await
+        self.send(CMD_WRITE, flags, offset, len, data, OpKind::Plain)
+            .await?
+            .output()
+            .await
             .map(drop)
     }
 
@@ -261,7 +273,10 @@ impl Client {
         if self.flags & FLAG_SEND_FLUSH == 0 {
             return Err(ClientError::Unsupported("server does not support flush"));
         }
-        self.send(CMD_FLUSH, 0, 0, 0, &[], OpKind::Plain).await?.output().await
+        self.send(CMD_FLUSH, 0, 0, 0, &[], OpKind::Plain)
+            .await?
+            .output()
+            .await
             .map(drop)
     }
 
@@ -269,7 +284,10 @@ impl Client {
         if self.flags & FLAG_SEND_TRIM == 0 {
             return Err(ClientError::Unsupported("server does not support trim"));
         }
-        self.send(CMD_TRIM, 0, offset, len, &[], OpKind::Plain).await?.output().await
+        self.send(CMD_TRIM, 0, offset, len, &[], OpKind::Plain)
+            .await?
+            .output()
+            .await
             .map(drop)
     }
 
@@ -285,7 +303,10 @@ impl Client {
             ));
         }
         let flags = if no_hole { CMD_FLAG_NO_HOLE } else { 0 };
-        self.send(CMD_WRITE_ZEROES, flags, offset, len, &[], OpKind::Plain).await?.output().await
+        self.send(CMD_WRITE_ZEROES, flags, offset, len, &[], OpKind::Plain)
+            .await?
+            .output()
+            .await
             .map(drop)
     }
 
@@ -374,7 +395,12 @@ impl Client {
         payload: &[u8],
         kind: OpKind,
     ) -> Result<Sent, ClientError> {
-        let slot = self.slots.clone().acquire_owned().await.map_err(io::Error::other)?;
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(io::Error::other)?;
         let cookie = self.shared.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {

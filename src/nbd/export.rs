@@ -14,9 +14,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -90,7 +90,8 @@ impl ReadPart {
             ReadPart::Zeros(n) => (None, *n),
         };
         let runs = zeros.div_ceil(ZEROS.len());
-        one.into_iter().chain((0..runs).map(move |i| &ZEROS[..(zeros - i * ZEROS.len()).min(ZEROS.len())]))
+        one.into_iter()
+            .chain((0..runs).map(move |i| &ZEROS[..(zeros - i * ZEROS.len()).min(ZEROS.len())]))
     }
 }
 

@@ -111,7 +111,13 @@ fn grow_send_buffer(s: &tokio::net::UnixStream) {
     let set = |opt| {
         // SAFETY: setsockopt reads `size_of::<c_int>()` bytes from a live c_int; the fd is open.
         unsafe {
-            libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, opt, (&raw const n).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const n).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         }
     };
     if set(libc::SO_SNDBUFFORCE) != 0 {

@@ -269,21 +269,26 @@ async fn read_greeting(
     // QEMU can send an event (seen: RESUME of a VM starting up) on a connection before its
     // greeting; events before the greeting are skipped, a bounded number of them.
     for _ in 0..MAX_EVENTS_BEFORE_GREETING {
-        let got = tokio::time::timeout_at(deadline, read_line_capped(rd, &mut line, proto::MAX_LINE))
-            .await
-            .map_err(|_| fail(format!("no greeting within {limit:?}")))?
-            .map_err(|e| fail(format!("reading greeting: {e}")))?;
+        let got =
+            tokio::time::timeout_at(deadline, read_line_capped(rd, &mut line, proto::MAX_LINE))
+                .await
+                .map_err(|_| fail(format!("no greeting within {limit:?}")))?
+                .map_err(|e| fail(format!("reading greeting: {e}")))?;
         if !got {
             return Err(fail("peer closed before the greeting".into()));
         }
         match proto::parse_message(proto::trim_line(&line)) {
             Ok(Message::Greeting(v)) => return Ok(v),
-            Ok(Message::Event(e)) => tracing::debug!("QMP event {} before the greeting, skipped", e.name),
+            Ok(Message::Event(e)) => {
+                tracing::debug!("QMP event {} before the greeting, skipped", e.name)
+            }
             Ok(other) => return Err(fail(format!("first message is not a greeting: {other:?}"))),
             Err(e) => return Err(fail(e)),
         }
     }
-    Err(fail(format!("more than {MAX_EVENTS_BEFORE_GREETING} events and no greeting")))
+    Err(fail(format!(
+        "more than {MAX_EVENTS_BEFORE_GREETING} events and no greeting"
+    )))
 }
 
 /// Events tolerated on a new connection before QEMU's greeting.

@@ -32,7 +32,10 @@ impl Config {
             version: VERSION,
             chunker,
             id_key: hex::encode(key),
-            compression: Compression { codec: "zstd".into(), level },
+            compression: Compression {
+                codec: "zstd".into(),
+                level,
+            },
             pack_target: 16 << 20,
             created: crate::timefmt::rfc3339(crate::timefmt::now_secs()),
         }
@@ -45,7 +48,10 @@ impl Config {
             return Err(format!("format is {:?}, not {FORMAT:?}", c.format));
         }
         if c.version != VERSION {
-            return Err(format!("format version {} is not supported by this holdfast (knows {VERSION})", c.version));
+            return Err(format!(
+                "format version {} is not supported by this holdfast (knows {VERSION})",
+                c.version
+            ));
         }
         c.chunker.validate().map_err(|e| e.to_string())?;
         if c.compression.codec != "zstd" || !(-7..=22).contains(&c.compression.level) {
@@ -55,7 +61,8 @@ impl Config {
             return Err("pack_target must be between 1 MiB and 256 MiB".into());
         }
         let mut key = [0u8; 32];
-        hex::decode_to_slice(&c.id_key, &mut key).map_err(|_| "id_key is not 64 hex digits".to_string())?;
+        hex::decode_to_slice(&c.id_key, &mut key)
+            .map_err(|_| "id_key is not 64 hex digits".to_string())?;
         Ok((c, key))
     }
 }

@@ -63,10 +63,14 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| "truncated")?))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| "truncated")?,
+        ))
     }
     fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| "truncated")?))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| "truncated")?,
+        ))
     }
     fn id(&mut self) -> Result<BlobId, String> {
         Ok(BlobId(self.take(32)?.try_into().map_err(|_| "truncated")?))
@@ -98,7 +102,9 @@ pub fn decode_seglist(b: &[u8], segment_len: u64) -> Result<Vec<SegEntry>, Strin
             }
             t => return Err(format!("unknown entry tag {t}")),
         };
-        total = total.checked_add(u64::from(e.len())).ok_or("length overflow")?;
+        total = total
+            .checked_add(u64::from(e.len()))
+            .ok_or("length overflow")?;
         out.push(e);
     }
     if !r.0.is_empty() || total != segment_len {

@@ -19,8 +19,8 @@ use crate::catalog::{Catalog, ChunkLoc, PackId};
 use crate::chunk::{self, BlobId, BlobKind, Codec, Keyer};
 use crate::store::s3::{RequestCounts, RequestStats, S3Location, S3Options, S3Store};
 use crate::store::{pack, CachedStore, LocalStore, ObjectStore, StoreError};
-use serde::{Deserialize, Serialize};
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,11 +62,17 @@ pub fn is_repo(dir: &Path) -> bool {
 
 fn check_new_dir(dir: &Path) -> Result<()> {
     if is_repo(dir) {
-        return Err(Error::Invalid(format!("{} already holds a holdfast repository; use it, or pick another directory", dir.display())));
+        return Err(Error::Invalid(format!(
+            "{} already holds a holdfast repository; use it, or pick another directory",
+            dir.display()
+        )));
     }
     if let Ok(mut rd) = std::fs::read_dir(dir) {
         if rd.next().is_some() {
-            return Err(Error::Invalid(format!("{} is not empty; holdfast init needs an empty or new directory", dir.display())));
+            return Err(Error::Invalid(format!(
+                "{} is not empty; holdfast init needs an empty or new directory",
+                dir.display()
+            )));
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))
@@ -78,7 +84,8 @@ impl Repo {
         chunker.validate()?;
         check_new_dir(dir)?;
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
+        getrandom::fill(&mut key)
+            .map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
         let cfg = Config::new(chunker, level, key);
         Catalog::create(&dir.join("catalog"))?;
         let store = LocalStore::new(dir);
@@ -91,7 +98,14 @@ impl Repo {
     /// Create a repository whose store is an S3 bucket (`existing`: attach this directory to a
     /// repository already in the bucket and rebuild the catalog from it). The bucket is checked
     /// first: endpoint, credentials and bucket errors come out here, before anything is written.
-    pub fn init_s3(dir: &Path, location: S3Location, chunker: chunk::ChunkerParams, level: i32, cache_bytes: u64, existing: bool) -> Result<Repo> {
+    pub fn init_s3(
+        dir: &Path,
+        location: S3Location,
+        chunker: chunk::ChunkerParams,
+        level: i32,
+        cache_bytes: u64,
+        existing: bool,
+    ) -> Result<Repo> {
         chunker.validate()?;
         let s3 = S3Store::open(&location, S3Options::from_env())?;
         s3.check()?;
@@ -104,18 +118,26 @@ impl Repo {
             )));
         }
         if !has_config && existing {
-            return Err(Error::NotFound(format!("{} holds no holdfast repository (no config); drop --existing to create one", location.url())));
+            return Err(Error::NotFound(format!(
+                "{} holds no holdfast repository (no config); drop --existing to create one",
+                location.url()
+            )));
         }
         check_new_dir(dir)?;
-        let remote = RemoteFile { s3: location, cache_bytes };
+        let remote = RemoteFile {
+            s3: location,
+            cache_bytes,
+        };
         let json = serde_json::to_vec_pretty(&remote).map_err(|e| Error::Invalid(e.to_string()))?;
         LocalStore::new(dir).put(REMOTE_FILE, &json)?;
         Catalog::create(&dir.join("catalog"))?;
         if !existing {
             let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
+            getrandom::fill(&mut key)
+                .map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
             let cfg = Config::new(chunker, level, key);
-            let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+            let json =
+                serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
             s3.put("config", &json)?;
         }
         let repo = Repo::open(dir)?;
@@ -128,20 +150,35 @@ impl Repo {
     /// The store a repository directory points at: itself, or an S3 bucket behind a read cache.
     /// (the store, the store without the read cache, where it is when remote).
     #[allow(clippy::type_complexity)]
-    fn open_store(dir: &Path) -> Result<(Arc<dyn ObjectStore>, Arc<dyn ObjectStore>, Option<Remote>)> {
+    fn open_store(
+        dir: &Path,
+    ) -> Result<(Arc<dyn ObjectStore>, Arc<dyn ObjectStore>, Option<Remote>)> {
         let remote = dir.join(REMOTE_FILE);
         if !remote.exists() {
             let s: Arc<dyn ObjectStore> = Arc::new(LocalStore::new(dir));
             return Ok((s.clone(), s, None));
         }
-        let raw = std::fs::read(&remote).map_err(|e| Error::io(format!("read {}", remote.display()), e))?;
+        let raw = std::fs::read(&remote)
+            .map_err(|e| Error::io(format!("read {}", remote.display()), e))?;
         let r: RemoteFile = serde_json::from_slice(&raw)
             .map_err(|e| Error::Invalid(format!("{} is damaged ({e}); write it again with `holdfast init --s3 URL --existing` in a new directory", remote.display())))?;
         let s3 = S3Store::open(&r.s3, S3Options::from_env())?;
         let requests = s3.stats.clone();
         let uncached: Arc<dyn ObjectStore> = Arc::new(s3);
-        let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(uncached.clone(), &dir.join("cache"), r.cache_bytes));
-        Ok((store, uncached, Some(Remote { location: r.s3, requests, cache_bytes: r.cache_bytes })))
+        let store: Arc<dyn ObjectStore> = Arc::new(CachedStore::new(
+            uncached.clone(),
+            &dir.join("cache"),
+            r.cache_bytes,
+        ));
+        Ok((
+            store,
+            uncached,
+            Some(Remote {
+                location: r.s3,
+                requests,
+                cache_bytes: r.cache_bytes,
+            }),
+        ))
     }
 
     /// Where the store is, for messages.
@@ -160,7 +197,10 @@ impl Repo {
 
     pub fn open(dir: &Path) -> Result<Repo> {
         let (store, uncached, remote) = Repo::open_store(dir)?;
-        let where_ = remote.as_ref().map(|r| r.location.url()).unwrap_or_else(|| dir.display().to_string());
+        let where_ = remote
+            .as_ref()
+            .map(|r| r.location.url())
+            .unwrap_or_else(|| dir.display().to_string());
         let raw = match store.get("config") {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {
@@ -180,7 +220,15 @@ impl Repo {
             Catalog::create(&cat_dir)?;
         }
         let catalog = Catalog::open(&cat_dir)?;
-        Ok(Repo { dir: dir.to_path_buf(), store, uncached, catalog, config, keyer: Keyer::new(key), remote })
+        Ok(Repo {
+            dir: dir.to_path_buf(),
+            store,
+            uncached,
+            catalog,
+            config,
+            keyer: Keyer::new(key),
+            remote,
+        })
     }
 
     /// Fetch, decode and verify one blob by id.
@@ -197,28 +245,69 @@ impl Repo {
         // catalog no longer lists; the pack stays until the next gc revives the blob. Look there.
         for (pack_id, _) in self.catalog.condemned()? {
             let key = pack::pack_key(&hex::encode(pack_id));
-            let Ok(entries) = pack::read_footer(self.store.as_ref(), &key) else { continue };
+            let Ok(entries) = pack::read_footer(self.store.as_ref(), &key) else {
+                continue;
+            };
             if let Some(e) = entries.iter().find(|e| e.id == id.0) {
-                return Ok(ChunkLoc { pack: pack_id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len });
+                return Ok(ChunkLoc {
+                    pack: pack_id,
+                    kind: e.kind,
+                    codec: e.codec,
+                    offset: e.offset,
+                    stored_len: e.stored_len,
+                    raw_len: e.raw_len,
+                });
             }
         }
-        Err(Error::Damaged(format!("blob {} is missing from the store; run `holdfast verify` to see what it affects", id.to_hex())))
+        Err(Error::Damaged(format!(
+            "blob {} is missing from the store; run `holdfast verify` to see what it affects",
+            id.to_hex()
+        )))
     }
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
-        let stored = self.store.get_range(&pack::pack_key(&hex::encode(loc.pack)), loc.offset, loc.stored_len as usize)?;
+        let stored = self.store.get_range(
+            &pack::pack_key(&hex::encode(loc.pack)),
+            loc.offset,
+            loc.stored_len as usize,
+        )?;
         let codec = codec_of(id, loc)?;
-        Ok(chunk::decode_owned(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
+        Ok(chunk::decode_owned(
+            &self.keyer,
+            kind,
+            id,
+            codec,
+            stored,
+            loc.raw_len as usize,
+        )?)
     }
 
-    fn decode_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc, stored: &[u8]) -> Result<Vec<u8>> {
+    fn decode_at(
+        &self,
+        kind: BlobKind,
+        id: &BlobId,
+        loc: &ChunkLoc,
+        stored: &[u8],
+    ) -> Result<Vec<u8>> {
         let codec = codec_of(id, loc)?;
-        Ok(chunk::decode(&self.keyer, kind, id, codec, stored, loc.raw_len as usize)?)
+        Ok(chunk::decode(
+            &self.keyer,
+            kind,
+            id,
+            codec,
+            stored,
+            loc.raw_len as usize,
+        )?)
     }
 
     /// Fetch, decode and verify several blobs: those in one pack are fetched together (one
     /// request per run of nearby blobs on a remote store). Results come in the order given.
-    pub fn read_located(&self, store: &dyn ObjectStore, kind: BlobKind, items: &[(BlobId, ChunkLoc)]) -> Vec<Result<Vec<u8>>> {
+    pub fn read_located(
+        &self,
+        store: &dyn ObjectStore,
+        kind: BlobKind,
+        items: &[(BlobId, ChunkLoc)],
+    ) -> Vec<Result<Vec<u8>>> {
         let mut by_pack: std::collections::BTreeMap<PackId, Vec<usize>> = Default::default();
         for (i, (_, loc)) in items.iter().enumerate() {
             by_pack.entry(loc.pack).or_default().push(i);
@@ -226,7 +315,10 @@ impl Repo {
         let mut out: Vec<Option<Result<Vec<u8>>>> = (0..items.len()).map(|_| None).collect();
         for (pack_id, members) in by_pack {
             let key = pack::pack_key(&hex::encode(pack_id));
-            let ranges: Vec<(u64, usize)> = members.iter().map(|&i| (items[i].1.offset, items[i].1.stored_len as usize)).collect();
+            let ranges: Vec<(u64, usize)> = members
+                .iter()
+                .map(|&i| (items[i].1.offset, items[i].1.stored_len as usize))
+                .collect();
             match store.get_ranges(&key, &ranges) {
                 Ok(stored) => {
                     for (&i, bytes) in members.iter().zip(stored) {
@@ -238,22 +330,37 @@ impl Repo {
                 Err(_) => {
                     for &i in &members {
                         let (id, loc) = &items[i];
-                        out[i] = Some(store.get_range(&key, loc.offset, loc.stored_len as usize).map_err(Error::from).and_then(|b| self.decode_at(kind, id, loc, &b)));
+                        out[i] = Some(
+                            store
+                                .get_range(&key, loc.offset, loc.stored_len as usize)
+                                .map_err(Error::from)
+                                .and_then(|b| self.decode_at(kind, id, loc, &b)),
+                        );
                     }
                 }
             }
         }
-        out.into_iter().map(|r| r.expect("every item was read")).collect()
+        out.into_iter()
+            .map(|r| r.expect("every item was read"))
+            .collect()
     }
 
     /// Read many blobs by id, fetched together where they share a pack; the error names the
     /// index of the first blob that failed.
-    pub fn read_blobs(&self, kind: BlobKind, ids: &[BlobId]) -> std::result::Result<Vec<Vec<u8>>, (usize, Error)> {
+    pub fn read_blobs(
+        &self,
+        kind: BlobKind,
+        ids: &[BlobId],
+    ) -> std::result::Result<Vec<Vec<u8>>, (usize, Error)> {
         let mut items = Vec::with_capacity(ids.len());
         for (i, id) in ids.iter().enumerate() {
             items.push((*id, self.locate(id).map_err(|e| (i, e))?));
         }
-        self.read_located(self.store.as_ref(), kind, &items).into_iter().enumerate().map(|(i, r)| r.map_err(|e| (i, e))).collect()
+        self.read_located(self.store.as_ref(), kind, &items)
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| r.map_err(|e| (i, e)))
+            .collect()
     }
 
     /// Threads that keep the store busy: the CPU count locally; more for a remote store, whose
@@ -275,7 +382,14 @@ impl Repo {
                 .map_err(|e| Error::Damaged(format!("manifest of backup {id} in the catalog is damaged ({e}); run `holdfast catalog rebuild`")))?;
             out.push(m);
         }
-        out.sort_by(|a, b| (a.vm.as_str(), a.time, a.time_ms, a.id.as_str()).cmp(&(b.vm.as_str(), b.time, b.time_ms, b.id.as_str())));
+        out.sort_by(|a, b| {
+            (a.vm.as_str(), a.time, a.time_ms, a.id.as_str()).cmp(&(
+                b.vm.as_str(),
+                b.time,
+                b.time_ms,
+                b.id.as_str(),
+            ))
+        });
         Ok(out)
     }
 
@@ -285,7 +399,9 @@ impl Repo {
         crate::names::check("VM", vm)?;
         let all = self.manifests(Some(vm))?;
         if all.is_empty() {
-            return Err(Error::NotFound(format!("no backups of VM {vm:?}; `holdfast backups` lists the VMs that have backups")));
+            return Err(Error::NotFound(format!(
+                "no backups of VM {vm:?}; `holdfast backups` lists the VMs that have backups"
+            )));
         }
         if id == "latest" || id.is_empty() {
             return Ok(all.into_iter().last().expect("not empty"));
@@ -293,8 +409,12 @@ impl Repo {
         let hits: Vec<Manifest> = all.into_iter().filter(|m| m.id.starts_with(id)).collect();
         match hits.len() {
             1 => Ok(hits.into_iter().next().expect("one")),
-            0 => Err(Error::NotFound(format!("VM {vm} has no backup {id:?}; `holdfast backups {vm}` lists them"))),
-            n => Err(Error::Invalid(format!("{id:?} matches {n} backups of {vm}; give more of the id"))),
+            0 => Err(Error::NotFound(format!(
+                "VM {vm} has no backup {id:?}; `holdfast backups {vm}` lists them"
+            ))),
+            n => Err(Error::Invalid(format!(
+                "{id:?} matches {n} backups of {vm}; give more of the id"
+            ))),
         }
     }
 
@@ -305,14 +425,23 @@ impl Repo {
         for hex_id in &disk.index {
             let id = BlobId::parse(hex_id)?;
             let b = self.read_blob(BlobKind::Index, &id)?;
-            let (first, part) = format::decode_index(&b).map_err(|e| Error::Damaged(format!("index blob {}: {e}", id.to_hex())))?;
+            let (first, part) = format::decode_index(&b)
+                .map_err(|e| Error::Damaged(format!("index blob {}: {e}", id.to_hex())))?;
             if first != segs.len() as u64 {
-                return Err(Error::Damaged(format!("index blob {} starts at segment {first}, expected {}", id.to_hex(), segs.len())));
+                return Err(Error::Damaged(format!(
+                    "index blob {} starts at segment {first}, expected {}",
+                    id.to_hex(),
+                    segs.len()
+                )));
             }
             segs.extend(part);
         }
         if segs.len() != n_segs {
-            return Err(Error::Damaged(format!("disk {} has {} segments in its index, expected {n_segs}", disk.name, segs.len())));
+            return Err(Error::Damaged(format!(
+                "disk {} has {} segments in its index, expected {n_segs}",
+                disk.name,
+                segs.len()
+            )));
         }
         Ok(segs)
     }
@@ -320,7 +449,8 @@ impl Repo {
     /// Read and check one segment list.
     pub fn seglist(&self, id: &BlobId, segment_len: u64) -> Result<Vec<format::SegEntry>> {
         let b = self.read_blob(BlobKind::SegList, id)?;
-        format::decode_seglist(&b, segment_len).map_err(|e| Error::Damaged(format!("segment list {}: {e}", id.to_hex())))
+        format::decode_seglist(&b, segment_len)
+            .map_err(|e| Error::Damaged(format!("segment list {}: {e}", id.to_hex())))
     }
 
     pub fn new_pack_id() -> Result<PackId> {
@@ -335,7 +465,10 @@ impl Repo {
 }
 
 fn read_requests(dir: &Path) -> RequestCounts {
-    std::fs::read(dir.join(REQUESTS_FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    std::fs::read(dir.join(REQUESTS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 impl Drop for Repo {
@@ -347,7 +480,9 @@ impl Drop for Repo {
         if mine == RequestCounts::default() {
             return;
         }
-        let Ok(lock) = std::fs::File::create(self.dir.join("requests.lock")) else { return };
+        let Ok(lock) = std::fs::File::create(self.dir.join("requests.lock")) else {
+            return;
+        };
         // SAFETY: flock on a file descriptor we own; released when `lock` closes.
         if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
             return;
@@ -361,5 +496,11 @@ impl Drop for Repo {
 
 /// The codec a catalog location names; an unknown one means the catalog or pack is damaged.
 fn codec_of(id: &BlobId, loc: &ChunkLoc) -> Result<Codec> {
-    Codec::from_u8(loc.codec).ok_or_else(|| Error::Damaged(format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec)))
+    Codec::from_u8(loc.codec).ok_or_else(|| {
+        Error::Damaged(format!(
+            "blob {} has an unknown codec {}",
+            id.to_hex(),
+            loc.codec
+        ))
+    })
 }

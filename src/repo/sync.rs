@@ -40,7 +40,12 @@ impl Repo {
             .filter_map(|k| pack::pack_id_of_key(k))
             .filter_map(|id| hex::decode(id).ok()?.try_into().ok())
             .collect();
-        let known: HashSet<PackId> = self.catalog.packs()?.into_iter().map(|(id, _)| id).collect();
+        let known: HashSet<PackId> = self
+            .catalog
+            .packs()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         for id in in_store.difference(&known) {
             self.import_pack(id, &in_store, &mut batch, &mut rep)?;
             flush(self, &mut batch, false)?;
@@ -67,7 +72,13 @@ impl Repo {
         Ok(rep)
     }
 
-    fn import_pack(&self, id: &PackId, live: &HashSet<PackId>, batch: &mut Batch, rep: &mut SyncReport) -> Result<()> {
+    fn import_pack(
+        &self,
+        id: &PackId,
+        live: &HashSet<PackId>,
+        batch: &mut Batch,
+        rep: &mut SyncReport,
+    ) -> Result<()> {
         let key = pack::pack_key(&hex::encode(id));
         let entries = match pack::read_footer(self.store.as_ref(), &key) {
             Ok(e) => e,
@@ -85,11 +96,25 @@ impl Repo {
                     continue; // already stored elsewhere; keep the existing location
                 }
             }
-            let loc = ChunkLoc { pack: *id, kind: e.kind, codec: e.codec, offset: e.offset, stored_len: e.stored_len, raw_len: e.raw_len };
+            let loc = ChunkLoc {
+                pack: *id,
+                kind: e.kind,
+                codec: e.codec,
+                offset: e.offset,
+                stored_len: e.stored_len,
+                raw_len: e.raw_len,
+            };
             batch.put_chunk(&e.id, &loc);
             rep.blobs_added += 1;
         }
-        batch.put_pack(id, &PackInfo { created: crate::timefmt::now_secs(), size, entries: entries.len() as u32 });
+        batch.put_pack(
+            id,
+            &PackInfo {
+                created: crate::timefmt::now_secs(),
+                size,
+                entries: entries.len() as u32,
+            },
+        );
         rep.packs_added += 1;
         Ok(())
     }
@@ -98,10 +123,17 @@ impl Repo {
         let mut in_store = HashSet::new();
         for key in self.store.list("backups/")? {
             let mut parts = key.splitn(3, '/').skip(1);
-            let (Some(vm), Some(id)) = (parts.next(), parts.next()) else { continue };
+            let (Some(vm), Some(id)) = (parts.next(), parts.next()) else {
+                continue;
+            };
             in_store.insert((vm.to_string(), id.to_string()));
         }
-        let known: HashSet<(String, String)> = self.catalog.backups(None)?.into_iter().map(|(vm, id, _)| (vm, id)).collect();
+        let known: HashSet<(String, String)> = self
+            .catalog
+            .backups(None)?
+            .into_iter()
+            .map(|(vm, id, _)| (vm, id))
+            .collect();
         for (vm, id) in in_store.difference(&known) {
             let key = Manifest::key(vm, id);
             let raw = match self.store.get(&key) {
@@ -132,7 +164,8 @@ pub fn rebuild(dir: &Path) -> Result<SyncReport> {
         return Repo::open(dir).map(|_| SyncReport::default());
     }
     if cat.exists() {
-        std::fs::remove_dir_all(&cat).map_err(|e| Error::io(format!("remove {}", cat.display()), e))?;
+        std::fs::remove_dir_all(&cat)
+            .map_err(|e| Error::io(format!("remove {}", cat.display()), e))?;
     }
     let _ = std::fs::remove_dir_all(cat.with_extension("readers"));
     Catalog::create(&cat)?;

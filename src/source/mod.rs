@@ -22,7 +22,9 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a regular file or block device; pass a raw disk image or a block device")]
+    #[error(
+        "{path} is not a regular file or block device; pass a raw disk image or a block device"
+    )]
     NotADisk { path: String },
     #[error("read error on {path} at offset {offset}: {source}")]
     Read {
@@ -49,13 +51,28 @@ pub trait Source: Send + Sync {
     /// Run read jobs (a backup's segments) until `next` has no more, handing each filled job
     /// to `done` (false from `done` stops). A network source keeps several jobs in flight and
     /// finishes them in any order; the default reads them one by one in this thread.
-    fn read_jobs(&self, next: &mut dyn FnMut() -> Option<ReadJob>, done: &mut dyn FnMut(Result<ReadJob, SourceError>) -> bool) {
+    fn read_jobs(
+        &self,
+        next: &mut dyn FnMut() -> Option<ReadJob>,
+        done: &mut dyn FnMut(Result<ReadJob, SourceError>) -> bool,
+    ) {
         while let Some(mut job) = next() {
-            let ReadJob { offset, ref mut buf, ref ranges, .. } = job;
-            let r = ranges.iter().try_for_each(|&(a, b)| match buf.get_mut(a..b) {
-                Some(part) => self.read_at(part, offset + a as u64),
-                None => Err(SourceError::Read { path: self.describe(), offset, source: std::io::Error::other("read job range outside its buffer") }),
-            });
+            let ReadJob {
+                offset,
+                ref mut buf,
+                ref ranges,
+                ..
+            } = job;
+            let r = ranges
+                .iter()
+                .try_for_each(|&(a, b)| match buf.get_mut(a..b) {
+                    Some(part) => self.read_at(part, offset + a as u64),
+                    None => Err(SourceError::Read {
+                        path: self.describe(),
+                        offset,
+                        source: std::io::Error::other("read job range outside its buffer"),
+                    }),
+                });
             if !done(r.map(|_| job)) {
                 return;
             }
@@ -84,7 +101,10 @@ pub struct ReadJob {
 
 /// True for `nbd://…`, `nbd+unix://…` and the other libnbd URI schemes.
 pub fn is_nbd_uri(s: &str) -> bool {
-    s.starts_with("nbd://") || s.starts_with("nbd+unix://") || s.starts_with("nbds://") || s.starts_with("nbds+unix://")
+    s.starts_with("nbd://")
+        || s.starts_with("nbd+unix://")
+        || s.starts_with("nbds://")
+        || s.starts_with("nbds+unix://")
 }
 
 pub struct FileSource {
@@ -97,8 +117,14 @@ pub struct FileSource {
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
         let p = path.display().to_string();
-        let file = File::open(path).map_err(|source| SourceError::Open { path: p.clone(), source })?;
-        let meta = file.metadata().map_err(|source| SourceError::Open { path: p.clone(), source })?;
+        let file = File::open(path).map_err(|source| SourceError::Open {
+            path: p.clone(),
+            source,
+        })?;
+        let meta = file.metadata().map_err(|source| SourceError::Open {
+            path: p.clone(),
+            source,
+        })?;
         let ft = meta.file_type();
         let is_block = ft.is_block_device();
         if !ft.is_file() && !is_block {
@@ -108,13 +134,21 @@ impl FileSource {
             // SAFETY: lseek on a valid fd.
             let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
             if end < 0 {
-                return Err(SourceError::Open { path: p, source: std::io::Error::last_os_error() });
+                return Err(SourceError::Open {
+                    path: p,
+                    source: std::io::Error::last_os_error(),
+                });
             }
             end as u64
         } else {
             meta.len()
         };
-        Ok(FileSource { file, path: path.to_path_buf(), size, is_block })
+        Ok(FileSource {
+            file,
+            path: path.to_path_buf(),
+            size,
+            is_block,
+        })
     }
 
     fn seek(&self, offset: u64, whence: i32) -> Option<u64> {
@@ -131,7 +165,11 @@ impl Source for FileSource {
 
     fn extents(&self) -> Result<Vec<Extent>, SourceError> {
         if self.is_block || self.size == 0 {
-            return Ok(if self.size == 0 { vec![] } else { vec![(0, self.size)] });
+            return Ok(if self.size == 0 {
+                vec![]
+            } else {
+                vec![(0, self.size)]
+            });
         }
         let mut out = Vec::new();
         let mut pos = 0;
@@ -143,7 +181,10 @@ impl Source for FileSource {
                 }
                 return Ok(vec![(0, self.size)]); // no SEEK_DATA support: read everything
             };
-            let end = self.seek(start, libc::SEEK_HOLE).unwrap_or(self.size).min(self.size);
+            let end = self
+                .seek(start, libc::SEEK_HOLE)
+                .unwrap_or(self.size)
+                .min(self.size);
             if end <= start {
                 break;
             }
@@ -156,9 +197,16 @@ impl Source for FileSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
         self.file.read_exact_at(buf, offset).map_err(|source| {
             if source.kind() == std::io::ErrorKind::UnexpectedEof {
-                SourceError::Shrunk { path: self.path.display().to_string(), was: self.size }
+                SourceError::Shrunk {
+                    path: self.path.display().to_string(),
+                    was: self.size,
+                }
             } else {
-                SourceError::Read { path: self.path.display().to_string(), offset, source }
+                SourceError::Read {
+                    path: self.path.display().to_string(),
+                    offset,
+                    source,
+                }
             }
         })
     }
@@ -186,9 +234,18 @@ mod tests {
         assert_eq!(s.size(), 64 << 20);
         let ex = s.extents().unwrap();
         let total: u64 = ex.iter().map(|(a, b)| b - a).sum();
-        assert!(ex.iter().all(|&(a, b)| a <= 8 << 20 && b >= 9 << 20), "{ex:?}");
+        assert!(
+            ex.iter().all(|&(a, b)| a <= 8 << 20 && b >= 9 << 20),
+            "{ex:?}"
+        );
         assert!(total < 4 << 20, "{ex:?}");
-        assert!(matches!(FileSource::open(d.path()), Err(SourceError::NotADisk { .. })));
-        assert!(matches!(FileSource::open(&d.path().join("nope")), Err(SourceError::Open { .. })));
+        assert!(matches!(
+            FileSource::open(d.path()),
+            Err(SourceError::NotADisk { .. })
+        ));
+        assert!(matches!(
+            FileSource::open(&d.path().join("nope")),
+            Err(SourceError::Open { .. })
+        ));
     }
 }

@@ -27,21 +27,40 @@ pub struct NbdSource {
 }
 
 fn err(uri: &str, e: impl std::fmt::Display) -> SourceError {
-    SourceError::Nbd { uri: uri.to_string(), msg: e.to_string() }
+    SourceError::Nbd {
+        uri: uri.to_string(),
+        msg: e.to_string(),
+    }
 }
 
 impl NbdSource {
     /// Connect; with `bitmap`, also select `qemu:dirty-bitmap:<bitmap>` (an error if the server
     /// does not offer it).
     pub fn connect(uri: &str, bitmap: Option<&str>) -> Result<Self, SourceError> {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| err(uri, e))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| err(uri, e))?;
         let mut contexts = vec![proto::CONTEXT_BASE_ALLOCATION.to_string()];
         if let Some(b) = bitmap {
             contexts.push(format!("qemu:dirty-bitmap:{b}"));
         }
-        let opts = ConnectOptions { meta_contexts: contexts.clone(), max_in_flight: IN_FLIGHT, ..Default::default() };
-        let first = rt.block_on(Client::connect(uri, &opts)).map_err(|e| err(uri, format!("cannot connect ({e}); is the NBD server running and the URI right?")))?;
-        let have: Vec<&str> = first.meta_contexts().iter().map(|(_, n)| n.as_str()).collect();
+        let opts = ConnectOptions {
+            meta_contexts: contexts.clone(),
+            max_in_flight: IN_FLIGHT,
+            ..Default::default()
+        };
+        let first = rt.block_on(Client::connect(uri, &opts)).map_err(|e| {
+            err(
+                uri,
+                format!("cannot connect ({e}); is the NBD server running and the URI right?"),
+            )
+        })?;
+        let have: Vec<&str> = first
+            .meta_contexts()
+            .iter()
+            .map(|(_, n)| n.as_str())
+            .collect();
         for c in &contexts {
             if !have.contains(&c.as_str()) {
                 return Err(err(uri, format!("the server does not offer {c}; check the bitmap name (qemu-nbd -B NAME, or the export's bitmaps)")));
@@ -50,22 +69,37 @@ impl NbdSource {
         let mut clients = vec![Arc::new(first)];
         if clients[0].can_multi_conn() {
             for _ in 1..MULTI_CONN {
-                let c = rt.block_on(Client::connect(uri, &opts)).map_err(|e| err(uri, e))?;
+                let c = rt
+                    .block_on(Client::connect(uri, &opts))
+                    .map_err(|e| err(uri, e))?;
                 clients.push(Arc::new(c));
             }
         }
         let size = clients[0].size();
-        Ok(NbdSource { uri: uri.to_string(), rt, clients: clients.into(), size, bitmap: bitmap.map(String::from) })
+        Ok(NbdSource {
+            uri: uri.to_string(),
+            rt,
+            clients: clients.into(),
+            size,
+            bitmap: bitmap.map(String::from),
+        })
     }
 
     /// Ranges of one context whose flags match `want`, merged.
-    fn ranges(&self, context: &str, want: impl Fn(u32) -> bool) -> Result<Vec<Extent>, SourceError> {
+    fn ranges(
+        &self,
+        context: &str,
+        want: impl Fn(u32) -> bool,
+    ) -> Result<Vec<Extent>, SourceError> {
         let c = self.clients[0].clone();
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = 0;
         while pos < self.size {
             let len = STATUS_STEP.min(self.size - pos) as u32;
-            let ex = self.rt.block_on(c.block_status_for(pos, len, context)).map_err(|e| err(&self.uri, e))?;
+            let ex = self
+                .rt
+                .block_on(c.block_status_for(pos, len, context))
+                .map_err(|e| err(&self.uri, e))?;
             let mut advanced = pos;
             for e in ex {
                 let end = (e.offset + u64::from(e.len)).min(self.size);
@@ -78,7 +112,10 @@ impl NbdSource {
                 advanced = advanced.max(end);
             }
             if advanced <= pos {
-                return Err(err(&self.uri, format!("block status at {pos} made no progress")));
+                return Err(err(
+                    &self.uri,
+                    format!("block status at {pos} made no progress"),
+                ));
             }
             pos = advanced;
         }
@@ -93,17 +130,31 @@ impl Source for NbdSource {
 
     /// Data is whatever is neither a hole nor known to read as zeros.
     fn extents(&self) -> Result<Vec<Extent>, SourceError> {
-        self.ranges(proto::CONTEXT_BASE_ALLOCATION, |f| f & (proto::STATE_HOLE | proto::STATE_ZERO) == 0)
+        self.ranges(proto::CONTEXT_BASE_ALLOCATION, |f| {
+            f & (proto::STATE_HOLE | proto::STATE_ZERO) == 0
+        })
     }
 
     fn dirty(&self) -> Result<Option<Vec<Extent>>, SourceError> {
-        let Some(b) = &self.bitmap else { return Ok(None) };
-        self.ranges(&format!("qemu:dirty-bitmap:{b}"), |f| f & proto::STATE_DIRTY != 0).map(Some)
+        let Some(b) = &self.bitmap else {
+            return Ok(None);
+        };
+        self.ranges(&format!("qemu:dirty-bitmap:{b}"), |f| {
+            f & proto::STATE_DIRTY != 0
+        })
+        .map(Some)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError> {
-        let job = ReadJob { tag: 0, offset, buf: BytesMut::zeroed(buf.len()), ranges: vec![(0, buf.len())] };
-        let got = self.rt.block_on(read_job(self.clients.clone(), 0, job, self.uri.clone()))?;
+        let job = ReadJob {
+            tag: 0,
+            offset,
+            buf: BytesMut::zeroed(buf.len()),
+            ranges: vec![(0, buf.len())],
+        };
+        let got = self
+            .rt
+            .block_on(read_job(self.clients.clone(), 0, job, self.uri.clone()))?;
         buf.copy_from_slice(&got.buf);
         Ok(())
     }
@@ -111,7 +162,11 @@ impl Source for NbdSource {
     /// Up to `JOBS_IN_FLIGHT` jobs at once, all on this thread: the runtime is single-threaded,
     /// so the connections' reply readers and the jobs hand over to each other without a thread
     /// switch, and a finished job goes to `done` (the pipeline) straight from here.
-    fn read_jobs(&self, next: &mut dyn FnMut() -> Option<ReadJob>, done: &mut dyn FnMut(Result<ReadJob, SourceError>) -> bool) {
+    fn read_jobs(
+        &self,
+        next: &mut dyn FnMut() -> Option<ReadJob>,
+        done: &mut dyn FnMut(Result<ReadJob, SourceError>) -> bool,
+    ) {
         self.rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
             let (mut more, mut turn) = (true, 0);
@@ -125,7 +180,9 @@ impl Source for NbdSource {
                         None => more = false,
                     }
                 }
-                let Some(r) = set.join_next().await else { return };
+                let Some(r) = set.join_next().await else {
+                    return;
+                };
                 if !done(r.map_err(|e| err(&self.uri, e)).and_then(|r| r)) {
                     set.abort_all();
                     return;
@@ -146,14 +203,22 @@ impl Source for NbdSource {
 /// Read one job: its ranges in request-sized pieces spread over the connections starting at
 /// `turn`, every request sent before the first reply is awaited. The buffer is split into
 /// pieces of the same allocation and joined again, so replies land where the job keeps them.
-async fn read_job(clients: Arc<[Arc<Client>]>, turn: usize, mut job: ReadJob, uri: String) -> Result<ReadJob, SourceError> {
+async fn read_job(
+    clients: Arc<[Arc<Client>]>,
+    turn: usize,
+    mut job: ReadJob,
+    uri: String,
+) -> Result<ReadJob, SourceError> {
     let mut rest = std::mem::take(&mut job.buf);
     let total = rest.len();
     let mut parts: Vec<(BytesMut, Option<u64>)> = Vec::new(); // Some(disk offset): to read
     let mut pos = 0;
     for &(a, b) in &job.ranges {
         if a < pos || b > total || a > b {
-            return Err(err(&uri, "read job ranges out of order or outside the buffer"));
+            return Err(err(
+                &uri,
+                "read job ranges out of order or outside the buffer",
+            ));
         }
         if a > pos {
             parts.push((rest.split_to(a - pos), None));
@@ -176,7 +241,12 @@ async fn read_job(clients: Arc<[Arc<Client>]>, turn: usize, mut job: ReadJob, ur
         sent.push(match at {
             Some(at) => {
                 let c = &clients[(turn + i) % clients.len()];
-                Part::Reading(at, c.send_read(at, part).await.map_err(|e| read_err(&uri, at, e))?)
+                Part::Reading(
+                    at,
+                    c.send_read(at, part)
+                        .await
+                        .map_err(|e| read_err(&uri, at, e))?,
+                )
             }
             None => Part::Kept(part),
         });
@@ -193,5 +263,9 @@ async fn read_job(clients: Arc<[Arc<Client>]>, turn: usize, mut job: ReadJob, ur
 }
 
 fn read_err(uri: &str, offset: u64, e: impl std::fmt::Display) -> SourceError {
-    SourceError::Read { path: uri.to_string(), offset, source: std::io::Error::other(e.to_string()) }
+    SourceError::Read {
+        path: uri.to_string(),
+        offset,
+        source: std::io::Error::other(e.to_string()),
+    }
 }

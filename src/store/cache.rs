@@ -34,7 +34,15 @@ impl CachedStore {
     pub fn new(inner: Arc<dyn ObjectStore>, dir: &Path, budget: u64) -> CachedStore {
         let _ = fs::create_dir_all(dir);
         let used = files(dir).iter().map(|(_, len, _)| len).sum();
-        CachedStore { inner, dir: dir.to_path_buf(), budget, used: AtomicU64::new(used), evicting: Mutex::new(()), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        CachedStore {
+            inner,
+            dir: dir.to_path_buf(),
+            budget,
+            used: AtomicU64::new(used),
+            evicting: Mutex::new(()),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     fn tag(key: &str, offset: u64, data: &[u8]) -> [u8; TAG] {
@@ -63,7 +71,10 @@ impl CachedStore {
             return Some(b);
         }
         if fs::remove_file(&p).is_ok() {
-            self.used.fetch_sub((b.len() as u64).min(self.used.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.used.fetch_sub(
+                (b.len() as u64).min(self.used.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
         }
         None
     }
@@ -76,7 +87,11 @@ impl CachedStore {
         let p = self.path(key, offset, data.len());
         let Some(parent) = p.parent() else { return };
         let _ = fs::create_dir_all(parent);
-        let tmp = parent.join(format!(".tmp-{}-{}", std::process::id(), crate::timefmt::now_millis()));
+        let tmp = parent.join(format!(
+            ".tmp-{}-{}",
+            std::process::id(),
+            crate::timefmt::now_millis()
+        ));
         let ok = (|| -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(data)?;
@@ -94,7 +109,9 @@ impl CachedStore {
 
     /// Delete least recently used files down to 90% of the budget.
     fn evict(&self) {
-        let Ok(_g) = self.evicting.try_lock() else { return };
+        let Ok(_g) = self.evicting.try_lock() else {
+            return;
+        };
         let mut all = files(&self.dir);
         all.sort_by_key(|(_, _, t)| *t);
         let mut used: u64 = all.iter().map(|(_, l, _)| l).sum();
@@ -118,13 +135,21 @@ impl CachedStore {
 /// Every cache file: (path, length, mtime).
 fn files(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(dir) else { return out };
+    let Ok(rd) = fs::read_dir(dir) else {
+        return out;
+    };
     for sub in rd.flatten() {
-        let Ok(inner) = fs::read_dir(sub.path()) else { continue };
+        let Ok(inner) = fs::read_dir(sub.path()) else {
+            continue;
+        };
         for f in inner.flatten() {
             if let Ok(m) = f.metadata() {
                 if m.is_file() {
-                    out.push((f.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+                    out.push((
+                        f.path(),
+                        m.len(),
+                        m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                    ));
                 }
             }
         }
@@ -156,11 +181,22 @@ impl ObjectStore for CachedStore {
         if self.budget == 0 {
             return self.inner.get_ranges(key, ranges);
         }
-        let mut out: Vec<Option<Vec<u8>>> = ranges.iter().map(|&(o, l)| if l == 0 { Some(Vec::new()) } else { self.lookup(key, o, l) }).collect();
+        let mut out: Vec<Option<Vec<u8>>> = ranges
+            .iter()
+            .map(|&(o, l)| {
+                if l == 0 {
+                    Some(Vec::new())
+                } else {
+                    self.lookup(key, o, l)
+                }
+            })
+            .collect();
         let missing: Vec<usize> = (0..ranges.len()).filter(|&i| out[i].is_none()).collect();
-        self.hits.fetch_add((ranges.len() - missing.len()) as u64, Ordering::Relaxed);
+        self.hits
+            .fetch_add((ranges.len() - missing.len()) as u64, Ordering::Relaxed);
         if !missing.is_empty() {
-            self.misses.fetch_add(missing.len() as u64, Ordering::Relaxed);
+            self.misses
+                .fetch_add(missing.len() as u64, Ordering::Relaxed);
             let want: Vec<(u64, usize)> = missing.iter().map(|&i| ranges[i]).collect();
             for (i, b) in missing.into_iter().zip(self.inner.get_ranges(key, &want)?) {
                 self.store(key, ranges[i].0, &b);
@@ -195,12 +231,27 @@ mod tests {
         let data: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
         inner.put("packs/aa/p1", &data).unwrap();
         let c = CachedStore::new(inner.clone(), &dir.path().join("cache"), 256 << 10);
-        assert_eq!(c.get_range("packs/aa/p1", 100, 1000).unwrap(), &data[100..1100]);
-        assert_eq!(c.get_range("packs/aa/p1", 100, 1000).unwrap(), &data[100..1100]);
-        assert_eq!((c.hits.load(Ordering::Relaxed), c.misses.load(Ordering::Relaxed)), (1, 1));
+        assert_eq!(
+            c.get_range("packs/aa/p1", 100, 1000).unwrap(),
+            &data[100..1100]
+        );
+        assert_eq!(
+            c.get_range("packs/aa/p1", 100, 1000).unwrap(),
+            &data[100..1100]
+        );
+        assert_eq!(
+            (
+                c.hits.load(Ordering::Relaxed),
+                c.misses.load(Ordering::Relaxed)
+            ),
+            (1, 1)
+        );
         // The cache answers even when the object is gone from the store.
         inner.delete("packs/aa/p1").unwrap();
-        assert_eq!(c.get_range("packs/aa/p1", 100, 1000).unwrap(), &data[100..1100]);
+        assert_eq!(
+            c.get_range("packs/aa/p1", 100, 1000).unwrap(),
+            &data[100..1100]
+        );
         // A damaged cache file is a miss, not wrong bytes.
         let p = c.path("packs/aa/p1", 100, 1000);
         let mut b = fs::read(&p).unwrap();
@@ -210,9 +261,15 @@ mod tests {
         // The budget holds: 100 different 16 KiB ranges in a 256 KiB cache.
         inner.put("packs/aa/p1", &data).unwrap();
         for i in 0..100u64 {
-            assert_eq!(c.get_range("packs/aa/p1", i * 1000, 16 << 10).unwrap(), &data[i as usize * 1000..i as usize * 1000 + (16 << 10)]);
+            assert_eq!(
+                c.get_range("packs/aa/p1", i * 1000, 16 << 10).unwrap(),
+                &data[i as usize * 1000..i as usize * 1000 + (16 << 10)]
+            );
         }
-        let on_disk: u64 = files(&dir.path().join("cache")).iter().map(|(_, l, _)| l).sum();
+        let on_disk: u64 = files(&dir.path().join("cache"))
+            .iter()
+            .map(|(_, l, _)| l)
+            .sum();
         assert!(on_disk <= 256 << 10, "cache holds {on_disk} bytes");
         assert!(c.used() <= 256 << 10);
     }

@@ -9,9 +9,9 @@
 //! by another process stays readable, and its space held, until it leaves that small set.
 
 use super::{check_key, ObjectStore, StoreError, StoreResult};
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,11 @@ pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl LocalStore {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        LocalStore { root: root.into(), seq: AtomicU64::new(0), open: Mutex::new(VecDeque::new()) }
+        LocalStore {
+            root: root.into(),
+            seq: AtomicU64::new(0),
+            open: Mutex::new(VecDeque::new()),
+        }
     }
 
     fn open_files(&self) -> std::sync::MutexGuard<'_, VecDeque<(String, Arc<File>)>> {
@@ -81,7 +85,9 @@ impl LocalStore {
             for e in rd.flatten() {
                 let p = e.path();
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    if p.file_name().is_some_and(|n| n != "catalog" && n != "locks") {
+                    if p.file_name()
+                        .is_some_and(|n| n != "catalog" && n != "locks")
+                    {
                         stack.push(p);
                     }
                     continue;
@@ -101,7 +107,9 @@ impl LocalStore {
 /// True while a process with this pid exists on this host.
 pub fn pid_alive(pid: u32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence.
-    pid != 0 && (unsafe { libc::kill(pid as i32, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+    pid != 0
+        && (unsafe { libc::kill(pid as i32, 0) } == 0
+            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// `len` bytes of `f` at `offset` into a new buffer that is not zeroed first.
@@ -109,7 +117,8 @@ fn pread_exact(f: &File, len: usize, offset: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::io::AsRawFd;
     let mut buf: Vec<u8> = Vec::with_capacity(len);
     while buf.len() < len {
-        let at = i64::try_from(offset + buf.len() as u64).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        let at = i64::try_from(offset + buf.len() as u64)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
         let spare = buf.spare_capacity_mut();
         // SAFETY: pread writes at most `spare.len()` bytes into the spare capacity we own.
         let r = unsafe { libc::pread(f.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
@@ -137,13 +146,22 @@ fn temp_pid(name: &str) -> Option<u32> {
 impl ObjectStore for LocalStore {
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         let path = self.path(key)?;
-        let dir = path.parent().ok_or_else(|| StoreError::BadKey(key.to_string()))?;
+        let dir = path
+            .parent()
+            .ok_or_else(|| StoreError::BadKey(key.to_string()))?;
         fs::create_dir_all(dir).map_err(|e| StoreError::io(key, e))?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let name = path.file_name().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default();
         let tmp = dir.join(format!("{name}.tmp.{}.{n}", std::process::id()));
         let mut guard = TempGuard(Some(tmp.clone()));
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| StoreError::io(key, e))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io(key, e))?;
         f.write_all(data).map_err(|e| StoreError::io(key, e))?;
         f.sync_all().map_err(|e| StoreError::io(key, e))?;
         drop(f);
@@ -161,7 +179,10 @@ impl ObjectStore for LocalStore {
         let f = self.open_for_read(key)?;
         pread_exact(&f, len, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                StoreError::Corrupt { key: key.to_string(), what: format!("shorter than {} bytes", offset + len as u64) }
+                StoreError::Corrupt {
+                    key: key.to_string(),
+                    what: format!("shorter than {} bytes", offset + len as u64),
+                }
             } else {
                 StoreError::io(key, e)
             }
@@ -169,7 +190,9 @@ impl ObjectStore for LocalStore {
     }
 
     fn size(&self, key: &str) -> StoreResult<u64> {
-        fs::metadata(self.path(key)?).map(|m| m.len()).map_err(|e| StoreError::io(key, e))
+        fs::metadata(self.path(key)?)
+            .map(|m| m.len())
+            .map_err(|e| StoreError::io(key, e))
     }
 
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
@@ -187,7 +210,10 @@ impl ObjectStore for LocalStore {
                 let e = e.map_err(|e| StoreError::io(&key, e))?;
                 let name = e.file_name().to_string_lossy().to_string();
                 let child = format!("{key}/{name}");
-                if e.file_type().map_err(|e| StoreError::io(&child, e))?.is_dir() {
+                if e.file_type()
+                    .map_err(|e| StoreError::io(&child, e))?
+                    .is_dir()
+                {
                     stack.push((e.path(), child));
                 } else if temp_pid(&name).is_none() {
                     out.push(child);

@@ -48,8 +48,13 @@ impl StoreError {
     pub fn io(key: &str, source: std::io::Error) -> Self {
         match source.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreError::Full(key.to_string()),
-            _ if source.kind() == std::io::ErrorKind::NotFound => StoreError::NotFound(key.to_string()),
-            _ => StoreError::Io { key: key.to_string(), source },
+            _ if source.kind() == std::io::ErrorKind::NotFound => {
+                StoreError::NotFound(key.to_string())
+            }
+            _ => StoreError::Io {
+                key: key.to_string(),
+                source,
+            },
         }
     }
 }
@@ -66,7 +71,10 @@ pub trait ObjectStore: Send + Sync {
     /// Several ranges of one object, in the order asked. Remote backends coalesce nearby
     /// ranges into few requests; the default reads each range.
     fn get_ranges(&self, key: &str, ranges: &[(u64, usize)]) -> StoreResult<Vec<Vec<u8>>> {
-        ranges.iter().map(|&(o, l)| self.get_range(key, o, l)).collect()
+        ranges
+            .iter()
+            .map(|&(o, l)| self.get_range(key, o, l))
+            .collect()
     }
     fn size(&self, key: &str) -> StoreResult<u64>;
     /// All keys under `prefix` (recursively), sorted.
@@ -85,7 +93,9 @@ pub trait ObjectStore: Send + Sync {
 fn check_key(key: &str) -> StoreResult<()> {
     let ok = !key.is_empty()
         && !key.starts_with('/')
-        && key.split('/').all(|p| !p.is_empty() && p != "." && p != "..")
+        && key
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
         && !key.contains('\0');
     if ok {
         Ok(())
@@ -102,9 +112,18 @@ pub mod conformance {
 
     /// Run every check under `packs/`, `backups/` and `big/` of an empty store.
     pub fn run(s: &dyn ObjectStore) {
-        assert!(matches!(s.get("packs/aa/missing"), Err(StoreError::NotFound(_))));
-        assert!(matches!(s.get_range("packs/aa/missing", 0, 10), Err(StoreError::NotFound(_))));
-        assert!(matches!(s.size("packs/aa/missing"), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            s.get("packs/aa/missing"),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.get_range("packs/aa/missing", 0, 10),
+            Err(StoreError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.size("packs/aa/missing"),
+            Err(StoreError::NotFound(_))
+        ));
         assert!(!s.exists("packs/aa/missing").unwrap());
         s.put("packs/aa/one", b"hello world").unwrap();
         s.put("packs/ab/two", &vec![7u8; 100_000]).unwrap();
@@ -112,9 +131,19 @@ pub mod conformance {
         assert_eq!(s.get("packs/aa/one").unwrap(), b"hello world");
         assert_eq!(s.get_range("packs/aa/one", 6, 5).unwrap(), b"world");
         assert_eq!(s.get_range("packs/aa/one", 6, 0).unwrap(), b"");
-        assert_eq!(s.get_ranges("packs/aa/one", &[(6, 5), (0, 5), (2, 3)]).unwrap(), vec![b"world".to_vec(), b"hello".to_vec(), b"llo".to_vec()]);
-        assert!(s.get_range("packs/aa/one", 6, 50).is_err(), "reading past the end must fail");
-        assert!(s.get_ranges("packs/aa/one", &[(0, 5), (6, 50)]).is_err(), "one range past the end fails the call");
+        assert_eq!(
+            s.get_ranges("packs/aa/one", &[(6, 5), (0, 5), (2, 3)])
+                .unwrap(),
+            vec![b"world".to_vec(), b"hello".to_vec(), b"llo".to_vec()]
+        );
+        assert!(
+            s.get_range("packs/aa/one", 6, 50).is_err(),
+            "reading past the end must fail"
+        );
+        assert!(
+            s.get_ranges("packs/aa/one", &[(0, 5), (6, 50)]).is_err(),
+            "one range past the end fails the call"
+        );
         assert_eq!(s.size("packs/ab/two").unwrap(), 100_000);
         assert!(s.exists("packs/ab/two").unwrap());
         // Writing the same bytes again is harmless (a retried write).
@@ -122,15 +151,29 @@ pub mod conformance {
         assert_eq!(s.get("packs/ab/two").unwrap(), vec![7u8; 100_000]);
         // A large object (multipart on S3 with a small threshold): whole, and ranges across
         // part boundaries.
-        let big: Vec<u8> = (0..12u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let big: Vec<u8> = (0..12u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         s.put("big/obj", &big).unwrap();
         assert_eq!(s.size("big/obj").unwrap(), big.len() as u64);
-        assert!(s.get("big/obj").unwrap() == big, "large object comes back whole");
-        let ranges = [(0u64, 100usize), ((5 << 20) - 10, 20), ((10 << 20) - 3, 2 << 20), ((12 << 20) - 1, 1), (3 << 20, 1 << 20)];
+        assert!(
+            s.get("big/obj").unwrap() == big,
+            "large object comes back whole"
+        );
+        let ranges = [
+            (0u64, 100usize),
+            ((5 << 20) - 10, 20),
+            ((10 << 20) - 3, 2 << 20),
+            ((12 << 20) - 1, 1),
+            (3 << 20, 1 << 20),
+        ];
         for (r, got) in ranges.iter().zip(s.get_ranges("big/obj", &ranges).unwrap()) {
             assert!(got == big[r.0 as usize..r.0 as usize + r.1], "range {r:?}");
         }
-        assert_eq!(s.list("packs/").unwrap(), vec!["packs/aa/one", "packs/ab/two"]);
+        assert_eq!(
+            s.list("packs/").unwrap(),
+            vec!["packs/aa/one", "packs/ab/two"]
+        );
         assert_eq!(s.list("backups/").unwrap(), vec!["backups/vm1/b1"]);
         assert!(s.list("nothing/").unwrap().is_empty());
         s.delete("packs/aa/one").unwrap();
@@ -138,7 +181,10 @@ pub mod conformance {
         s.delete("big/obj").unwrap();
         assert!(!s.exists("packs/aa/one").unwrap());
         assert_eq!(s.list("packs/").unwrap(), vec!["packs/ab/two"]);
-        assert!(matches!(s.put("../escape", b"x"), Err(StoreError::BadKey(_))));
+        assert!(matches!(
+            s.put("../escape", b"x"),
+            Err(StoreError::BadKey(_))
+        ));
         assert!(matches!(s.put("a//b", b"x"), Err(StoreError::BadKey(_))));
         assert!(matches!(s.get("/abs"), Err(StoreError::BadKey(_))));
     }

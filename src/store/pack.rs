@@ -76,20 +76,40 @@ impl Default for PackWriter {
 
 impl PackWriter {
     pub fn new() -> Self {
-        PackWriter { buf: HEADER.to_vec(), entries: Vec::new() }
+        PackWriter {
+            buf: HEADER.to_vec(),
+            entries: Vec::new(),
+        }
     }
 
     /// A writer whose buffer never reallocates below `bytes` (no doubling past the target).
     pub fn with_capacity(bytes: usize) -> Self {
         let mut buf = Vec::with_capacity(bytes);
         buf.extend_from_slice(HEADER);
-        PackWriter { buf, entries: Vec::new() }
+        PackWriter {
+            buf,
+            entries: Vec::new(),
+        }
     }
 
-    pub fn add(&mut self, id: [u8; 32], kind: u8, codec: u8, stored: &[u8], raw_len: u32) -> &PackEntry {
+    pub fn add(
+        &mut self,
+        id: [u8; 32],
+        kind: u8,
+        codec: u8,
+        stored: &[u8],
+        raw_len: u32,
+    ) -> &PackEntry {
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(stored);
-        self.entries.push(PackEntry { id, kind, codec, offset, stored_len: stored.len() as u32, raw_len });
+        self.entries.push(PackEntry {
+            id,
+            kind,
+            codec,
+            offset,
+            stored_len: stored.len() as u32,
+            raw_len,
+        });
         self.entries.last().expect("just pushed")
     }
 
@@ -121,11 +141,18 @@ pub fn parse_trailer(t: &[u8]) -> Option<(u32, [u8; 32])> {
     if t.len() != TRAILER_LEN || &t[36..44] != END_MAGIC {
         return None;
     }
-    Some((u32::from_le_bytes(t[0..4].try_into().ok()?), t[4..36].try_into().ok()?))
+    Some((
+        u32::from_le_bytes(t[0..4].try_into().ok()?),
+        t[4..36].try_into().ok()?,
+    ))
 }
 
 /// Parse and check an entry table against the pack's size.
-pub fn parse_entries(table: &[u8], digest: &[u8; 32], pack_size: u64) -> Result<Vec<PackEntry>, String> {
+pub fn parse_entries(
+    table: &[u8],
+    digest: &[u8; 32],
+    pack_size: u64,
+) -> Result<Vec<PackEntry>, String> {
     if blake3::hash(table).as_bytes() != digest {
         return Err("footer checksum mismatch".into());
     }
@@ -138,9 +165,15 @@ pub fn parse_entries(table: &[u8], digest: &[u8; 32], pack_size: u64) -> Result<
     let mut out = Vec::with_capacity(table.len() / ENTRY_LEN);
     for raw in table.chunks_exact(ENTRY_LEN) {
         let e = PackEntry::decode(raw).ok_or("bad entry")?;
-        let end = e.offset.checked_add(u64::from(e.stored_len)).ok_or("entry overflows")?;
+        let end = e
+            .offset
+            .checked_add(u64::from(e.stored_len))
+            .ok_or("entry overflows")?;
         if e.offset < HEADER.len() as u64 || end > data_end {
-            return Err(format!("entry at {} (+{}) lies outside the data area", e.offset, e.stored_len));
+            return Err(format!(
+                "entry at {} (+{}) lies outside the data area",
+                e.offset, e.stored_len
+            ));
         }
         out.push(e);
     }
@@ -150,7 +183,10 @@ pub fn parse_entries(table: &[u8], digest: &[u8; 32], pack_size: u64) -> Result<
 /// Read a pack's footer from a store with two range reads.
 pub fn read_footer(store: &dyn ObjectStore, key: &str) -> StoreResult<Vec<PackEntry>> {
     let size = store.size(key)?;
-    let corrupt = |what: String| StoreError::Corrupt { key: key.to_string(), what };
+    let corrupt = |what: String| StoreError::Corrupt {
+        key: key.to_string(),
+        what,
+    };
     if size < (HEADER.len() + TRAILER_LEN) as u64 {
         return Err(corrupt("too short to be a pack".into()));
     }
@@ -178,11 +214,23 @@ mod tests {
         w.add([1; 32], 0, 1, b"abc", 10);
         w.add([2; 32], 1, 0, b"defgh", 5);
         let (bytes, entries) = w.finish();
-        s.put(&pack_key("00112233445566778899aabbccddeeff"), &bytes).unwrap();
+        s.put(&pack_key("00112233445566778899aabbccddeeff"), &bytes)
+            .unwrap();
         let got = read_footer(&s, "packs/00/00112233445566778899aabbccddeeff").unwrap();
         assert_eq!(got, entries);
-        assert_eq!(s.get_range("packs/00/00112233445566778899aabbccddeeff", got[1].offset, 5).unwrap(), b"defgh");
-        assert_eq!(pack_id_of_key("packs/00/00112233445566778899aabbccddeeff"), Some("00112233445566778899aabbccddeeff"));
+        assert_eq!(
+            s.get_range(
+                "packs/00/00112233445566778899aabbccddeeff",
+                got[1].offset,
+                5
+            )
+            .unwrap(),
+            b"defgh"
+        );
+        assert_eq!(
+            pack_id_of_key("packs/00/00112233445566778899aabbccddeeff"),
+            Some("00112233445566778899aabbccddeeff")
+        );
     }
 
     proptest! {

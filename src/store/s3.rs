@@ -43,18 +43,30 @@ pub struct S3Location {
 impl S3Location {
     /// Parse `s3://BUCKET[/PREFIX]`.
     pub fn parse(url: &str) -> Result<S3Location, String> {
-        let rest = url.strip_prefix("s3://").ok_or_else(|| format!("{url:?} is not an S3 URL; write it as s3://BUCKET/PREFIX"))?;
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("{url:?} is not an S3 URL; write it as s3://BUCKET/PREFIX"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let prefix = prefix.trim_matches('/');
         let valid_bucket = (3..=63).contains(&bucket.len())
-            && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            && bucket
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
         if !valid_bucket {
             return Err(format!("{bucket:?} is not a valid bucket name (3-63 characters: a-z, 0-9, '-', '.'); e.g. s3://backups/holdfast"));
         }
         if prefix.split('/').any(|p| p == "." || p == "..") || prefix.contains("//") {
-            return Err(format!("prefix {prefix:?} in {url} has empty, '.' or '..' parts"));
+            return Err(format!(
+                "prefix {prefix:?} in {url} has empty, '.' or '..' parts"
+            ));
         }
-        Ok(S3Location { bucket: bucket.to_string(), prefix: prefix.to_string(), endpoint: None, region: None, path_style: false })
+        Ok(S3Location {
+            bucket: bucket.to_string(),
+            prefix: prefix.to_string(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+        })
     }
 
     pub fn url(&self) -> String {
@@ -145,7 +157,13 @@ pub struct S3Options {
 
 impl Default for S3Options {
     fn default() -> Self {
-        S3Options { multipart_threshold: 32 << 20, part_size: 8 << 20, parts_in_flight: 4, attempts: 5, attempt_timeout: Duration::from_secs(60) }
+        S3Options {
+            multipart_threshold: 32 << 20,
+            part_size: 8 << 20,
+            parts_in_flight: 4,
+            attempts: 5,
+            attempt_timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -196,11 +214,17 @@ impl S3Store {
             .enable_all()
             .build()
             .map_err(|e| StoreError::io("s3 runtime", e))?;
-        let region = loc.region.clone().or_else(|| std::env::var("AWS_REGION").ok()).or_else(|| std::env::var("AWS_DEFAULT_REGION").ok());
+        let region = loc
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok());
         let shared = rt.block_on(async {
             let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest());
             // A custom endpoint (MinIO, Garage, …) rarely cares about the region, but SigV4 needs one.
-            l = l.region(Region::new(region.unwrap_or_else(|| "us-east-1".to_string())));
+            l = l.region(Region::new(
+                region.unwrap_or_else(|| "us-east-1".to_string()),
+            ));
             l.load().await
         });
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
@@ -211,7 +235,12 @@ impl S3Store {
                     .with_initial_backoff(Duration::from_millis(200))
                     .with_max_backoff(Duration::from_secs(5)),
             )
-            .timeout_config(TimeoutConfig::builder().connect_timeout(Duration::from_secs(5)).operation_attempt_timeout(opts.attempt_timeout).build())
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(opts.attempt_timeout)
+                    .build(),
+            )
             // Blobs are verified by their keyed hashes; extra checksums only narrow which
             // servers work.
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
@@ -220,7 +249,14 @@ impl S3Store {
             b = b.endpoint_url(e);
         }
         let client = aws_sdk_s3::Client::from_conf(b.build());
-        Ok(S3Store { rt, client, loc: loc.clone(), opts, conditional: AtomicU8::new(COND_UNKNOWN), stats: Arc::default() })
+        Ok(S3Store {
+            rt,
+            client,
+            loc: loc.clone(),
+            opts,
+            conditional: AtomicU8::new(COND_UNKNOWN),
+            stats: Arc::default(),
+        })
     }
 
     pub fn location(&self) -> &S3Location {
@@ -254,23 +290,37 @@ impl S3Store {
         let (c, bucket) = (self.client.clone(), self.loc.bucket.clone());
         self.stats.head.fetch_add(1, Ordering::Relaxed);
         let r = self.run(async move { c.head_bucket().bucket(bucket).send().await });
-        r.map(|_| ()).map_err(|e| match self.classify(&self.loc.url(), e) {
-            StoreError::NotFound(_) => self.no_bucket(),
-            e => e,
-        })
+        r.map(|_| ())
+            .map_err(|e| match self.classify(&self.loc.url(), e) {
+                StoreError::NotFound(_) => self.no_bucket(),
+                e => e,
+            })
     }
 
     fn no_bucket(&self) -> StoreError {
         let endpoint = self.loc.endpoint.as_deref().unwrap_or("AWS S3");
-        StoreError::Remote { key: self.loc.url(), msg: format!("bucket {} does not exist at {endpoint}; create it first, or fix the s3:// URL", self.loc.bucket) }
+        StoreError::Remote {
+            key: self.loc.url(),
+            msg: format!(
+                "bucket {} does not exist at {endpoint}; create it first, or fix the s3:// URL",
+                self.loc.bucket
+            ),
+        }
     }
 
     /// Turn an SDK error into a one-line store error that says what to do.
-    fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(&self, key: &str, e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> StoreError {
+    fn classify<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+        &self,
+        key: &str,
+        e: SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> StoreError {
         let endpoint = self.loc.endpoint.as_deref().unwrap_or("AWS S3");
         let status = e.raw_response().map(|r| r.status().as_u16());
         let code = e.code().map(str::to_string);
-        let remote = |msg: String| StoreError::Remote { key: key.to_string(), msg };
+        let remote = |msg: String| StoreError::Remote {
+            key: key.to_string(),
+            msg,
+        };
         match (&e, status, code.as_deref()) {
             (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _, _) => remote(format!(
                 "cannot reach the S3 endpoint {endpoint} ({}); check that it is running and reachable, and the --endpoint URL",
@@ -290,10 +340,16 @@ impl S3Store {
     }
 
     fn put_small(&self, key: &str, data: &[u8], conditional: bool) -> StoreResult<()> {
-        let (c, bucket, k) = (self.client.clone(), self.loc.bucket.clone(), self.full_key(key));
+        let (c, bucket, k) = (
+            self.client.clone(),
+            self.loc.bucket.clone(),
+            self.full_key(key),
+        );
         let body = ByteStream::from(data.to_vec());
         self.stats.put.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.stats
+            .bytes_up
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let r = self.run(async move {
             let mut req = c.put_object().bucket(bucket).key(k).body(body);
             if conditional {
@@ -301,20 +357,41 @@ impl S3Store {
             }
             req.send().await
         });
-        r.map(|_| ()).map_err(|e| self.classify(&self.where_(key), e))
+        r.map(|_| ())
+            .map_err(|e| self.classify(&self.where_(key), e))
     }
 
     fn put_multipart(&self, key: &str, data: &[u8], conditional: bool) -> StoreResult<()> {
-        let (c, bucket, k) = (self.client.clone(), self.loc.bucket.clone(), self.full_key(key));
+        let (c, bucket, k) = (
+            self.client.clone(),
+            self.loc.bucket.clone(),
+            self.full_key(key),
+        );
         self.stats.put.fetch_add(1, Ordering::Relaxed);
         let created = self.run({
             let (c, bucket, k) = (c.clone(), bucket.clone(), k.clone());
-            async move { c.create_multipart_upload().bucket(bucket).key(k).send().await }
+            async move {
+                c.create_multipart_upload()
+                    .bucket(bucket)
+                    .key(k)
+                    .send()
+                    .await
+            }
         });
-        let upload_id = created.map_err(|e| self.classify(&self.where_(key), e))?.upload_id.unwrap_or_default();
-        let parts: Vec<Vec<u8>> = data.chunks(self.opts.part_size).map(<[u8]>::to_vec).collect();
-        self.stats.put.fetch_add(parts.len() as u64 + 1, Ordering::Relaxed);
-        self.stats.bytes_up.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let upload_id = created
+            .map_err(|e| self.classify(&self.where_(key), e))?
+            .upload_id
+            .unwrap_or_default();
+        let parts: Vec<Vec<u8>> = data
+            .chunks(self.opts.part_size)
+            .map(<[u8]>::to_vec)
+            .collect();
+        self.stats
+            .put
+            .fetch_add(parts.len() as u64 + 1, Ordering::Relaxed);
+        self.stats
+            .bytes_up
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         let in_flight = self.opts.parts_in_flight.max(1);
         let uploaded = self.run({
             let (c, bucket, k, id) = (c.clone(), bucket.clone(), k.clone(), upload_id.clone());
@@ -322,12 +399,31 @@ impl S3Store {
                 let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
                 let mut set = tokio::task::JoinSet::new();
                 for (i, p) in parts.into_iter().enumerate() {
-                    let (c, bucket, k, id, sem) = (c.clone(), bucket.clone(), k.clone(), id.clone(), sem.clone());
+                    let (c, bucket, k, id, sem) = (
+                        c.clone(),
+                        bucket.clone(),
+                        k.clone(),
+                        id.clone(),
+                        sem.clone(),
+                    );
                     set.spawn(async move {
                         let _permit = sem.acquire_owned().await;
                         let n = i as i32 + 1;
-                        let r = c.upload_part().bucket(bucket).key(k).upload_id(id).part_number(n).body(ByteStream::from(p)).send().await;
-                        r.map(|o| CompletedPart::builder().part_number(n).set_e_tag(o.e_tag).build())
+                        let r = c
+                            .upload_part()
+                            .bucket(bucket)
+                            .key(k)
+                            .upload_id(id)
+                            .part_number(n)
+                            .body(ByteStream::from(p))
+                            .send()
+                            .await;
+                        r.map(|o| {
+                            CompletedPart::builder()
+                                .part_number(n)
+                                .set_e_tag(o.e_tag)
+                                .build()
+                        })
                     });
                 }
                 let mut done = Vec::new();
@@ -339,7 +435,16 @@ impl S3Store {
                     }
                 }
                 done.sort_by_key(|p| p.part_number);
-                let mut req = c.complete_multipart_upload().bucket(bucket).key(k).upload_id(id).multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build());
+                let mut req = c
+                    .complete_multipart_upload()
+                    .bucket(bucket)
+                    .key(k)
+                    .upload_id(id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(done))
+                            .build(),
+                    );
                 if conditional {
                     req = req.if_none_match("*");
                 }
@@ -349,11 +454,21 @@ impl S3Store {
         if let Err(e) = uploaded {
             self.stats.put.fetch_add(1, Ordering::Relaxed);
             let (c, bucket, k) = (c.clone(), bucket.clone(), k.clone());
-            let _ = self.run(async move { c.abort_multipart_upload().bucket(bucket).key(k).upload_id(upload_id).send().await });
+            let _ = self.run(async move {
+                c.abort_multipart_upload()
+                    .bucket(bucket)
+                    .key(k)
+                    .upload_id(upload_id)
+                    .send()
+                    .await
+            });
             return Err(match e {
                 PartError::Part(e) => self.classify(&self.where_(key), e),
                 PartError::Complete(e) => self.classify(&self.where_(key), e),
-                PartError::Panicked => StoreError::Remote { key: self.where_(key), msg: "an upload task failed".into() },
+                PartError::Panicked => StoreError::Remote {
+                    key: self.where_(key),
+                    msg: "an upload task failed".into(),
+                },
             });
         }
         Ok(())
@@ -363,7 +478,11 @@ impl S3Store {
         // The SDK retries until the response starts; a body cut short is retried here.
         let mut last = None;
         for _ in 0..self.opts.attempts.max(1) {
-            let (c, bucket, k) = (self.client.clone(), self.loc.bucket.clone(), self.full_key(key));
+            let (c, bucket, k) = (
+                self.client.clone(),
+                self.loc.bucket.clone(),
+                self.full_key(key),
+            );
             self.stats.get.fetch_add(1, Ordering::Relaxed);
             let r = self.run(async move {
                 let mut req = c.get_object().bucket(bucket).key(k);
@@ -377,10 +496,15 @@ impl S3Store {
             });
             match r {
                 Ok(Ok(bytes)) => {
-                    self.stats.bytes_down.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.stats
+                        .bytes_down
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if let Some((off, len)) = range {
                         if bytes.len() != len {
-                            return Err(StoreError::Corrupt { key: key.to_string(), what: format!("shorter than {} bytes", off + len as u64) });
+                            return Err(StoreError::Corrupt {
+                                key: key.to_string(),
+                                what: format!("shorter than {} bytes", off + len as u64),
+                            });
                         }
                     }
                     return Ok(bytes);
@@ -389,13 +513,30 @@ impl S3Store {
                 Err(e) => return Err(self.classify(&self.where_(key), e)),
             }
         }
-        Err(StoreError::Remote { key: self.where_(key), msg: format!("the download was cut short {} times: {}", self.opts.attempts, last.unwrap_or_default()) })
+        Err(StoreError::Remote {
+            key: self.where_(key),
+            msg: format!(
+                "the download was cut short {} times: {}",
+                self.opts.attempts,
+                last.unwrap_or_default()
+            ),
+        })
     }
 }
 
 enum PartError {
-    Part(SdkError<aws_sdk_s3::operation::upload_part::UploadPartError, aws_sdk_s3::config::http::HttpResponse>),
-    Complete(SdkError<aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError, aws_sdk_s3::config::http::HttpResponse>),
+    Part(
+        SdkError<
+            aws_sdk_s3::operation::upload_part::UploadPartError,
+            aws_sdk_s3::config::http::HttpResponse,
+        >,
+    ),
+    Complete(
+        SdkError<
+            aws_sdk_s3::operation::complete_multipart_upload::CompleteMultipartUploadError,
+            aws_sdk_s3::config::http::HttpResponse,
+        >,
+    ),
     Panicked,
 }
 
@@ -417,7 +558,13 @@ impl ObjectStore for S3Store {
     fn put(&self, key: &str, data: &[u8]) -> StoreResult<()> {
         check_key(key)?;
         let multipart = data.len() > self.opts.multipart_threshold;
-        let put = |cond: bool| if multipart { self.put_multipart(key, data, cond) } else { self.put_small(key, data, cond) };
+        let put = |cond: bool| {
+            if multipart {
+                self.put_multipart(key, data, cond)
+            } else {
+                self.put_small(key, data, cond)
+            }
+        };
         let r = match self.conditional.load(Ordering::Relaxed) {
             COND_NO => {
                 if self.exists(key)? {
@@ -426,10 +573,15 @@ impl ObjectStore for S3Store {
                 put(false)
             }
             _ => match put(true) {
-                Err(StoreError::Remote { msg, .. }) if msg.contains("NotImplemented") || msg.contains("not implemented") => {
+                Err(StoreError::Remote { msg, .. })
+                    if msg.contains("NotImplemented") || msg.contains("not implemented") =>
+                {
                     // This server has no conditional writes: check, then write.
                     self.conditional.store(COND_NO, Ordering::Relaxed);
-                    tracing::info!("{} does not support If-None-Match; falling back to HEAD before PUT", self.loc.url());
+                    tracing::info!(
+                        "{} does not support If-None-Match; falling back to HEAD before PUT",
+                        self.loc.url()
+                    );
                     return self.put(key, data);
                 }
                 r => {
@@ -468,9 +620,16 @@ impl ObjectStore for S3Store {
         let mut spans: Vec<(u64, u64, Vec<usize>)> = Vec::new();
         for i in order {
             let (off, len) = ranges[i];
-            let end = off.checked_add(len as u64).ok_or_else(|| StoreError::Corrupt { key: key.to_string(), what: format!("range at {off} overflows") })?;
+            let end = off
+                .checked_add(len as u64)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: key.to_string(),
+                    what: format!("range at {off} overflows"),
+                })?;
             match spans.last_mut() {
-                Some(s) if off <= s.1.saturating_add(SPAN_GAP) && end.max(s.1) - s.0 <= SPAN_MAX => {
+                Some(s)
+                    if off <= s.1.saturating_add(SPAN_GAP) && end.max(s.1) - s.0 <= SPAN_MAX =>
+                {
                     s.1 = s.1.max(end);
                     s.2.push(i);
                 }
@@ -491,7 +650,11 @@ impl ObjectStore for S3Store {
 
     fn size(&self, key: &str) -> StoreResult<u64> {
         check_key(key)?;
-        let (c, bucket, k) = (self.client.clone(), self.loc.bucket.clone(), self.full_key(key));
+        let (c, bucket, k) = (
+            self.client.clone(),
+            self.loc.bucket.clone(),
+            self.full_key(key),
+        );
         self.stats.head.fetch_add(1, Ordering::Relaxed);
         let r = self.run(async move { c.head_object().bucket(bucket).key(k).send().await });
         match r {
@@ -502,13 +665,29 @@ impl ObjectStore for S3Store {
 
     fn list(&self, prefix: &str) -> StoreResult<Vec<String>> {
         let full = self.full_key(prefix);
-        let strip = if self.loc.prefix.is_empty() { 0 } else { self.loc.prefix.len() + 1 };
+        let strip = if self.loc.prefix.is_empty() {
+            0
+        } else {
+            self.loc.prefix.len() + 1
+        };
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let (c, bucket, p, t) = (self.client.clone(), self.loc.bucket.clone(), full.clone(), token.clone());
+            let (c, bucket, p, t) = (
+                self.client.clone(),
+                self.loc.bucket.clone(),
+                full.clone(),
+                token.clone(),
+            );
             self.stats.list.fetch_add(1, Ordering::Relaxed);
-            let r = self.run(async move { c.list_objects_v2().bucket(bucket).prefix(p).set_continuation_token(t).send().await });
+            let r = self.run(async move {
+                c.list_objects_v2()
+                    .bucket(bucket)
+                    .prefix(p)
+                    .set_continuation_token(t)
+                    .send()
+                    .await
+            });
             let page = r.map_err(|e| self.classify(&self.where_(prefix), e))?;
             for o in page.contents() {
                 if let Some(k) = o.key() {
@@ -528,7 +707,11 @@ impl ObjectStore for S3Store {
 
     fn delete(&self, key: &str) -> StoreResult<()> {
         check_key(key)?;
-        let (c, bucket, k) = (self.client.clone(), self.loc.bucket.clone(), self.full_key(key));
+        let (c, bucket, k) = (
+            self.client.clone(),
+            self.loc.bucket.clone(),
+            self.full_key(key),
+        );
         self.stats.delete.fetch_add(1, Ordering::Relaxed);
         let r = self.run(async move { c.delete_object().bucket(bucket).key(k).send().await });
         match r {
@@ -563,7 +746,14 @@ mod tests {
         assert_eq!((l.bucket.as_str(), l.prefix.as_str()), ("my-bucket", "a/b"));
         assert_eq!(l.url(), "s3://my-bucket/a/b");
         assert_eq!(S3Location::parse("s3://bkt").unwrap().prefix, "");
-        for bad in ["http://x/y", "s3://", "s3://B/x", "s3://ab", "s3://bkt/a//b", "s3://bkt/../x"] {
+        for bad in [
+            "http://x/y",
+            "s3://",
+            "s3://B/x",
+            "s3://ab",
+            "s3://bkt/a//b",
+            "s3://bkt/../x",
+        ] {
             assert!(S3Location::parse(bad).is_err(), "{bad}");
         }
     }

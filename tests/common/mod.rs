@@ -23,8 +23,13 @@ pub fn require(tool: &str, package: &str) {
 
 /// Fail (never skip) when a tool installed with cargo is missing.
 pub fn require_cargo_tool(tool: &str, install: &str) {
-    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file())).unwrap_or(false);
-    assert!(found, "{tool} is missing: install it with `{install}` (scripts/install-deps does)");
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{tool} is missing: install it with `{install}` (scripts/install-deps does)"
+    );
 }
 
 /// Run `testdata/SCRIPT DIR` once per machine into `DIR` (in the target dir) after checking its
@@ -40,9 +45,15 @@ fn built_once(script: &str, dir_name: &str, tools: &[(&str, &str)]) -> PathBuf {
     unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
     let done = dir.join("done");
     if !done.exists() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata").join(script);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata")
+            .join(script);
         let out = Command::new("bash").arg(path).arg(&dir).output().unwrap();
-        assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{script} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         fs::write(&done, b"ok").unwrap();
     }
     dir
@@ -51,14 +62,33 @@ fn built_once(script: &str, dir_name: &str, tools: &[(&str, &str)]) -> PathBuf {
 /// The test disks of testdata/make-disks.sh, built once per machine into the target dir.
 pub fn disks() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| built_once("make-disks.sh", "disks-v3", &[("sgdisk", "gdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools")]))
+    DIR.get_or_init(|| {
+        built_once(
+            "make-disks.sh",
+            "disks-v3",
+            &[
+                ("sgdisk", "gdisk"),
+                ("mke2fs", "e2fsprogs"),
+                ("mkfs.vfat", "dosfstools"),
+                ("mcopy", "mtools"),
+            ],
+        )
+    })
 }
 
 /// The disks of testdata/make-fs-disks.sh (GPT, MBR with NTFS and a logical partition, a
 /// whole-disk filesystem) and their source trees, built once per machine into the target dir.
 pub fn fs_disks() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let tools = [("sgdisk", "gdisk"), ("sfdisk", "fdisk"), ("mke2fs", "e2fsprogs"), ("mkfs.vfat", "dosfstools"), ("mcopy", "mtools"), ("mkntfs", "ntfs-3g"), ("ntfs-3g", "ntfs-3g")];
+    let tools = [
+        ("sgdisk", "gdisk"),
+        ("sfdisk", "fdisk"),
+        ("mke2fs", "e2fsprogs"),
+        ("mkfs.vfat", "dosfstools"),
+        ("mcopy", "mtools"),
+        ("mkntfs", "ntfs-3g"),
+        ("ntfs-3g", "ntfs-3g"),
+    ];
     DIR.get_or_init(|| built_once("make-fs-disks.sh", "fsdisks-v2", &tools))
 }
 
@@ -70,18 +100,31 @@ pub struct Run {
 
 impl Run {
     fn from(o: Output) -> Run {
-        Run { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        }
     }
     pub fn ok(self) -> Run {
-        assert_eq!(self.code, 0, "command failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 0,
+            "command failed:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
         self
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
     }
     /// The one-line error of a failed command.
     pub fn err(&self) -> &str {
-        assert_ne!(self.code, 0, "expected a failure, got success: {}", self.stdout);
+        assert_ne!(
+            self.code, 0,
+            "expected a failure, got success: {}",
+            self.stdout
+        );
         let line = self.stderr.trim();
         assert_eq!(line.lines().count(), 1, "errors are one line: {line:?}");
         line
@@ -97,14 +140,20 @@ pub struct Repo {
 
 impl Repo {
     pub fn new() -> Repo {
-        let r = Repo { dir: tempfile::tempdir().unwrap(), env: Vec::new() };
+        let r = Repo {
+            dir: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
+        };
         r.run(&["init"]).ok();
         r
     }
 
     /// A repository whose store is `s3://bkt/PREFIX` at `endpoint` (a test S3 server or proxy).
     pub fn new_s3(endpoint: &str, prefix: &str, extra: &[&str]) -> Repo {
-        let r = Repo { dir: tempfile::tempdir().unwrap(), env: s3::env() };
+        let r = Repo {
+            dir: tempfile::tempdir().unwrap(),
+            env: s3::env(),
+        };
         let url = format!("s3://{}/{prefix}", s3::BUCKET);
         let mut args = vec!["init", "--s3", &url, "--endpoint", endpoint, "--path-style"];
         args.extend_from_slice(extra);
@@ -116,7 +165,10 @@ impl Repo {
     }
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.arg("--repo").arg(self.path()).args(args).env_remove("HOLDFAST_REPO");
+        c.arg("--repo")
+            .arg(self.path())
+            .args(args)
+            .env_remove("HOLDFAST_REPO");
         for (k, v) in &self.env {
             c.env(k, v);
         }
@@ -157,7 +209,13 @@ impl Repo {
 pub fn assert_same(a: &Path, b: &Path) {
     use std::io::Read;
     let (mut fa, mut fb) = (fs::File::open(a).unwrap(), fs::File::open(b).unwrap());
-    assert_eq!(fa.metadata().unwrap().len(), fb.metadata().unwrap().len(), "{} and {} differ in size", a.display(), b.display());
+    assert_eq!(
+        fa.metadata().unwrap().len(),
+        fb.metadata().unwrap().len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
     let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
     let mut off = 0u64;
     loop {
@@ -167,8 +225,17 @@ pub fn assert_same(a: &Path, b: &Path) {
         }
         fb.read_exact(&mut bb[..n]).unwrap();
         if ba[..n] != bb[..n] {
-            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap();
-            panic!("{} and {} differ at byte {}", a.display(), b.display(), off + i as u64);
+            let i = ba[..n]
+                .iter()
+                .zip(&bb[..n])
+                .position(|(x, y)| x != y)
+                .unwrap();
+            panic!(
+                "{} and {} differ at byte {}",
+                a.display(),
+                b.display(),
+                off + i as u64
+            );
         }
         off += n as u64;
     }
@@ -182,5 +249,7 @@ pub fn hash_file(p: &Path) -> String {
 }
 
 pub fn u(v: &serde_json::Value, path: &str) -> u64 {
-    v.pointer(path).and_then(|x| x.as_u64()).unwrap_or_else(|| panic!("no {path} in {v}"))
+    v.pointer(path)
+        .and_then(|x| x.as_u64())
+        .unwrap_or_else(|| panic!("no {path} in {v}"))
 }

@@ -14,13 +14,22 @@ const BACKPORTS: &str = "add the bookworm-backports apt suite (scripts/install-d
 pub fn require_qemu() {
     super::require("qemu-img", "qemu-utils");
     super::require("qemu-io", "qemu-utils");
-    let found = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file())).unwrap_or(false);
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
+        .unwrap_or(false);
     assert!(found, "qemu-system-x86_64 is missing: {BACKPORTS}");
 }
 
 pub fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("{prog}: {e}"));
-    assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{prog}: {e}"));
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -74,22 +83,54 @@ impl Vm {
         let mut out = Vec::new();
         for (i, (format, mib)) in disks.iter().enumerate() {
             let file = dir.path().join(format!("disk{i}.{format}"));
-            run("qemu-img", &["create", "-q", "-f", format, file.to_str().unwrap(), &format!("{mib}M")]);
+            run(
+                "qemu-img",
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    format,
+                    file.to_str().unwrap(),
+                    &format!("{mib}M"),
+                ],
+            );
             let mut args = vec!["-f".to_string(), format.to_string()];
             for k in 0..(mib / 8) {
                 args.push("-c".into());
-                args.push(format!("write -P {} {}M 1M", 0x10 + (k as u8 % 200) + i as u8, k * 8));
+                args.push(format!(
+                    "write -P {} {}M 1M",
+                    0x10 + (k as u8 % 200) + i as u8,
+                    k * 8
+                ));
             }
             args.push(file.to_str().unwrap().into());
             let a: Vec<&str> = args.iter().map(String::as_str).collect();
             run("qemu-io", &a);
-            out.push(Disk { node: format!("disk{i}"), file, format: format.to_string(), qdev: format!("ide{i}") });
+            out.push(Disk {
+                node: format!("disk{i}"),
+                file,
+                format: format.to_string(),
+                qdev: format!("ide{i}"),
+            });
         }
         let runner = match runner {
             Runner::Qsd(_) => Runner::Qsd(dir.path().join("nbd.sock")),
             r => r,
         };
-        let mut vm = Vm { runner, child: None, qmp: dir.path().join("qmp.sock"), qmp2: dir.path().join("qmp2.sock"), agent: agent.then(|| dir.path().join("qga.sock")), disks: out, dir, rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(), client: None };
+        let mut vm = Vm {
+            runner,
+            child: None,
+            qmp: dir.path().join("qmp.sock"),
+            qmp2: dir.path().join("qmp2.sock"),
+            agent: agent.then(|| dir.path().join("qga.sock")),
+            disks: out,
+            dir,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            client: None,
+        };
         vm.boot();
         vm
     }
@@ -102,46 +143,115 @@ impl Vm {
         if let Runner::Qsd(nbd) = &self.runner {
             let _ = std::fs::remove_file(nbd);
             let mut cmd = Command::new("qemu-storage-daemon");
-            cmd.arg("--nbd-server").arg(format!("addr.type=unix,addr.path={}", nbd.display()));
+            cmd.arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={}", nbd.display()));
             for (i, d) in self.disks.iter().enumerate() {
-                cmd.arg("--blockdev").arg(format!("driver=file,filename={},node-name={}-file", d.file.display(), d.node));
-                cmd.arg("--blockdev").arg(format!("driver={},file={}-file,node-name={}", d.format, d.node, d.node));
-                cmd.arg("--export").arg(format!("type=nbd,id=live{i},node-name={},name=live{i},writable=on", d.node));
+                cmd.arg("--blockdev").arg(format!(
+                    "driver=file,filename={},node-name={}-file",
+                    d.file.display(),
+                    d.node
+                ));
+                cmd.arg("--blockdev").arg(format!(
+                    "driver={},file={}-file,node-name={}",
+                    d.format, d.node, d.node
+                ));
+                cmd.arg("--export").arg(format!(
+                    "type=nbd,id=live{i},node-name={},name=live{i},writable=on",
+                    d.node
+                ));
             }
-            cmd.arg("--chardev").arg(format!("socket,path={},server=on,wait=off,id=mon1", self.qmp.display())).args(["--monitor", "chardev=mon1"]);
-            cmd.arg("--chardev").arg(format!("socket,path={},server=on,wait=off,id=mon2", self.qmp2.display())).args(["--monitor", "chardev=mon2"]);
+            cmd.arg("--chardev")
+                .arg(format!(
+                    "socket,path={},server=on,wait=off,id=mon1",
+                    self.qmp.display()
+                ))
+                .args(["--monitor", "chardev=mon1"]);
+            cmd.arg("--chardev")
+                .arg(format!(
+                    "socket,path={},server=on,wait=off,id=mon2",
+                    self.qmp2.display()
+                ))
+                .args(["--monitor", "chardev=mon2"]);
             return self.spawn(cmd);
         }
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-machine", "q35,accel=tcg", "-m", "64", "-display", "none", "-nodefaults", "-no-user-config"]);
-        cmd.arg("-chardev").arg(format!("socket,path={},server=on,wait=off,id=mon1", self.qmp.display())).args(["-mon", "chardev=mon1,mode=control"]);
-        cmd.arg("-chardev").arg(format!("socket,path={},server=on,wait=off,id=mon2", self.qmp2.display())).args(["-mon", "chardev=mon2,mode=control"]);
+        cmd.args([
+            "-machine",
+            "q35,accel=tcg",
+            "-m",
+            "64",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
+        ]);
+        cmd.arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=mon1",
+                self.qmp.display()
+            ))
+            .args(["-mon", "chardev=mon1,mode=control"]);
+        cmd.arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=mon2",
+                self.qmp2.display()
+            ))
+            .args(["-mon", "chardev=mon2,mode=control"]);
         for (i, d) in self.disks.iter().enumerate() {
-            cmd.arg("-blockdev").arg(format!("driver=file,filename={},node-name={}-file", d.file.display(), d.node));
-            cmd.arg("-blockdev").arg(format!("driver={},file={}-file,node-name={}", d.format, d.node, d.node));
-            cmd.arg("-device").arg(format!("ide-hd,drive={},bus=ide.{i},id={}", d.node, d.qdev));
+            cmd.arg("-blockdev").arg(format!(
+                "driver=file,filename={},node-name={}-file",
+                d.file.display(),
+                d.node
+            ));
+            cmd.arg("-blockdev").arg(format!(
+                "driver={},file={}-file,node-name={}",
+                d.format, d.node, d.node
+            ));
+            cmd.arg("-device")
+                .arg(format!("ide-hd,drive={},bus=ide.{i},id={}", d.node, d.qdev));
         }
         if let Some(a) = &self.agent {
-            cmd.arg("-chardev").arg(format!("socket,path={},server=on,wait=off,id=qga0", a.display()));
-            cmd.args(["-device", "virtio-serial", "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
+            cmd.arg("-chardev").arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                a.display()
+            ));
+            cmd.args([
+                "-device",
+                "virtio-serial",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]);
         }
         self.spawn(cmd);
     }
 
     fn spawn(&mut self, mut cmd: Command) {
         let log = std::fs::File::create(self.dir.path().join("qemu.log")).unwrap();
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         self.child = Some(cmd.spawn().unwrap());
         let t = Instant::now();
         while !(self.qmp.exists() && self.qmp2.exists()) {
-            assert!(t.elapsed() < Duration::from_secs(20), "QEMU did not start: {}", self.log());
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "QEMU did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         loop {
-            match self.rt.block_on(Client::connect(&self.qmp2, Duration::from_secs(20))) {
+            match self
+                .rt
+                .block_on(Client::connect(&self.qmp2, Duration::from_secs(20)))
+            {
                 Ok(c) => break self.client = Some(c),
                 Err(e) => {
-                    assert!(t.elapsed() < Duration::from_secs(20), "QMP: {e}: {}", self.log());
+                    assert!(
+                        t.elapsed() < Duration::from_secs(20),
+                        "QMP: {e}: {}",
+                        self.log()
+                    );
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
@@ -181,7 +291,8 @@ impl Vm {
     }
 
     pub fn qmp(&self, cmd: &str, args: Value) -> Value {
-        self.qmp_try(cmd, args).unwrap_or_else(|e| panic!("{cmd}: {e}"))
+        self.qmp_try(cmd, args)
+            .unwrap_or_else(|e| panic!("{cmd}: {e}"))
     }
 
     /// HMP `qemu-io` on a disk's guest device; panics if it reports a failure.
@@ -190,7 +301,13 @@ impl Vm {
         let v = self.qmp("human-monitor-command", json!({ "command-line": line }));
         let text = v.as_str().unwrap_or("").to_string();
         let lower = text.to_ascii_lowercase();
-        assert!(!lower.contains("fail") && !lower.contains("error") && !lower.contains("conflict") && !lower.contains("pattern"), "{line}: {text}");
+        assert!(
+            !lower.contains("fail")
+                && !lower.contains("error")
+                && !lower.contains("conflict")
+                && !lower.contains("pattern"),
+            "{line}: {text}"
+        );
         text
     }
 
@@ -204,7 +321,18 @@ impl Vm {
             }
             Runner::Qsd(nbd) => {
                 let uri = format!("nbd+unix:///live{disk}?socket={}", nbd.display());
-                run("qemu-io", &["-f", "raw", "-c", &format!("write -P {pattern} {offset} {len}"), "-c", "flush", &uri]);
+                run(
+                    "qemu-io",
+                    &[
+                        "-f",
+                        "raw",
+                        "-c",
+                        &format!("write -P {pattern} {offset} {len}"),
+                        "-c",
+                        "flush",
+                        &uri,
+                    ],
+                );
             }
         }
     }
@@ -213,12 +341,31 @@ impl Vm {
     pub fn snapshot_raw(&self, disk: usize, to: &Path) {
         let d = &self.disks[disk];
         let _ = std::fs::remove_file(to);
-        run("qemu-img", &["convert", "-U", "-f", &d.format, "-O", "raw", d.file.to_str().unwrap(), to.to_str().unwrap()]);
+        run(
+            "qemu-img",
+            &[
+                "convert",
+                "-U",
+                "-f",
+                &d.format,
+                "-O",
+                "raw",
+                d.file.to_str().unwrap(),
+                to.to_str().unwrap(),
+            ],
+        );
     }
 
     /// Everything holdfast may have created: (nodes, exports, jobs, holdfast bitmaps per node).
     #[allow(clippy::type_complexity)]
-    pub fn holdfast_objects(&self) -> (Vec<String>, Vec<String>, Vec<String>, Vec<(String, String, bool)>) {
+    pub fn holdfast_objects(
+        &self,
+    ) -> (
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<(String, String, bool)>,
+    ) {
         let nodes = self.qmp("query-named-block-nodes", json!({ "flat": true }));
         let mut names = Vec::new();
         let mut bitmaps = Vec::new();
@@ -234,15 +381,29 @@ impl Vm {
                 }
             }
         }
-        let exports = self.qmp("query-block-exports", json!({})).as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap_or("").to_string()).collect();
-        let jobs = self.qmp("query-jobs", json!({})).as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap_or("").to_string()).collect();
+        let exports = self
+            .qmp("query-block-exports", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap_or("").to_string())
+            .collect();
+        let jobs = self
+            .qmp("query-jobs", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap_or("").to_string())
+            .collect();
         names.sort();
         bitmaps.sort();
         (names, exports, jobs, bitmaps)
     }
 
     pub fn running(&self) -> bool {
-        self.qmp("query-status", json!({}))["running"].as_bool().unwrap()
+        self.qmp("query-status", json!({}))["running"]
+            .as_bool()
+            .unwrap()
     }
 }
 

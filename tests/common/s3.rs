@@ -22,7 +22,10 @@ pub fn env() -> Vec<(&'static str, String)> {
         ("AWS_SECRET_ACCESS_KEY", SECRET.into()),
         ("AWS_EC2_METADATA_DISABLED", "true".into()),
         ("AWS_CONFIG_FILE", "/nonexistent/holdfast-test".into()),
-        ("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/holdfast-test".into()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/holdfast-test".into(),
+        ),
         ("AWS_REGION", "us-east-1".into()),
     ]
 }
@@ -44,10 +47,17 @@ pub struct S3Server {
 
 impl S3Server {
     pub fn start() -> S3Server {
-        super::require_cargo_tool("s3s-fs", "cargo install --locked s3s-fs@0.14.1 --features binary");
+        super::require_cargo_tool(
+            "s3s-fs",
+            "cargo install --locked s3s-fs@0.14.1 --features binary",
+        );
         for _ in 0..5 {
             let dir = tempfile::tempdir().unwrap();
-            let mut s = S3Server { dir, port: free_port(), child: None };
+            let mut s = S3Server {
+                dir,
+                port: free_port(),
+                child: None,
+            };
             std::fs::create_dir_all(s.data().join(BUCKET)).unwrap();
             if s.spawn() {
                 return s;
@@ -60,7 +70,16 @@ impl S3Server {
     fn spawn(&mut self) -> bool {
         let log = std::fs::File::create(self.dir.path().join("s3s-fs.log")).unwrap();
         let child = Command::new("s3s-fs")
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string(), "--access-key", KEY, "--secret-key", SECRET])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--access-key",
+                KEY,
+                "--secret-key",
+                SECRET,
+            ])
             .arg(self.data())
             .stdout(Stdio::null())
             .stderr(log)
@@ -82,7 +101,11 @@ impl S3Server {
 
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "restart after stop");
-        assert!(self.spawn(), "s3s-fs did not come back on port {}", self.port);
+        assert!(
+            self.spawn(),
+            "s3s-fs did not come back on port {}",
+            self.port
+        );
     }
 
     /// Stop the server (by its PID) and wait until it is gone.
@@ -108,7 +131,9 @@ impl S3Server {
         let mut out = Vec::new();
         let mut stack = vec![root.clone()];
         while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else { continue };
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
@@ -133,7 +158,11 @@ impl Drop for S3Server {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// What the proxy does to a request.
@@ -162,7 +191,10 @@ impl FaultProxy {
     pub fn start(upstream: u16, hang: Duration) -> FaultProxy {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        let (faults, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let (faults, stop) = (
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
         let seq = Arc::new(AtomicU64::new(0));
         {
             let (faults, stop) = (faults.clone(), stop.clone());
@@ -173,14 +205,21 @@ impl FaultProxy {
                         Ok((c, _)) => {
                             c.set_nonblocking(false).unwrap();
                             let (faults, seq, stop) = (faults.clone(), seq.clone(), stop.clone());
-                            std::thread::spawn(move || serve(c, upstream, &seq, &faults, &stop, hang));
+                            std::thread::spawn(move || {
+                                serve(c, upstream, &seq, &faults, &stop, hang)
+                            });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
             });
         }
-        FaultProxy { port, faults, stop, hang }
+        FaultProxy {
+            port,
+            faults,
+            stop,
+            hang,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -200,16 +239,27 @@ fn pick(n: u64) -> Option<Fault> {
 
 /// One client connection: one request (answered with "Connection: close"), on a fresh
 /// upstream connection.
-fn serve(c: TcpStream, upstream: u16, seq: &AtomicU64, faults: &AtomicU64, stop: &AtomicBool, hang: Duration) {
+fn serve(
+    c: TcpStream,
+    upstream: u16,
+    seq: &AtomicU64,
+    faults: &AtomicU64,
+    stop: &AtomicBool,
+    hang: Duration,
+) {
     c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut r = BufReader::new(c.try_clone().unwrap());
     let mut w = c;
     {
-        let Some((head, body)) = read_request(&mut r, &mut w) else { return };
+        let Some((head, body)) = read_request(&mut r, &mut w) else {
+            return;
+        };
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let first = head.lines().next().unwrap_or("").to_string();
         let mut fault = pick(n);
-        if fault == Some(Fault::Truncate) && !(first.starts_with("GET ") && first.contains("x-id=GetObject")) {
+        if fault == Some(Fault::Truncate)
+            && !(first.starts_with("GET ") && first.contains("x-id=GetObject"))
+        {
             fault = Some(Fault::Error); // only object bodies are cut; other requests get a 503
         }
         if fault == Some(Fault::Hang) {
@@ -221,7 +271,9 @@ fn serve(c: TcpStream, upstream: u16, seq: &AtomicU64, faults: &AtomicU64, stop:
             let _ = w.shutdown(Shutdown::Both);
             return;
         }
-        let Some(resp) = forward(upstream, &head, &body) else { return };
+        let Some(resp) = forward(upstream, &head, &body) else {
+            return;
+        };
         match fault {
             Some(Fault::Error) => {
                 faults.fetch_add(1, Ordering::Relaxed);
@@ -231,7 +283,9 @@ fn serve(c: TcpStream, upstream: u16, seq: &AtomicU64, faults: &AtomicU64, stop:
                 return;
             }
             Some(Fault::Truncate) => {
-                let split = find(&resp, b"\r\n\r\n").map(|i| i + 4).unwrap_or(resp.len());
+                let split = find(&resp, b"\r\n\r\n")
+                    .map(|i| i + 4)
+                    .unwrap_or(resp.len());
                 let body_len = resp.len() - split;
                 if body_len >= 2 {
                     faults.fetch_add(1, Ordering::Relaxed);

@@ -104,7 +104,9 @@ async fn on_simple<R: AsyncRead + Unpin>(
     }
     let out = match &mut op.kind {
         OpKind::Read { buf, .. } => {
-            let mut buf = buf.take().ok_or(ProtoError::Invalid("read buffer in use"))?;
+            let mut buf = buf
+                .take()
+                .ok_or(ProtoError::Invalid("read buffer in use"))?;
             rd.read_exact(&mut buf).await?;
             Output::Data(buf)
         }
@@ -157,26 +159,48 @@ impl Coverage {
 
 /// Check that `n` bytes at `offset` belong to the pending READ `cookie` and were not filled
 /// before, record them, and lend out its buffer with the index they start at.
-fn claim(shared: &Shared, cookie: u64, offset: u64, n: u64) -> Result<(BytesMut, usize), ProtoError> {
+fn claim(
+    shared: &Shared,
+    cookie: u64,
+    offset: u64,
+    n: u64,
+) -> Result<(BytesMut, usize), ProtoError> {
     let mut p = shared.lock();
-    let op = p.ops.get_mut(&cookie).ok_or(ProtoError::Invalid("chunk for unknown cookie"))?;
-    let OpKind::Read { offset: base, buf, covered } = &mut op.kind else {
+    let op = p
+        .ops
+        .get_mut(&cookie)
+        .ok_or(ProtoError::Invalid("chunk for unknown cookie"))?;
+    let OpKind::Read {
+        offset: base,
+        buf,
+        covered,
+    } = &mut op.kind
+    else {
         return Err(ProtoError::Invalid("chunk type does not match the request"));
     };
-    let b = buf.as_mut().ok_or(ProtoError::Invalid("read buffer in use"))?;
+    let b = buf
+        .as_mut()
+        .ok_or(ProtoError::Invalid("read buffer in use"))?;
     let (start, end) = target(b.len(), *base, offset, n)?;
     covered.add(start as u64, end as u64)?;
     Ok((buf.take().unwrap_or_default(), start))
 }
 
 fn put_back(shared: &Shared, cookie: u64, b: BytesMut) {
-    if let Some(OpKind::Read { buf, .. }) = shared.lock().ops.get_mut(&cookie).map(|op| &mut op.kind) {
+    if let Some(OpKind::Read { buf, .. }) =
+        shared.lock().ops.get_mut(&cookie).map(|op| &mut op.kind)
+    {
         *buf = Some(b);
     }
 }
 
 /// Fold one chunk into its pending operation and complete the operation on its last chunk.
-fn on_chunk(shared: &Shared, h: &ChunkHeader, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ClientError> {
+fn on_chunk(
+    shared: &Shared,
+    h: &ChunkHeader,
+    chunk: Chunk<'_>,
+    ids: &[u32],
+) -> Result<(), ClientError> {
     let mut p = shared.lock();
     let op = p
         .ops
@@ -193,9 +217,14 @@ fn on_chunk(shared: &Shared, h: &ChunkHeader, chunk: Chunk<'_>, ids: &[u32]) -> 
     drop(p);
     let result = match (op.error, op.kind) {
         (Some((errno, message)), _) => Err(ClientError::Server { errno, message }),
-        (None, OpKind::Read { buf: Some(buf), covered, .. }) if covered.total == buf.len() as u64 => {
-            Ok(Output::Data(buf))
-        }
+        (
+            None,
+            OpKind::Read {
+                buf: Some(buf),
+                covered,
+                ..
+            },
+        ) if covered.total == buf.len() as u64 => Ok(Output::Data(buf)),
         (None, OpKind::Read { .. }) => {
             Err(ProtoError::Invalid("read reply does not cover the request").into())
         }
@@ -213,12 +242,26 @@ fn apply_chunk(op: &mut Op, chunk: Chunk<'_>, ids: &[u32]) -> Result<(), ProtoEr
         (Chunk::Error { errno, message, .. }, _) => {
             op.error.get_or_insert((errno, message));
         }
-        (Chunk::OffsetData { offset, data }, OpKind::Read { offset: base, buf: Some(buf), covered }) => {
+        (
+            Chunk::OffsetData { offset, data },
+            OpKind::Read {
+                offset: base,
+                buf: Some(buf),
+                covered,
+            },
+        ) => {
             let (s, e) = target(buf.len(), *base, offset, data.len() as u64)?;
             covered.add(s as u64, e as u64)?;
             buf[s..e].copy_from_slice(data);
         }
-        (Chunk::OffsetHole { offset, len }, OpKind::Read { offset: base, buf: Some(buf), covered }) => {
+        (
+            Chunk::OffsetHole { offset, len },
+            OpKind::Read {
+                offset: base,
+                buf: Some(buf),
+                covered,
+            },
+        ) => {
             let (s, e) = target(buf.len(), *base, offset, len.into())?;
             covered.add(s as u64, e as u64)?;
             buf[s..e].fill(0);
@@ -272,7 +315,9 @@ mod tests {
     /// One pending READ of LEN bytes at BASE (cookie 1), its buffer full of stale 0xEE bytes;
     /// feed `script`, then return what the READ got.
     fn run(script: Vec<u8>) -> Result<Vec<u8>, String> {
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let shared = Arc::new(Shared {
                 writer: tokio::sync::Mutex::new(Box::new(tokio::io::sink())),
@@ -281,8 +326,20 @@ mod tests {
             });
             let (tx, rx) = oneshot::channel();
             let buf = BytesMut::from(&[0xEEu8; LEN][..]);
-            let kind = OpKind::Read { offset: BASE, buf: Some(buf), covered: Coverage::default() };
-            shared.lock().ops.insert(1, Op { kind, error: None, tx, _slot: None });
+            let kind = OpKind::Read {
+                offset: BASE,
+                buf: Some(buf),
+                covered: Coverage::default(),
+            };
+            shared.lock().ops.insert(
+                1,
+                Op {
+                    kind,
+                    error: None,
+                    tx,
+                    _slot: None,
+                },
+            );
             reader_task(shared, &script[..], vec![]).await;
             match rx.await {
                 Ok(Ok(Output::Data(d))) => Ok(d.to_vec()),
@@ -332,11 +389,19 @@ mod tests {
         let s = data(REPLY_FLAG_DONE, 1, BASE, &b[..99]);
         assert!(run(s).unwrap_err().contains("does not cover the request"));
         // Outside the request, before and after it.
-        assert!(run(data(REPLY_FLAG_DONE, 1, BASE - 1, &b)).unwrap_err().contains("outside the requested range"));
-        assert!(run(data(REPLY_FLAG_DONE, 1, BASE + 1, &b)).unwrap_err().contains("outside the requested range"));
-        assert!(run(data(REPLY_FLAG_DONE, 1, u64::MAX - 10, &b[..20])).unwrap_err().contains("outside the requested range"));
+        assert!(run(data(REPLY_FLAG_DONE, 1, BASE - 1, &b))
+            .unwrap_err()
+            .contains("outside the requested range"));
+        assert!(run(data(REPLY_FLAG_DONE, 1, BASE + 1, &b))
+            .unwrap_err()
+            .contains("outside the requested range"));
+        assert!(run(data(REPLY_FLAG_DONE, 1, u64::MAX - 10, &b[..20]))
+            .unwrap_err()
+            .contains("outside the requested range"));
         // Another cookie, and data cut short by the end of the stream.
-        assert!(run(data(REPLY_FLAG_DONE, 7, BASE, &b)).unwrap_err().contains("unknown cookie"));
+        assert!(run(data(REPLY_FLAG_DONE, 7, BASE, &b))
+            .unwrap_err()
+            .contains("unknown cookie"));
         let mut s = data(REPLY_FLAG_DONE, 1, BASE, &b);
         s.truncate(s.len() - 1);
         assert!(run(s).unwrap_err().starts_with("connection lost"));

@@ -281,7 +281,10 @@ async fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request) -> io::Result
     let (off, len) = (req.offset, req.len);
     if !conn.structured {
         // From memory on this thread when the export can; else on the blocking pool.
-        let now = conn.export.read_parts_now(off, len).map(|r| r.and_then(|p| exact(p, len)));
+        let now = conn
+            .export
+            .read_parts_now(off, len)
+            .map(|r| r.and_then(|p| exact(p, len)));
         let parts = match now {
             Some(r) => r,
             None => blocking(&conn.export, move |e| exact(e.read_parts(off, len)?, len)).await,
@@ -298,10 +301,13 @@ async fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request) -> io::Result
     let now = read_pieces(conn.export.as_ref(), off, len, df, true);
     let pieces = match now {
         Some(r) => r,
-        None => blocking(&conn.export, move |e| {
-            read_pieces(e, off, len, df, false).unwrap_or_else(|| Err(io::Error::other("no answer")))
-        })
-        .await,
+        None => {
+            blocking(&conn.export, move |e| {
+                read_pieces(e, off, len, df, false)
+                    .unwrap_or_else(|| Err(io::Error::other("no answer")))
+            })
+            .await
+        }
     };
     match pieces {
         Ok(p) => send_pieces(conn, req.cookie, p).await,
@@ -313,7 +319,13 @@ async fn read<W: AsyncWrite + Unpin>(conn: &Conn<W>, req: Request) -> io::Result
 /// export reports STATE_ZERO; one data piece when `df`). With `now`, only
 /// from memory (`read_parts_now`): `None` when the export would block.
 /// Without `now`, never `None`.
-fn read_pieces(e: &dyn Export, off: u64, len: u32, df: bool, now: bool) -> Option<io::Result<Vec<Piece>>> {
+fn read_pieces(
+    e: &dyn Export,
+    off: u64,
+    len: u32,
+    df: bool,
+    now: bool,
+) -> Option<io::Result<Vec<Piece>>> {
     let status = match (df, now) {
         (true, _) => Ok(vec![(len, 0)]),
         (false, true) => e.block_status_now(off, len)?,
@@ -350,7 +362,9 @@ fn read_pieces(e: &dyn Export, off: u64, len: u32, df: bool, now: bool) -> Optio
 /// Read parts, checked to cover exactly `len` bytes: a reply must carry the length it announces.
 fn exact(parts: Vec<ReadPart>, len: u32) -> io::Result<Vec<ReadPart>> {
     if parts.iter().map(ReadPart::len).sum::<usize>() != len as usize {
-        return Err(io::Error::other("the export returned a read of the wrong length"));
+        return Err(io::Error::other(
+            "the export returned a read of the wrong length",
+        ));
     }
     Ok(parts)
 }
@@ -369,7 +383,13 @@ async fn send_data<W: AsyncWrite + Unpin>(
     w.flush().await?;
     let mut slices: Vec<io::IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
     slices.push(io::IoSlice::new(head));
-    slices.extend(parts.iter().flat_map(ReadPart::slices).filter(|s| !s.is_empty()).map(io::IoSlice::new));
+    slices.extend(
+        parts
+            .iter()
+            .flat_map(ReadPart::slices)
+            .filter(|s| !s.is_empty())
+            .map(io::IoSlice::new),
+    );
     let inner = w.get_mut();
     let mut rest: &mut [io::IoSlice<'_>] = &mut slices;
     while !rest.is_empty() {

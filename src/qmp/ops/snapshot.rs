@@ -240,7 +240,10 @@ pub async fn commit_overlay(client: &Client, ov: &Overlay, limit: Duration) -> R
         // Never unlink a file holdfast did not just commit: the VM may have been restarted on
         // the overlay under another node name, or on the base with the overlay's data unmerged.
         let file = path_str(&ov.file)?;
-        if let Some(n) = nodes.iter().find(|n| n.file == file || n.backing_file.as_deref() == Some(file)) {
+        if let Some(n) = nodes
+            .iter()
+            .find(|n| n.file == file || n.backing_file.as_deref() == Some(file))
+        {
             return Err(QmpError::Invalid(format!(
                 "overlay {file} is in use by node {} (the VM was restarted on it?); holdfast does not know how to merge it back here: shut the VM down and run `qemu-img commit {file}`",
                 n.node_name

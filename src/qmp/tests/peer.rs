@@ -147,7 +147,8 @@ async fn qmp_wrong_peers_and_missing_socket() {
 #[tokio::test]
 async fn qmp_events_before_the_greeting_are_skipped_but_bounded() {
     // QEMU 10 has been seen sending RESUME on a fresh connection before its greeting.
-    const RESUME: &[u8] = b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\r\n";
+    const RESUME: &[u8] =
+        b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 2}, \"event\": \"RESUME\"}\r\n";
     let (_d, path) = fake(|mut s| async move {
         let _ = s.get_mut().write_all(RESUME).await;
         negotiate(&mut s).await;
@@ -157,8 +158,13 @@ async fn qmp_events_before_the_greeting_are_skipped_but_bounded() {
         tokio::time::sleep(SHORT).await;
     })
     .await;
-    let c = Client::connect(&path, SHORT).await.expect("an event before the greeting is skipped");
-    let r = c.execute("query-status", Value::Null).await.expect("usable");
+    let c = Client::connect(&path, SHORT)
+        .await
+        .expect("an event before the greeting is skipped");
+    let r = c
+        .execute("query-status", Value::Null)
+        .await
+        .expect("usable");
     assert_eq!(r["running"], true);
     // Events without end and no greeting: refused, not read forever.
     let (_d, path) = fake(|mut s| async move {
