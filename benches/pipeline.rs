@@ -1,5 +1,6 @@
 //! Criterion benchmarks: the chunk pipeline (cut + keyed hash + zstd) and the image reader.
 //! End-to-end figures beside `zstd -1 -T0` come from `scripts/bench`.
+#![allow(clippy::unwrap_used)] // benchmark setup: unwrap says where a step failed
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use holdfast::chunk::{self, BlobKind, ChunkerParams, Keyer};
@@ -78,7 +79,7 @@ fn pipeline(c: &mut Criterion) {
 
 fn image_reader(c: &mut Criterion) {
     use holdfast::image::ImageReader;
-    use holdfast::jobs::{backup, NoProgress};
+    use holdfast::jobs::backup;
     use holdfast::repo::Repo;
     let d = tempfile::tempdir().unwrap();
     let repo = std::sync::Arc::new(
@@ -97,8 +98,7 @@ fn image_reader(c: &mut Criterion) {
             checkpoint: None,
             origin: None,
         }],
-        &Default::default(),
-        &NoProgress,
+        &holdfast::task::Ctx::quiet(),
     )
     .unwrap();
     let mut g = c.benchmark_group("image");

@@ -1,5 +1,6 @@
 //! End to end on real GPT disk images: back up, change, back up again, restore byte-identical,
 //! and dedup that stores only a small fraction of later backups.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;

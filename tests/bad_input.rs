@@ -1,5 +1,6 @@
 //! Bad input gets a one-line error that says what is wrong and what to do, a non-zero exit,
 //! and nothing half-written.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;

@@ -1,6 +1,7 @@
 //! Crashes at any moment leave earlier backups intact and verify clean; a re-run completes and
 //! reuses what was stored. A flipped byte is found by verify (backup, disk and offset) and makes
 //! restore fail without writing wrong bytes.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;

@@ -1,5 +1,6 @@
 //! `holdfast export`: any backup as an NBD export, proven with real clients (qemu-img, qemu-io,
 //! nbdinfo, nbdcopy, and QEMU itself through qemu-storage-daemon).
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;
@@ -40,7 +41,7 @@ impl Served {
         }
     }
     fn stop(mut self, sig: i32) -> std::process::ExitStatus {
-        unsafe { libc::kill(self.child.id() as i32, sig) };
+        common::signal(self.child.id(), sig);
         let t = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {

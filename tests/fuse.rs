@@ -1,6 +1,7 @@
 //! `holdfast mount` on real FUSE, `holdfast cat` and `holdfast restore-files`: back up real
 //! disks (GPT with FAT32 + ext4, MBR with FAT16 + NTFS + a logical ext3, a whole-disk ext2),
 //! browse them, and compare every filesystem with its source tree (`diff -r`, then `stat`).
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;
@@ -420,14 +421,14 @@ fn umount_ctrl_c_and_stale_mounts() {
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let mut m = Mount::start(&repo, &mnt, &[]);
         assert_eq!(ls(&mnt), vec!["web"]);
-        unsafe { libc::kill(m.pid() as i32, sig) };
+        common::signal(m.pid(), sig);
         assert_eq!(m.wait(), 0, "signal {sig}: {}", m.log());
         assert!(!is_mounted(&mnt), "signal {sig} left the mount");
     }
 
     // A killed mount leaves a stale mount point; the next mount cleans it.
     let mut m = Mount::start(&repo, &mnt, &[]);
-    unsafe { libc::kill(m.pid() as i32, libc::SIGKILL) };
+    common::signal(m.pid(), libc::SIGKILL);
     m.wait();
     assert!(is_mounted(&mnt), "SIGKILL leaves the kernel mount behind");
     assert_eq!(

@@ -1,5 +1,6 @@
 //! forget + gc free space; gc beside a running backup never deletes what it is about to
 //! reference (DESIGN §5 invariant 2); mostly-dead packs are rewritten.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;

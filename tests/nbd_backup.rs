@@ -1,6 +1,7 @@
 //! Backups from NBD exports with changed-block tracking, against real servers: qemu-nbd with a
 //! persistent bitmap, and qemu-storage-daemon driven over QMP (freeze-and-rotate transaction,
 //! an NBD export carrying the frozen bitmap).
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::*;

@@ -1,4 +1,5 @@
 //! Our client against real `qemu-nbd` servers.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 #[path = "nbd_common/mod.rs"]
 mod common;
 

@@ -1,6 +1,7 @@
 //! Hostile and misbehaving clients: garbage, oversized lengths, invalid
 //! requests, idle handshakes, connection limit, shutdown. After each, a
 //! normal client must still be served.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 #[path = "nbd_common/mod.rs"]
 mod common;
 

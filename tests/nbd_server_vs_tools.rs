@@ -1,5 +1,6 @@
 //! Our server against real clients: nbdinfo, nbdcopy, qemu-img, qemu-io,
 //! and our own client.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 #[path = "nbd_common/mod.rs"]
 mod common;
 

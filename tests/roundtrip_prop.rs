@@ -1,10 +1,12 @@
 //! Property: restore(backup(x)) == x for random sparse images (library level, small chunker
 //! parameters so that many segments and chunk edges are exercised quickly).
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 use holdfast::chunk::ChunkerParams;
-use holdfast::jobs::{backup, restore, NoProgress};
+use holdfast::jobs::{backup, restore};
 use holdfast::repo::Repo;
 use holdfast::source::FileSource;
+use holdfast::task::Ctx;
 use proptest::prelude::*;
 use std::io::{Seek, SeekFrom, Write};
 
@@ -56,9 +58,9 @@ proptest! {
         drop(f);
         for round in 0..2 {
             let src = FileSource::open(&img).unwrap();
-            let m = backup::backup(&repo, "vm", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None, origin: None }], &Default::default(), &NoProgress).unwrap();
+            let m = backup::backup(&repo, "vm", vec![backup::DiskSpec { name: "d".into(), source: Box::new(src), since: None, checkpoint: None, origin: None }], &Ctx::quiet()).unwrap();
             let out = d.path().join(format!("out{round}.img"));
-            restore::restore(&repo, &m, &m.disks[0], &out, false, &NoProgress).unwrap();
+            restore::restore(&repo, &m, &m.disks[0], &out, false, &Ctx::quiet()).unwrap();
             prop_assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&img).unwrap());
             // Change the image for the second round: an incremental over the first.
             let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();

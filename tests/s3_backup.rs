@@ -1,6 +1,7 @@
 //! Backups in an S3 bucket end to end, with the holdfast binary against a real S3 server
 //! (s3s-fs on loopback): backup, restore, verify, stats, the read cache, multipart uploads,
 //! rebuilding the catalog from the bucket alone, and the server failing under a backup.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::s3::{self, S3Server};

@@ -1,6 +1,7 @@
 //! Backups of running VMs through QEMU 10 (qemu-system-x86_64, TCG, no guest OS): read points
 //! with changed-block tracking, writes while the backup runs, failures and kills at every step
 //! of the cycle, and quiesce without a guest agent.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::qemu::Vm;
@@ -517,7 +518,7 @@ fn crashes_swapped_disks_foreign_overlays_and_ctrl_c() {
         assert!(t.elapsed() < Duration::from_secs(60));
         std::thread::sleep(Duration::from_millis(20));
     }
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    common::signal(child.id(), libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));
     std::fs::write(&flag, b"").unwrap();
     let out = child.wait_with_output().unwrap();

@@ -1,6 +1,7 @@
 //! VM snapshots on real QEMU 10 (qemu-system-x86_64, TCG, no guest OS): memory snapshots that
 //! revert a running VM, disk-only snapshots reverted offline, group snapshots, lifespans and
 //! limits, and external overlays for raw disks.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
 
 mod common;
 use common::qemu::Vm;

@@ -426,7 +426,7 @@ fn sweep_readers(root: &Path) {
             .next()
             .and_then(|p| p.parse().ok())
             .unwrap_or(0);
-        if !crate::store::pid_alive(pid) {
+        if !crate::sys::pid_alive(pid) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

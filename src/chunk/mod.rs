@@ -87,6 +87,8 @@ impl ChunkerParams {
 
 /// True when every byte is zero (fast path over u64 words).
 pub fn is_zero(data: &[u8]) -> bool {
+    // SAFETY: every bit pattern is a valid u64, so the aligned middle of the byte slice may be
+    // read as u64 words; `align_to` hands back the unaligned ends as bytes.
     let (pre, mid, post) = unsafe { data.align_to::<u64>() };
     pre.iter().all(|&b| b == 0) && mid.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }

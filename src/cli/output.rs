@@ -1,7 +1,8 @@
 //! Human and JSON output of every command.
 
 use crate::jobs::{gc::GcReport, restore::RestoreReport, stats::Stats, verify::VerifyReport};
-use crate::repo::{Manifest, Repo, SyncReport};
+use crate::ops::InitReport;
+use crate::repo::{Manifest, SyncReport};
 use indicatif::{HumanBytes, HumanDuration};
 use serde::Serialize;
 use std::time::Duration;
@@ -20,7 +21,7 @@ fn rate(bytes: u64, secs: f64) -> String {
 impl Out {
     fn json<T: Serialize>(&self, v: &T) -> bool {
         if self.json {
-            println!(
+            say!(
                 "{}",
                 serde_json::to_string_pretty(v)
                     .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
@@ -29,29 +30,32 @@ impl Out {
         self.json
     }
 
-    pub fn init(&self, r: &Repo) {
-        let store = r.store_url();
-        let v = serde_json::json!({"repo": r.dir, "store": store, "chunker": r.config.chunker, "compression": r.config.compression});
-        if !self.json(&v) {
-            let c = &r.config.chunker;
-            println!("created repository {}", r.dir.display());
-            if r.remote.is_some() {
-                println!(
-                    "  store: {store} (read cache {} in {}/cache)",
-                    HumanBytes(r.remote.as_ref().map_or(0, |x| x.cache_bytes)),
-                    r.dir.display()
-                );
-            }
-            println!(
-                "  segments {} · chunks {}/{}/{} (min/avg/max) · zstd level {}",
-                HumanBytes(c.segment_size.into()),
-                HumanBytes(c.min_size.into()),
-                HumanBytes(c.avg_size.into()),
-                HumanBytes(c.max_size.into()),
-                r.config.compression.level
-            );
-            println!("  keep a copy of {store}/config: its id key is needed to read the backups");
+    pub fn init(&self, r: &InitReport) {
+        if self.json(r) {
+            return;
         }
+        let c = &r.chunker;
+        say!("created repository {}", r.repo.display());
+        if let Some(cache) = r.cache_bytes {
+            say!(
+                "  store: {} (read cache {} in {}/cache)",
+                r.store,
+                HumanBytes(cache),
+                r.repo.display()
+            );
+        }
+        say!(
+            "  segments {} · chunks {}/{}/{} (min/avg/max) · zstd level {}",
+            HumanBytes(c.segment_size.into()),
+            HumanBytes(c.min_size.into()),
+            HumanBytes(c.avg_size.into()),
+            HumanBytes(c.max_size.into()),
+            r.compression.level
+        );
+        say!(
+            "  keep a copy of {}/config: its id key is needed to read the backups",
+            r.store
+        );
     }
 
     pub fn backup(&self, m: &Manifest) {
@@ -60,9 +64,9 @@ impl Out {
         }
         let s = &m.stats;
         let deduped = s.data_bytes.saturating_sub(s.new_raw_bytes);
-        println!("backup {}@{} committed", m.vm, m.id);
+        say!("backup {}@{} committed", m.vm, m.id);
         for d in &m.disks {
-            println!(
+            say!(
                 "  disk {:<10} {:>10} ({} data) from {}",
                 d.name,
                 HumanBytes(d.size).to_string(),
@@ -70,19 +74,19 @@ impl Out {
                 d.source
             );
         }
-        println!(
+        say!(
             "  read      {:>10}  at {}",
             HumanBytes(s.read_bytes).to_string(),
             rate(s.read_bytes, s.seconds)
         );
-        println!(
+        say!(
             "  new       {:>10}  ({} new chunks, {} reused)",
             HumanBytes(s.new_raw_bytes).to_string(),
             s.new_chunks,
             s.reused_chunks
         );
-        println!("  deduped   {:>10}", HumanBytes(deduped).to_string());
-        println!(
+        say!("  deduped   {:>10}", HumanBytes(deduped).to_string());
+        say!(
             "  stored    {:>10}  in {} pack(s)",
             HumanBytes(s.new_stored_bytes).to_string(),
             s.packs_written
@@ -92,13 +96,13 @@ impl Out {
         } else {
             "all deduplicated".into()
         };
-        println!("  ratio     {ratio:>10}  (data / newly stored)");
-        println!(
+        say!("  ratio     {ratio:>10}  (data / newly stored)");
+        say!(
             "  time      {:>10}",
             HumanDuration(Duration::from_secs_f64(s.seconds)).to_string()
         );
         if let Some(r) = &s.store_requests {
-            println!(
+            say!(
                 "  S3        {:>10}  up in {} PUT, {} GET, {} HEAD, {} LIST",
                 HumanBytes(r.bytes_up).to_string(),
                 r.put,
@@ -114,16 +118,21 @@ impl Out {
             return;
         }
         if ms.is_empty() {
-            println!("no backups yet; make one with `holdfast backup VM --disk NAME=PATH`");
+            say!("no backups yet; make one with `holdfast backup VM --disk NAME=PATH`");
             return;
         }
-        println!(
+        say!(
             "{:<16} {:<22} {:<21} {:<20} {:>10} {:>10}",
-            "VM", "ID", "TIME", "DISKS", "SIZE", "NEW"
+            "VM",
+            "ID",
+            "TIME",
+            "DISKS",
+            "SIZE",
+            "NEW"
         );
         for m in ms {
             let disks: Vec<&str> = m.disks.iter().map(|d| d.name.as_str()).collect();
-            println!(
+            say!(
                 "{:<16} {:<22} {:<21} {:<20} {:>10} {:>10}",
                 m.vm,
                 m.id,
@@ -139,10 +148,10 @@ impl Out {
         if self.json(m) {
             return;
         }
-        println!("backup {}@{}", m.vm, m.id);
-        println!("  time      {}", crate::timefmt::rfc3339(m.time));
+        say!("backup {}@{}", m.vm, m.id);
+        say!("  time      {}", crate::timefmt::rfc3339(m.time));
         for d in &m.disks {
-            println!(
+            say!(
                 "  disk {}: {} ({} bytes), {} data, from {}",
                 d.name,
                 HumanBytes(d.size),
@@ -152,7 +161,7 @@ impl Out {
             );
         }
         let s = &m.stats;
-        println!(
+        say!(
             "  read {} · new {} · stored {} · {} new chunks · {} reused · {:.1}s",
             HumanBytes(s.read_bytes),
             HumanBytes(s.new_raw_bytes),
@@ -165,7 +174,7 @@ impl Out {
 
     pub fn restore(&self, r: &RestoreReport) {
         if !self.json(r) {
-            println!(
+            say!(
                 "restored {}@{} disk {} to {}: {} ({} data) at {}",
                 r.vm,
                 r.backup,
@@ -183,9 +192,9 @@ impl Out {
             return;
         }
         for d in &r.damaged {
-            eprintln!("DAMAGED {} {}: {}", d.kind, d.blob, d.error);
+            note!("DAMAGED {} {}: {}", d.kind, d.blob, d.error);
             for a in &d.affects {
-                eprintln!(
+                note!(
                     "  affects {}@{} disk {} bytes {}..{}",
                     a.vm,
                     a.backup,
@@ -200,7 +209,7 @@ impl Out {
         } else {
             format!("{} damaged blob(s)", r.damaged.len())
         };
-        println!(
+        say!(
             "verified {} backup(s): {} of {} chunks ({}) re-hashed: {verdict}",
             r.backups,
             r.chunks_checked,
@@ -212,9 +221,10 @@ impl Out {
     pub fn forget(&self, m: &Manifest) {
         let v = serde_json::json!({"forgot": format!("{}@{}", m.vm, m.id)});
         if !self.json(&v) {
-            println!(
+            say!(
                 "forgot {}@{}; run `holdfast gc` to free its unshared data",
-                m.vm, m.id
+                m.vm,
+                m.id
             );
         }
     }
@@ -223,7 +233,7 @@ impl Out {
         if self.json(r) {
             return;
         }
-        println!(
+        say!(
             "gc: freed {} · {} pack(s) deleted · {} rewritten · {} condemned",
             HumanBytes(r.bytes_freed),
             r.packs_deleted,
@@ -231,7 +241,7 @@ impl Out {
             r.packs_condemned
         );
         if r.packs_deferred > 0 {
-            println!(
+            say!(
                 "  {} pack(s) wait for a running backup to finish; the next gc deletes them",
                 r.packs_deferred
             );
@@ -242,40 +252,45 @@ impl Out {
         if self.json(s) {
             return;
         }
-        println!("backups          {} of {} VM(s)", s.backups, s.vms);
-        println!("logical          {}", HumanBytes(s.logical_bytes));
-        println!("data             {}", HumanBytes(s.data_bytes));
-        println!(
+        say!("backups          {} of {} VM(s)", s.backups, s.vms);
+        say!("logical          {}", HumanBytes(s.logical_bytes));
+        say!("data             {}", HumanBytes(s.data_bytes));
+        say!(
             "unique           {} in {} chunks",
             HumanBytes(s.unique_bytes),
             s.chunks
         );
-        println!(
+        say!(
             "stored           {} in {} packs",
             HumanBytes(s.stored_bytes),
             s.packs
         );
-        println!("dedup ratio      {:.2}x", s.dedup_ratio);
-        println!("compression      {:.2}x", s.compression_ratio);
-        println!("overall          {:.2}x", s.total_ratio);
-        println!(
+        say!("dedup ratio      {:.2}x", s.dedup_ratio);
+        say!("compression      {:.2}x", s.compression_ratio);
+        say!("overall          {:.2}x", s.total_ratio);
+        say!(
             "cost             ${:.4}/month at ${}/GB-month",
-            s.cost_per_month, s.price_per_gb_month
+            s.cost_per_month,
+            s.price_per_gb_month
         );
         if let Some(r) = &s.s3_requests {
-            println!("store            {}", s.store);
-            println!(
+            say!("store            {}", s.store);
+            say!(
                 "S3 requests      {} PUT · {} GET · {} HEAD · {} LIST · {} DELETE",
-                r.put, r.get, r.head, r.list, r.delete
+                r.put,
+                r.get,
+                r.head,
+                r.list,
+                r.delete
             );
-            println!(
+            say!(
                 "S3 traffic       {} up · {} down",
                 HumanBytes(r.bytes_up),
                 HumanBytes(r.bytes_down)
             );
         }
         if let Some(p) = s.backup_puts_per_gb {
-            println!("backup PUTs      {p:.1} per GB of new data");
+            say!("backup PUTs      {p:.1} per GB of new data");
         }
     }
 
@@ -283,8 +298,8 @@ impl Out {
         if self.json(r) {
             return;
         }
-        println!("restored {}", r.path.display());
-        println!(
+        say!("restored {}", r.path.display());
+        say!(
             "  {} files ({}), {} directories, {} symlinks, {} hard links, {} special files in {}",
             r.files,
             HumanBytes(r.bytes),
@@ -295,7 +310,7 @@ impl Out {
             HumanDuration(Duration::from_secs_f64(r.seconds))
         );
         if r.skipped_devices > 0 {
-            println!(
+            say!(
                 "  {} device node(s) left out (--devices, as root, recreates them)",
                 r.skipped_devices
             );
@@ -306,12 +321,14 @@ impl Out {
         if self.json(r) {
             return;
         }
-        println!(
+        say!(
             "catalog rebuilt: {} pack(s), {} blob(s), {} backup(s)",
-            r.packs_added, r.blobs_added, r.backups_added
+            r.packs_added,
+            r.blobs_added,
+            r.backups_added
         );
         for d in &r.damaged {
-            eprintln!("  skipped: {d}");
+            note!("  skipped: {d}");
         }
     }
 }

@@ -1,14 +1,13 @@
-//! `holdfast vm`, `holdfast snapshot`, `holdfast doctor`, and backups of running VMs.
+//! `holdfast vm`, `holdfast snapshot`, `holdfast doctor`.
 
-use crate::jobs::snapshot::{self, CreateArgs};
-use crate::jobs::vmbackup::{self, VmBackupOptions};
-use crate::jobs::vms::{parse_duration, Vm, VmConfig, VmsFile};
-use crate::jobs::Progress;
-use crate::repo::Repo;
-use crate::{Error, Result};
+use super::{usage, Ctx};
+use crate::jobs::snapshot::Kind;
+use crate::jobs::vms::parse_duration;
+use crate::ops::{parse_named, SnapshotCreateRequest, VmAddRequest};
+use crate::Result;
 use clap::Subcommand;
 use indicatif::HumanBytes;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum VmCmd {
@@ -114,45 +113,7 @@ to dirty bitmaps)."
     Expire,
 }
 
-pub fn config_path(config: Option<&Path>, repo_dir: &Path) -> PathBuf {
-    config
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| repo_dir.join("vms.toml"))
-}
-
-fn load(config: &Path) -> Result<VmsFile> {
-    VmsFile::load(config)
-}
-
-pub fn declared(config: &Path, repo_dir: &Path, name: &str) -> Result<Vm> {
-    crate::names::check("VM", name)?;
-    load(config)?.vm(name, repo_dir, config)
-}
-
-fn all_vms(config: &Path, repo_dir: &Path) -> Result<Vec<Vm>> {
-    let f = load(config)?;
-    f.vm.iter()
-        .map(|(n, c)| f.resolve(n, c, repo_dir))
-        .collect()
-}
-
-fn parse_node(s: &str) -> Result<(String, String)> {
-    let (name, node) = s.split_once('=').ok_or_else(|| {
-        Error::Invalid(format!(
-            "--disk {s:?} must be NAME=NODE, e.g. --disk root=disk0"
-        ))
-    })?;
-    crate::names::check("disk", name)?;
-    if node.is_empty() {
-        return Err(Error::Invalid(format!(
-            "--disk {s:?} has no node name after '='"
-        )));
-    }
-    Ok((name.into(), node.into()))
-}
-
-pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> {
-    let mut f = load(config)?;
+pub fn vm(cx: &Ctx, cmd: VmCmd) -> Result<i32> {
     match cmd {
         VmCmd::Add {
             name,
@@ -165,179 +126,102 @@ pub fn vm(cmd: VmCmd, config: &Path, repo_dir: &Path, json: bool) -> Result<()> 
             snapshot_limit,
             no_check,
         } => {
-            crate::names::check("VM", &name)?;
-            if f.vm.contains_key(&name) {
-                return Err(Error::Invalid(format!("VM {name} is already declared in {}; `holdfast vm remove {name}` first to change it", config.display())));
-            }
-            if let Some(t) = &snapshot_ttl {
-                parse_duration(t).map_err(Error::Invalid)?;
-            }
-            let mut map = std::collections::BTreeMap::new();
-            for d in &disks {
-                let (n, node) = parse_node(d)?;
-                if map.insert(n.clone(), node).is_some() {
-                    return Err(Error::Invalid(format!("disk {n} is given twice")));
-                }
-            }
-            let c = VmConfig {
+            let disks = disks
+                .iter()
+                .map(|d| parse_named(d, "NODE", "root=disk0"))
+                .collect::<Result<Vec<_>>>()?;
+            let req = VmAddRequest {
+                name,
                 qmp,
+                disks,
                 agent,
                 work_dir,
                 nbd_socket,
                 snapshot_ttl,
                 snapshot_limit,
-                disks: map,
+                check: !no_check,
             };
-            if !no_check {
-                let v = f.resolve(&name, &c, repo_dir)?;
-                let rt = vmbackup::runtime()?;
-                let client = vmbackup::connect(&rt, &v)?;
-                for (disk, node) in &v.disks {
-                    rt.block_on(crate::qmp::ops::find_disk(&client, node)).map_err(|e| Error::NotFound(format!("disk {disk}: {e}; check the node name (query-named-block-nodes lists them)")))?;
-                }
-                rt.block_on(client.close());
-            }
-            f.vm.insert(name.clone(), c);
-            f.save(config)?;
-            if !json {
-                println!("declared VM {name} in {}", config.display());
-            }
-        }
-        VmCmd::List => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&f.vm).unwrap_or_default()
+            let vm = cx.app.vm_add(req, &cx.term())?;
+            if !cx.json {
+                say!(
+                    "declared VM {} in {}",
+                    vm.name,
+                    cx.app.config_path().display()
                 );
-            } else if f.vm.is_empty() {
-                println!("no VMs declared in {}; add one with `holdfast vm add NAME --qmp SOCKET --disk NAME=NODE`", config.display());
-            } else {
-                for (n, c) in &f.vm {
-                    let disks: Vec<String> =
-                        c.disks.iter().map(|(a, b)| format!("{a}={b}")).collect();
-                    let agent = c
-                        .agent
-                        .as_ref()
-                        .map(|a| format!(" agent {}", a.display()))
-                        .unwrap_or_default();
-                    println!(
-                        "{n:<16} qmp {}{agent} disks {}",
-                        c.qmp.display(),
-                        disks.join(" ")
-                    );
-                }
             }
         }
+        VmCmd::List => vm_list(cx)?,
         VmCmd::Remove { name } => {
-            if f.vm.remove(&name).is_none() {
-                return Err(Error::NotFound(format!(
-                    "VM {name:?} is not declared in {}",
-                    config.display()
-                )));
-            }
-            f.save(config)?;
-            if !json {
-                println!(
-                    "removed VM {name} from {}; its backups and snapshots stay",
-                    config.display()
+            let r = cx.app.vm_remove(&name, &cx.term())?;
+            if !cx.json {
+                say!(
+                    "removed VM {} from {}; its backups and snapshots stay",
+                    r.name,
+                    r.config.display()
                 );
             }
+        }
+    }
+    Ok(0)
+}
+
+fn vm_list(cx: &Ctx) -> Result<()> {
+    let l = cx.app.vm_list()?;
+    if cx.json {
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&l.vms).unwrap_or_default()
+        );
+    } else if l.vms.is_empty() {
+        say!(
+            "no VMs declared in {}; add one with `holdfast vm add NAME --qmp SOCKET --disk NAME=NODE`",
+            l.config.display()
+        );
+    } else {
+        for (n, c) in &l.vms {
+            let disks: Vec<String> = c.disks.iter().map(|(a, b)| format!("{a}={b}")).collect();
+            let agent = c
+                .agent
+                .as_ref()
+                .map(|a| format!(" agent {}", a.display()))
+                .unwrap_or_default();
+            say!(
+                "{n:<16} qmp {}{agent} disks {}",
+                c.qmp.display(),
+                disks.join(" ")
+            );
         }
     }
     Ok(())
 }
 
-pub struct VmBackupArgs {
-    pub vm: String,
-    pub qmp: Option<PathBuf>,
-    pub agent: Option<PathBuf>,
-    pub disks: Vec<String>,
-    pub quiesce: bool,
-    pub full: bool,
-}
-
-/// `holdfast backup VM` of a VM in QEMU: declared, or given with --qmp and --disk NAME=NODE.
-pub fn backup(
-    repo: &Repo,
-    config: &Path,
-    a: VmBackupArgs,
-    progress: &dyn Progress,
-) -> Result<crate::repo::Manifest> {
-    let vm = match &a.qmp {
-        Some(qmp) => {
-            let mut disks = std::collections::BTreeMap::new();
-            for d in &a.disks {
-                let (n, node) = parse_node(d)?;
-                disks.insert(n, node);
-            }
-            let c = VmConfig {
-                qmp: qmp.clone(),
-                agent: a.agent.clone(),
-                work_dir: None,
-                nbd_socket: None,
-                snapshot_ttl: None,
-                snapshot_limit: None,
-                disks,
-            };
-            VmsFile::default().resolve(&a.vm, &c, &repo.dir)?
-        }
-        None => {
-            let mut v = declared(config, &repo.dir, &a.vm)?;
-            if a.agent.is_some() {
-                v.agent = a.agent.clone();
-            }
-            v
-        }
-    };
-    let r = vmbackup::backup_vm(
-        repo,
-        &vm,
-        &VmBackupOptions {
-            quiesce: a.quiesce,
-            full: a.full,
-        },
-        &super::test_hooks(),
-        progress,
-    )?;
-    // Notes go to stderr, also with --json.
-    for c in &r.cleaned {
-        eprintln!("holdfast: removed a leftover of an interrupted run: {c}");
-    }
-    for (disk, why) in &r.full_reads {
-        eprintln!("holdfast: disk {disk}: full read ({why})");
-    }
-    if let Some(w) = &r.teardown_warning {
-        eprintln!("holdfast: warning: {w}");
-    }
-    Ok(r.manifest)
-}
-
-pub fn doctor(repo: &Repo, config: &Path, name: &str, dry_run: bool, json: bool) -> Result<()> {
-    let vm = declared(config, &repo.dir, name)?;
-    let found = vmbackup::doctor(repo, &vm, dry_run)?;
-    if json {
-        println!(
+pub fn doctor(cx: &Ctx, name: &str, dry_run: bool) -> Result<i32> {
+    let r = cx.app.doctor(name, dry_run, &cx.term())?;
+    if cx.json {
+        say!(
             "{}",
-            serde_json::json!({ "vm": name, "leftovers": found, "cleaned": !dry_run })
+            serde_json::json!({ "vm": r.vm, "leftovers": r.leftovers, "cleaned": r.cleaned })
         );
-    } else if found.is_empty() {
-        println!("VM {name}: nothing left behind in QEMU");
+    } else if r.leftovers.is_empty() {
+        say!("VM {name}: nothing left behind in QEMU");
     } else {
         let verb = if dry_run { "found" } else { "removed" };
-        for f in &found {
-            println!("VM {name}: {verb} {f}");
+        for f in &r.leftovers {
+            say!("VM {name}: {verb} {f}");
         }
     }
-    Ok(())
+    Ok(0)
 }
 
 fn when(ms: u64) -> String {
     crate::timefmt::rfc3339(ms / 1000)
 }
 
-pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Result<()> {
-    let print =
-        |v: serde_json::Value| println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+fn print_json(v: serde_json::Value) {
+    say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+}
+
+pub fn snapshot(cx: &Ctx, cmd: SnapshotCmd) -> Result<i32> {
     match cmd {
         SnapshotCmd::Create {
             args,
@@ -346,149 +230,161 @@ pub fn snapshot(cmd: SnapshotCmd, repo: &Repo, config: &Path, json: bool) -> Res
             quiesce,
             description,
             ttl,
-        } => {
-            let (names, name) = match (vms.is_empty(), args.as_slice()) {
-                (true, [vm, name]) => (vec![vm.clone()], name.clone()),
-                (false, [name]) => (vms, name.clone()),
-                (true, _) => return Err(Error::Invalid("give VM NAME, e.g. `holdfast snapshot create web-01 PreUpdate`".into())),
-                (false, _) => return Err(Error::Invalid("with --vm, give only the snapshot NAME, e.g. `holdfast snapshot create --vm a --vm b PreUpdate`".into())),
-            };
-            snapshot::check_name(&name)?;
-            let ttl = ttl
-                .as_deref()
-                .map(parse_duration)
-                .transpose()
-                .map_err(Error::Invalid)?;
-            let targets: Vec<Vm> = names
-                .iter()
-                .map(|n| declared(config, &repo.dir, n))
-                .collect::<Result<_>>()?;
-            let made = snapshot::create(
-                repo,
-                &targets,
-                &CreateArgs {
-                    name,
-                    memory,
-                    quiesce,
-                    description,
-                    ttl,
-                },
-            )?;
-            if json {
-                print(serde_json::to_value(&made).unwrap_or_default());
-            } else {
-                for s in &made {
-                    let what = if s.memory { "with memory" } else { "disk-only" };
-                    let kind = if s.kind == snapshot::Kind::Internal {
-                        "internal"
-                    } else {
-                        "external overlay"
-                    };
-                    println!(
-                        "snapshot {} of VM {} taken ({what}, {kind}); expires {}",
-                        s.name,
-                        s.vm,
-                        s.expires_ms.map(when).unwrap_or_else(|| "never".into())
-                    );
-                }
-            }
-        }
-        SnapshotCmd::List { vm } => {
-            if let Some(v) = &vm {
-                crate::names::check("VM", v)?;
-            }
-            let vms = all_vms(config, &repo.dir)?;
-            let l = snapshot::list(repo, &vms, vm.as_deref())?;
-            if json {
-                print(serde_json::to_value(&l).unwrap_or_default());
-            } else if l.is_empty() {
-                println!("no snapshots; take one with `holdfast snapshot create VM NAME`");
-            } else {
-                println!(
-                    "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE",
-                    "VM", "NAME", "CREATED", "SIZE", "MEMORY", "EXPIRES"
-                );
-                for x in &l {
-                    let s = &x.snapshot;
-                    let size = x
-                        .size
-                        .map(|b| HumanBytes(b).to_string())
-                        .unwrap_or_else(|| "?".into());
-                    let desc = s
-                        .description
-                        .as_ref()
-                        .map(|d| format!("  {d}"))
-                        .unwrap_or_default();
-                    println!(
-                        "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}{desc}",
-                        s.vm,
-                        s.name,
-                        when(s.created_ms),
-                        size,
-                        if s.memory { "yes" } else { "no" },
-                        s.expires_ms.map(when).unwrap_or_else(|| "never".into()),
-                        x.state
-                    );
-                }
-            }
-        }
+        } => create(cx, args, vms, memory, quiesce, description, ttl)?,
+        SnapshotCmd::List { vm } => list(cx, vm.as_deref())?,
         SnapshotCmd::Revert { vm, name } => {
-            let v = declared(config, &repo.dir, &vm)?;
-            let r = snapshot::revert(repo, &v, &name)?;
-            if json {
-                print(serde_json::to_value(&r).unwrap_or_default());
+            let r = cx.app.snapshot_revert(&vm, &name, &cx.term())?;
+            if cx.json {
+                print_json(serde_json::to_value(&r).unwrap_or_default());
             } else if r.online {
-                println!(
-                    "VM {vm} reverted to snapshot {name}; it is {}",
-                    if r.running_after == Some(true) {
-                        "running"
-                    } else {
-                        "paused"
-                    }
-                );
+                let state = if r.running_after == Some(true) {
+                    "running"
+                } else {
+                    "paused"
+                };
+                say!("VM {vm} reverted to snapshot {name}; it is {state}");
             } else {
-                println!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
+                say!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
             }
         }
         SnapshotCmd::Rename { vm, old, new } => {
-            let v = declared(config, &repo.dir, &vm)?;
-            snapshot::rename(repo, &v, &old, &new)?;
-            if !json {
-                println!("snapshot {old} of VM {vm} is now {new}");
+            cx.app.snapshot_rename(&vm, &old, &new, &cx.term())?;
+            if !cx.json {
+                say!("snapshot {old} of VM {vm} is now {new}");
             }
         }
         SnapshotCmd::Delete { vm, name, forget } => {
-            let v = declared(config, &repo.dir, &vm)?;
-            snapshot::delete(repo, &v, &name, forget)?;
-            if !json {
-                println!("deleted snapshot {name} of VM {vm}");
+            cx.app.snapshot_delete(&vm, &name, forget, &cx.term())?;
+            if !cx.json {
+                say!("deleted snapshot {name} of VM {vm}");
             }
         }
-        SnapshotCmd::Expire => {
-            let vms = all_vms(config, &repo.dir)?;
-            let (gone, failed) = snapshot::expire(repo, &vms, crate::timefmt::now_millis())?;
-            if json {
-                print(serde_json::json!({ "deleted": gone, "failed": failed }));
-            } else {
-                for s in &gone {
-                    println!(
-                        "expired snapshot {} of VM {} (taken {})",
-                        s.name,
-                        s.vm,
-                        when(s.created_ms)
-                    );
-                }
-                if gone.is_empty() && failed.is_empty() {
-                    println!("no snapshot is past its lifespan");
-                }
-            }
-            if let Some(f) = failed.first() {
-                return Err(Error::Invalid(format!(
-                    "{} snapshot(s) could not be expired; first: {f}",
-                    failed.len()
-                )));
-            }
+        SnapshotCmd::Expire => expire(cx)?,
+    }
+    Ok(0)
+}
+
+fn create(
+    cx: &Ctx,
+    args: Vec<String>,
+    vms: Vec<String>,
+    memory: bool,
+    quiesce: bool,
+    description: Option<String>,
+    ttl: Option<String>,
+) -> Result<()> {
+    let (vms, name) = match (vms.is_empty(), args.as_slice()) {
+        (true, [vm, name]) => (vec![vm.clone()], name.clone()),
+        (false, [name]) => (vms, name.clone()),
+        (true, _) => {
+            return Err(usage(
+                "give VM NAME, e.g. `holdfast snapshot create web-01 PreUpdate`",
+            ))
         }
+        (false, _) => {
+            return Err(usage(
+                "with --vm, give only the snapshot NAME, e.g. `holdfast snapshot create --vm a --vm b PreUpdate`",
+            ))
+        }
+    };
+    let ttl = ttl
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(crate::Error::Usage)?;
+    let req = SnapshotCreateRequest {
+        vms,
+        name,
+        memory,
+        quiesce,
+        description,
+        ttl,
+    };
+    let made = cx.app.snapshot_create(req, &cx.term())?;
+    if cx.json {
+        print_json(serde_json::to_value(&made).unwrap_or_default());
+        return Ok(());
+    }
+    for s in &made {
+        let what = if s.memory { "with memory" } else { "disk-only" };
+        let kind = if s.kind == Kind::Internal {
+            "internal"
+        } else {
+            "external overlay"
+        };
+        let expires = s.expires_ms.map(when).unwrap_or_else(|| "never".into());
+        say!(
+            "snapshot {} of VM {} taken ({what}, {kind}); expires {expires}",
+            s.name,
+            s.vm
+        );
     }
     Ok(())
+}
+
+fn list(cx: &Ctx, vm: Option<&str>) -> Result<()> {
+    let l = cx.app.snapshot_list(vm)?;
+    if cx.json {
+        print_json(serde_json::to_value(&l).unwrap_or_default());
+        return Ok(());
+    }
+    if l.is_empty() {
+        say!("no snapshots; take one with `holdfast snapshot create VM NAME`");
+        return Ok(());
+    }
+    say!(
+        "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE",
+        "VM",
+        "NAME",
+        "CREATED",
+        "SIZE",
+        "MEMORY",
+        "EXPIRES"
+    );
+    for x in &l {
+        let s = &x.snapshot;
+        let size = x
+            .size
+            .map(|b| HumanBytes(b).to_string())
+            .unwrap_or_else(|| "?".into());
+        let desc = s
+            .description
+            .as_ref()
+            .map(|d| format!("  {d}"))
+            .unwrap_or_default();
+        say!(
+            "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}{desc}",
+            s.vm,
+            s.name,
+            when(s.created_ms),
+            size,
+            if s.memory { "yes" } else { "no" },
+            s.expires_ms.map(when).unwrap_or_else(|| "never".into()),
+            x.state
+        );
+    }
+    Ok(())
+}
+
+fn expire(cx: &Ctx) -> Result<()> {
+    let r = cx.app.snapshot_expire(&cx.term())?;
+    if cx.json {
+        print_json(serde_json::json!({ "deleted": r.deleted, "failed": r.failed }));
+    } else {
+        for s in &r.deleted {
+            say!(
+                "expired snapshot {} of VM {} (taken {})",
+                s.name,
+                s.vm,
+                when(s.created_ms)
+            );
+        }
+        if r.deleted.is_empty() && r.failed.is_empty() {
+            say!("no snapshot is past its lifespan");
+        }
+    }
+    match r.failed.first() {
+        Some(f) => Err(crate::ops::expire_error(r.failed.len(), f)),
+        None => Ok(()),
+    }
 }

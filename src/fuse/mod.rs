@@ -1,6 +1,6 @@
 //! `holdfast mount`: every backup as a read-only FUSE filesystem, down to the files inside the
 //! guest's filesystems. The only module that names `fuser`; the tree itself comes from
-//! `jobs::browse` (disks, partitions, guest filesystems) and the catalog (VMs and backups).
+//! `browse` (disks, partitions, guest filesystems) and the catalog (VMs and backups).
 //!
 //! ```text
 //! /<vm>/latest -> <id>                      the newest backup (a symlink)
@@ -24,9 +24,11 @@ mod mountinfo;
 
 pub use mountinfo::{clean_stale, holdfast_mount, unmount};
 
+use crate::browse::{Browser, DiskView};
+use crate::error::What;
 use crate::guestfs::{self, Kind};
-use crate::jobs::browse::{Browser, DiskView};
 use crate::repo::{Manifest, Repo};
+use crate::task::{Ctx, Serving};
 use crate::{Error, Result};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenFlags, ReplyAttr,
@@ -129,14 +131,9 @@ fn unpack(i: u64) -> Option<Node> {
     ))
 }
 
-/// The one mapping of holdfast errors to errno.
+/// holdfast errors as errno: the one mapping is [`Error::errno`].
 fn errno(e: &Error) -> Errno {
-    match e {
-        Error::NotFound(_) => Errno::ENOENT,
-        Error::Invalid(_) => Errno::EINVAL,
-        Error::Busy(_) => Errno::EBUSY,
-        _ => Errno::EIO,
-    }
+    Errno::from_i32(e.errno())
 }
 
 fn guest_errno(e: &guestfs::GuestFsError) -> Errno {
@@ -759,45 +756,47 @@ impl fuser::Filesystem for HoldfastFs {
     }
 }
 
-/// Mount the backups at `mountpoint` and serve until unmounted (`holdfast umount`, SIGINT or
-/// SIGTERM). `ready` is called once the mount is in place.
-pub fn serve(
-    repo: Arc<Repo>,
-    mountpoint: &Path,
-    cfg: MountConfig,
-    ready: impl FnOnce(),
-) -> Result<()> {
+/// Mount the backups at `mountpoint` and serve until unmounted (`holdfast umount`) or until
+/// `ctx` is cancelled (then it unmounts itself). Reports [`Serving`] once the mount is in place.
+pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ctx: &Ctx) -> Result<()> {
     let meta = std::fs::metadata(mountpoint);
     match meta {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(Error::Invalid(format!(
+            return Err(Error::usage(format!(
                 "{} is not a directory; mount on an empty directory",
                 mountpoint.display()
             )))
         }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
         Err(_) => {
-            return Err(Error::NotFound(format!(
-                "{} does not exist; create it first (mkdir -p {})",
-                mountpoint.display(),
-                mountpoint.display()
-            )))
+            return Err(Error::not_found(
+                What::Directory,
+                mountpoint.display().to_string(),
+                format!(
+                    "{} does not exist; create it first (mkdir -p {})",
+                    mountpoint.display(),
+                    mountpoint.display()
+                ),
+            ))
         }
     }
     if clean_stale(mountpoint)? {
-        eprintln!(
-            "holdfast: removed a stale holdfast mount at {} (its process had died)",
+        ctx.info(&format!(
+            "removed a stale holdfast mount at {} (its process had died)",
             mountpoint.display()
-        );
+        ));
     }
     if let Some(m) = holdfast_mount(mountpoint) {
-        return Err(Error::Busy(format!(
-            "{} is already a holdfast mount ({}); unmount it first with `holdfast umount {}`",
-            mountpoint.display(),
-            m.source,
-            mountpoint.display()
-        )));
+        return Err(Error::busy(
+            "mount",
+            format!(
+                "{} is already a holdfast mount ({}); unmount it first with `holdfast umount {}`",
+                mountpoint.display(),
+                m.source,
+                mountpoint.display()
+            ),
+        ));
     }
     let fs = HoldfastFs::new(repo, cfg.vm);
     let mut options = vec![
@@ -819,24 +818,29 @@ pub fn serve(
     };
     config.n_threads = Some(cfg.threads.max(1));
     config.clone_fd = true;
-    // Caught from before the mount exists: a signal the moment the mount is ready must
-    // unmount it, not kill the process and leave a stale mount.
-    let mut signals =
-        crate::jobs::Signals::catch().map_err(|e| Error::io("catch SIGINT and SIGTERM", e))?;
+    ctx.check()?;
     let session = fuser::Session::new(fs, mountpoint, &config)
         .map_err(|e| Error::io(format!("mount FUSE at {}", mountpoint.display()), e))?;
-    ready();
+    // Watched from the moment the mount exists: a cancel (a signal the moment the mount is
+    // ready, too) unmounts it rather than leaving a stale mount behind.
     let at = mountpoint.to_path_buf();
+    let cancel = ctx.cancel.clone();
     let _ = std::thread::Builder::new()
-        .name("holdfast-signals".into())
+        .name("holdfast-unmount".into())
         .spawn(move || {
-            signals.wait();
+            cancel.wait();
             if let Err(e) = unmount(&at, false) {
                 // Busy: detach now; the mount ends when the last open file closes.
-                eprintln!("holdfast: {e}; detaching it instead");
+                tracing::warn!("{e}; detaching it instead");
                 let _ = unmount(&at, true);
             }
         });
+    let at = mountpoint.display().to_string();
+    ctx.events.serving(&Serving {
+        what: "holdfast backups".into(),
+        at: at.clone(),
+        stop: format!("`holdfast umount {at}` or Ctrl-C"),
+    });
     session.run().map_err(|e| {
         Error::io(
             format!("serve the FUSE mount at {}", mountpoint.display()),

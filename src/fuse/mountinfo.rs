@@ -83,7 +83,7 @@ pub fn clean_stale(path: &Path) -> Result<bool> {
         return Ok(false);
     };
     let dead = matches!(std::fs::metadata(path), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
-        || serving_pid(&m).is_some_and(|pid| !crate::store::pid_alive(pid));
+        || serving_pid(&m).is_some_and(|pid| !crate::sys::pid_alive(pid));
     if !dead {
         return Ok(false);
     }
@@ -107,19 +107,27 @@ fn umount2(path: &Path, flags: i32) -> std::io::Result<()> {
 /// The serving process ends once the kernel lets go.
 pub fn unmount(path: &Path, lazy: bool) -> Result<()> {
     let Some(m) = holdfast_mount(path) else {
-        return Err(Error::NotFound(format!(
-            "{} is not a holdfast mount (`grep holdfast: /proc/self/mountinfo` lists them)",
-            path.display()
-        )));
+        return Err(Error::not_found(
+            crate::error::What::Mount,
+            path.display().to_string(),
+            format!(
+                "{} is not a holdfast mount (`grep holdfast: /proc/self/mountinfo` lists them)",
+                path.display()
+            ),
+        ));
     };
     let flags = if lazy { libc::MNT_DETACH } else { 0 };
     match umount2(&m.mountpoint, flags) {
         Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::Busy(format!(
-            "{} is busy: a process has files or its working directory there; close them, or use `holdfast umount --lazy {}`",
-            path.display(),
-            path.display()
-        ))),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::busy(
+            "mount",
+            format!(
+                "{} is busy: a process has files or its working directory there; close them, or \
+                 use `holdfast umount --lazy {}`",
+                path.display(),
+                path.display()
+            ),
+        )),
         Err(e) => Err(Error::io(format!("unmount {}", path.display()), e)),
     }
 }

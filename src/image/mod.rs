@@ -77,7 +77,7 @@ const PREFETCH_SEGMENTS: usize = 4;
 /// Decoding threads of the prefetch: two per core, so decodes overlap the waits for their
 /// readers (an export copy of 1.18 GB: best 0.78 s with 2 threads, 0.72 s with 4, on 2 cores).
 fn prefetch_threads() -> usize {
-    (crate::jobs::workers() * 2).clamp(2, 8)
+    (crate::sys::workers() * 2).clamp(2, 8)
 }
 
 /// Recent ends of reads, one per sequential stream (several clients, or one client with
@@ -413,10 +413,10 @@ impl ImageReader {
         }
         if filled < want {
             // A segment list shorter than its segment would leave bytes unset: refuse it.
-            return Err(crate::Error::Damaged(format!(
-                "a segment list covers {} bytes too few",
-                want - filled
-            )));
+            return Err(crate::Error::damaged(
+                "segment list",
+                format!("a segment list covers {} bytes too few", want - filled),
+            ));
         }
         Ok(true)
     }

@@ -5,18 +5,17 @@
 //! (packs, index). Commit protocol (DESIGN §5): every pack is durable in the store and recorded
 //! in the catalog before the manifest is written; the manifest is the commit.
 
-use super::lock::VmLock;
-use super::Progress;
-use crate::catalog::{Batch, ChunkLoc, PackId, PackInfo, SegMemo};
+use super::packs::{NewBlobRef, PackSink};
+use crate::catalog::{Batch, SegMemo};
 use crate::chunk::{self, BlobId, BlobKind, Codec};
 use crate::repo::format::{self, SegEntry};
-use crate::repo::{BackupStats, DiskEntry, Manifest, Repo};
+use crate::repo::{DiskEntry, Manifest, Repo};
 use crate::source::{Extent, ReadJob, Source, SourceError};
-use crate::store::pack::{self, PackEntry, PackWriter};
+use crate::task::{Cancel, Ctx};
 use crate::{Error, Result};
 use bytes::BytesMut;
 use crossbeam_channel::bounded;
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::time::Instant;
 
 /// One disk to back up.
@@ -38,13 +37,6 @@ struct Base {
     id: String,
     segs: Vec<Option<BlobId>>,
     dirty: Vec<Extent>,
-}
-
-#[derive(Default)]
-pub struct Hooks {
-    /// Called after every pack is durable, just before the manifest is written (tests use it to
-    /// interleave gc with a backup).
-    pub before_commit: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 struct Segment {
@@ -76,285 +68,65 @@ struct SegResult {
     memo_hit: bool,
 }
 
-/// Writes new blobs into packs. A full pack is sealed and uploaded on its own thread while
-/// the next one fills (a few in flight: a remote PUT mostly waits on the network); the catalog
-/// learns a pack's blobs only once its upload has succeeded.
-pub(crate) struct PackSink<'a> {
-    repo: &'a Repo,
-    writer: PackWriter,
-    /// Blobs in the open pack or in packs still uploading.
-    pending: HashSet<[u8; 32]>,
-    uploads: VecDeque<Upload>,
-    pub stats: BackupStats,
-    crash_after: Option<u64>,
-}
-
-struct Upload {
-    pack_id: PackId,
-    size: u64,
-    entries: Vec<PackEntry>,
-    done: std::thread::JoinHandle<crate::store::StoreResult<()>>,
-}
-
-impl<'a> PackSink<'a> {
-    pub(crate) fn new(repo: &'a Repo) -> Self {
-        let crash_after = std::env::var("HOLDFAST_TEST_CRASH_AFTER_PACKS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        PackSink {
-            repo,
-            writer: Self::fresh_writer(repo),
-            pending: HashSet::new(),
-            uploads: VecDeque::new(),
-            stats: BackupStats::default(),
-            crash_after,
-        }
+/// Why these disks cannot be backed up together, if they cannot (names checked, none given
+/// twice, no `X` beside `X.img`: `holdfast mount` shows disk X as `X.img` and `X/`).
+pub fn check_disks(names: &[&str]) -> Result<()> {
+    if names.is_empty() {
+        return Err(Error::usage("no disks to back up; pass --disk NAME=PATH"));
     }
-
-    fn fresh_writer(repo: &Repo) -> PackWriter {
-        // Room for a full pack, its last blob and the footer, so the buffer never doubles.
-        PackWriter::with_capacity(repo.config.pack_target as usize + (2 << 20))
-    }
-
-    /// Packs uploading at once: each holds a pack's bytes in memory.
-    fn max_uploads(&self) -> usize {
-        if self.repo.remote.is_some() {
-            4
-        } else {
-            2 // the next pack compresses while the last one is fsynced
-        }
-    }
-
-    /// True when the blob is already stored (or waiting in the open pack).
-    pub(crate) fn known(&self, id: &BlobId) -> Result<bool> {
-        Ok(self.pending.contains(&id.0) || self.repo.catalog.chunk(&id.0)?.is_some())
-    }
-
-    pub(crate) fn add(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
-        if self.known(&b.id)? {
-            return Ok(false);
-        }
-        self.add_unchecked(b)
-    }
-
-    /// Add without the dedup check (gc copies blobs that the catalog still lists elsewhere).
-    pub(crate) fn add_unchecked(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
-        self.writer
-            .add(b.id.0, b.kind as u8, b.codec as u8, b.stored, b.raw_len);
-        self.pending.insert(b.id.0);
-        self.stats.new_raw_bytes += u64::from(b.raw_len);
-        self.stats.new_stored_bytes += b.stored.len() as u64;
-        if b.kind == BlobKind::Chunk {
-            self.stats.new_chunks += 1;
-        }
-        if self.writer.len() >= self.repo.config.pack_target as usize {
-            self.seal()?;
-        }
-        Ok(true)
-    }
-
-    /// Start uploading the open pack; waits only while too many uploads are in flight.
-    fn seal(&mut self) -> Result<()> {
-        if self.writer.is_empty() {
-            return Ok(());
-        }
-        let (bytes, entries) =
-            std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
-        let pack_id = Repo::new_pack_id()?;
-        let store = self.repo.store.clone();
-        let size = bytes.len() as u64;
-        let done = std::thread::Builder::new()
-            .name("holdfast-upload".into())
-            .spawn(move || store.put(&pack::pack_key(&hex::encode(pack_id)), &bytes))
-            .map_err(|e| Error::io("start an upload thread", e))?;
-        self.uploads.push_back(Upload {
-            pack_id,
-            size,
-            entries,
-            done,
-        });
-        while self.uploads.len() > self.max_uploads() - 1 {
-            self.finish_one()?;
-        }
-        Ok(())
-    }
-
-    /// Wait for the oldest upload and record its pack in the catalog.
-    fn finish_one(&mut self) -> Result<()> {
-        let Some(u) = self.uploads.pop_front() else {
-            return Ok(());
-        };
-        let stored = u.done.join().unwrap_or_else(|_| {
-            Err(crate::store::StoreError::Remote {
-                key: hex::encode(u.pack_id),
-                msg: "the upload thread panicked".into(),
-            })
-        });
-        stored?;
-        let mut batch = Batch::default();
-        for e in &u.entries {
-            let loc = ChunkLoc {
-                pack: u.pack_id,
-                kind: e.kind,
-                codec: e.codec,
-                offset: e.offset,
-                stored_len: e.stored_len,
-                raw_len: e.raw_len,
-            };
-            batch.put_chunk(&e.id, &loc);
-        }
-        batch.put_pack(
-            &u.pack_id,
-            &PackInfo {
-                created: crate::timefmt::now_millis(),
-                size: u.size,
-                entries: u.entries.len() as u32,
-            },
-        );
-        self.repo.catalog.write(batch)?;
-        for e in &u.entries {
-            self.pending.remove(&e.id);
-        }
-        self.stats.packs_written += 1;
-        if self
-            .crash_after
-            .is_some_and(|n| self.stats.packs_written >= n)
-        {
-            eprintln!("holdfast: HOLDFAST_TEST_CRASH_AFTER_PACKS reached, aborting");
-            std::process::abort();
-        }
-        Ok(())
-    }
-
-    /// Seal the open pack and wait until every pack is stored and in the catalog.
-    pub(crate) fn flush(&mut self) -> Result<()> {
-        self.seal()?;
-        while !self.uploads.is_empty() {
-            self.finish_one()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PackSink<'_> {
-    /// On an error, let uploads in flight end before returning (their packs are unreferenced
-    /// until a later sync imports them or gc removes them).
-    fn drop(&mut self) {
-        for u in self.uploads.drain(..) {
-            let _ = u.done.join();
-        }
-    }
-}
-
-pub(crate) struct NewBlobRef<'b> {
-    pub id: BlobId,
-    pub kind: BlobKind,
-    pub codec: Codec,
-    pub stored: &'b [u8],
-    pub raw_len: u32,
-}
-
-/// Back up `disks` of `vm`. Returns the committed manifest.
-pub fn backup(
-    repo: &Repo,
-    vm: &str,
-    disks: Vec<DiskSpec>,
-    hooks: &Hooks,
-    progress: &dyn Progress,
-) -> Result<Manifest> {
-    crate::names::check("VM", vm)?;
-    let lock = VmLock::acquire(&repo.dir, vm, "backup")?;
-    backup_locked(repo, vm, &lock, disks, hooks, progress)
-}
-
-/// [`backup`] under a VM lock the caller holds (the QEMU cycle holds it from before the read
-/// point until after its teardown).
-pub fn backup_locked(
-    repo: &Repo,
-    vm: &str,
-    lock: &VmLock,
-    disks: Vec<DiskSpec>,
-    hooks: &Hooks,
-    progress: &dyn Progress,
-) -> Result<Manifest> {
     let mut seen = HashSet::new();
-    for d in &disks {
-        crate::names::check("disk", &d.name)?;
-        if !seen.insert(d.name.clone()) {
-            return Err(Error::Invalid(format!(
-                "disk {} is given twice; each --disk needs its own name",
-                d.name
+    for n in names {
+        crate::names::check("disk", n)?;
+        if !seen.insert(*n) {
+            return Err(Error::usage(format!(
+                "disk {n} is given twice; each --disk needs its own name"
             )));
         }
     }
-    if disks.is_empty() {
-        return Err(Error::Invalid(
-            "no disks to back up; pass --disk NAME=PATH".into(),
-        ));
-    }
-    // `holdfast mount` shows disk X as X.img and X/: a disk named X.img would collide.
-    if let Some(d) = disks.iter().find(|d| {
-        d.name
-            .strip_suffix(".img")
+    if let Some(n) = names.iter().find(|n| {
+        n.strip_suffix(".img")
             .is_some_and(|base| seen.contains(base))
     }) {
-        return Err(Error::Invalid(format!(
-            "disks {} and {} would have the same name in a mount; rename one",
-            d.name,
-            d.name.trim_end_matches(".img")
+        return Err(Error::usage(format!(
+            "disks {n} and {} would have the same name in a mount; rename one",
+            n.trim_end_matches(".img")
         )));
     }
+    Ok(())
+}
+
+/// A new backup id: the task's start time (UTC) and 4 random hex digits.
+fn new_backup_id(started_ms: u64) -> Result<String> {
+    let mut suffix = [0u8; 2];
+    getrandom::fill(&mut suffix).map_err(|e| Error::internal(format!("no randomness: {e}")))?;
+    Ok(format!(
+        "{}-{}",
+        crate::timefmt::compact(started_ms / 1000),
+        hex::encode(suffix)
+    ))
+}
+
+/// Back up `disks` of `vm` and commit the backup; returns its manifest.
+///
+/// The caller holds the VM's task (and lock), recorded as running before this reads the
+/// catalog: gc relies on that order to keep what a backup in flight may reuse.
+pub fn backup(repo: &Repo, vm: &str, disks: Vec<DiskSpec>, ctx: &Ctx) -> Result<Manifest> {
+    crate::names::check("VM", vm)?;
+    check_disks(&disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>())?;
     let started = Instant::now();
     let requests_before = repo.remote.as_ref().map(|r| r.requests.snapshot());
-    // Registered as in flight (the lock) before looking at the catalog: gc relies on this order.
     repo.sync()?;
     tracing::debug!(ms = started.elapsed().as_millis(), "backup: store synced");
-    let time = lock.started_ms() / 1000;
-    let mut suffix = [0u8; 2];
-    getrandom::fill(&mut suffix).map_err(|e| Error::Invalid(e.to_string()))?;
-    let id = format!("{}-{}", crate::timefmt::compact(time), hex::encode(suffix));
-
-    let extents: Vec<Vec<Extent>> = disks
-        .iter()
-        .map(|d| d.source.extents())
-        .collect::<std::result::Result<_, _>>()?;
-    let total: u64 = extents.iter().flatten().map(|(a, b)| b - a).sum();
-    tracing::debug!(ms = started.elapsed().as_millis(), "backup: extents known");
-    progress.begin("backup", total);
+    let id = new_backup_id(ctx.started_ms)?;
     let mut sink = PackSink::new(repo);
-    let mut entries = Vec::new();
     let mut memos = Vec::new();
-    let mut done = 0u64;
-    for (d, ex) in disks.iter().zip(&extents) {
-        let base = incremental_base(repo, vm, d)?;
-        let entry = backup_disk(
-            repo,
-            d,
-            ex,
-            base.as_ref(),
-            &mut sink,
-            &mut memos,
-            &mut |n| {
-                done += n;
-                progress.add(n);
-                lock.progress(done, total);
-            },
-        )?;
-        entries.push(entry);
-    }
-    sink.flush()?;
-    progress.end();
+    let entries = read_disks(repo, vm, &disks, &mut sink, &mut memos, ctx)?;
     tracing::debug!(
         ms = started.elapsed().as_millis(),
         "backup: disks read, packs written"
     );
-    if let Some(h) = &hooks.before_commit {
-        h();
-    }
-    super::test_point("before-commit")?;
-    if super::interrupted() {
-        return Err(Error::Interrupted);
-    }
+    crate::hooks::point("before-commit")?;
+    ctx.check()?;
     let mut stats = std::mem::take(&mut sink.stats);
     stats.logical_bytes = entries.iter().map(|d: &DiskEntry| d.size).sum();
     stats.data_bytes = entries.iter().map(|d| d.data_bytes).sum();
@@ -369,38 +141,65 @@ pub fn backup_locked(
     let manifest = Manifest {
         version: 1,
         vm: vm.into(),
-        id: id.clone(),
-        time,
-        time_ms: lock.started_ms(),
+        id,
+        time: ctx.started_ms / 1000,
+        time_ms: ctx.started_ms,
         disks: entries,
         stats,
     };
-    let json = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
-    let key = Manifest::key(vm, &id);
+    commit(repo, &manifest, &memos)?;
+    tracing::debug!(ms = started.elapsed().as_millis(), "backup: committed");
+    Ok(manifest)
+}
+
+/// Read every disk into packs (all durable when this returns); the disks' index entries.
+fn read_disks(
+    repo: &Repo,
+    vm: &str,
+    disks: &[DiskSpec],
+    sink: &mut PackSink,
+    memos: &mut Vec<([u8; 32], SegMemo)>,
+    ctx: &Ctx,
+) -> Result<Vec<DiskEntry>> {
+    let extents: Vec<Vec<Extent>> = disks
+        .iter()
+        .map(|d| d.source.extents())
+        .collect::<std::result::Result<_, _>>()?;
+    let total: u64 = extents.iter().flatten().map(|(a, b)| b - a).sum();
+    ctx.events.phase("backup", total);
+    let mut entries = Vec::new();
+    for (d, ex) in disks.iter().zip(&extents) {
+        let base = incremental_base(repo, vm, d)?;
+        entries.push(backup_disk(repo, d, ex, base.as_ref(), sink, memos, ctx)?);
+    }
+    sink.flush()?;
+    Ok(entries)
+}
+
+/// Write the manifest (the commit), then the catalog.
+fn commit(repo: &Repo, manifest: &Manifest, memos: &[([u8; 32], SegMemo)]) -> Result<()> {
+    let json = serde_json::to_vec_pretty(manifest).map_err(Error::internal)?;
+    let key = Manifest::key(&manifest.vm, &manifest.id);
     if repo.store.exists(&key)? {
-        return Err(Error::Invalid(format!(
-            "backup id {id} exists already; re-run the backup"
-        )));
+        return Err(Error::exists(
+            crate::error::What::Backup,
+            format!("{}@{}", manifest.vm, manifest.id),
+            format!(
+                "backup id {} exists already; re-run the backup",
+                manifest.id
+            ),
+        ));
     }
     repo.store.put(&key, &json)?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        "backup: manifest committed"
-    );
     // One catalog write for the backup and the segment memo (a cache of segment bytes to
     // segment lists, valid only now that the backup is committed). If it fails, the committed
     // manifest is still in the store and the next command's sync imports it.
     let mut batch = Batch::default();
-    batch.put_backup(vm, &id, &json);
-    for (k, m) in &memos {
+    batch.put_backup(&manifest.vm, &manifest.id, &json);
+    for (k, m) in memos {
         batch.put_segmemo(k, m);
     }
-    repo.catalog.write(batch)?;
-    tracing::debug!(
-        ms = started.elapsed().as_millis(),
-        "backup: catalog written"
-    );
-    Ok(manifest)
+    Ok(repo.catalog.write(batch)?)
 }
 
 /// The previous backup a changed-block read builds on, when the source tracks changes and a
@@ -425,7 +224,7 @@ fn incremental_base(repo: &Repo, vm: &str, d: &DiskSpec) -> Result<Option<Base>>
         .find(|x| x.name == d.name && x.size == d.source.size() && x.segment_size == seg)
     else {
         if d.since.is_some() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::Conflict(format!(
                 "backup {vm}@{} has no disk {} of {} bytes to build on; drop --since for a full read",
                 prev.id,
                 d.name,
@@ -448,12 +247,12 @@ fn backup_disk(
     base: Option<&Base>,
     sink: &mut PackSink,
     memos: &mut Vec<([u8; 32], SegMemo)>,
-    on_read: &mut dyn FnMut(u64),
+    ctx: &Ctx,
 ) -> Result<DiskEntry> {
     let size = d.source.size();
     let seg = u64::from(repo.config.chunker.segment_size);
     let n_segs = size.div_ceil(seg);
-    let workers = super::workers();
+    let workers = crate::sys::workers();
     let (seg_tx, seg_rx) = bounded::<Result<Segment>>(workers);
     let (res_tx, res_rx) = bounded::<Result<SegResult>>(workers);
     let mut segs: Vec<Option<BlobId>> = vec![None; n_segs as usize];
@@ -461,9 +260,15 @@ fn backup_disk(
     let pool: Pool = bounded(workers * 2 + POOLED + 2);
     std::thread::scope(|s| -> Result<()> {
         let source = d.source.as_ref();
-        let reuse = base.map(|b| (b.segs.as_slice(), b.dirty.as_slice()));
+        let plan = ReadPlan {
+            extents,
+            reuse: base.map(|b| (b.segs.as_slice(), b.dirty.as_slice())),
+            seg,
+            size,
+        };
         let pool: &Pool = &pool;
-        s.spawn(move || read_segments(source, extents, reuse, seg, size, pool, seg_tx));
+        let cancel = &ctx.cancel;
+        s.spawn(move || read_segments(source, &plan, pool, cancel, seg_tx));
         for _ in 0..workers {
             let (rx, tx) = (seg_rx.clone(), res_tx.clone());
             s.spawn(move || {
@@ -501,7 +306,7 @@ fn backup_disk(
                 memos.extend(r.memo);
                 data_bytes += r.data_bytes;
                 segs[r.no as usize] = r.seglist;
-                on_read(r.read);
+                ctx.events.progress(r.read);
             }
             Ok(())
         };
@@ -554,21 +359,34 @@ type Pool = (
     crossbeam_channel::Receiver<BytesMut>,
 );
 
-fn read_segments(
-    src: &dyn Source,
-    extents: &[Extent],
-    reuse: Reuse<'_>,
+/// What a disk's reader reads: the allocated extents, the segment size and disk size, and for
+/// an incremental read the previous backup's segments with the dirty ranges.
+struct ReadPlan<'a> {
+    extents: &'a [Extent],
+    reuse: Reuse<'a>,
     seg: u64,
     size: u64,
+}
+
+fn read_segments(
+    src: &dyn Source,
+    plan: &ReadPlan<'_>,
     pool: &Pool,
+    cancel: &Cancel,
     tx: crossbeam_channel::Sender<Result<Segment>>,
 ) {
+    let ReadPlan {
+        extents,
+        reuse,
+        seg,
+        size,
+    } = *plan;
     let mut no = 0u64;
     let tx = &tx;
     let mut next = || -> Option<ReadJob> {
         loop {
-            if super::interrupted() {
-                let _ = tx.send(Err(Error::Interrupted));
+            if let Err(e) = cancel.check() {
+                let _ = tx.send(Err(e));
                 return None;
             }
             if no.saturating_mul(seg) >= size {

@@ -10,9 +10,10 @@
 //!   (within the restored tree); holes in the guest files stay holes.
 //! - Damaged data is an error (exit 3) naming the file, never wrong bytes.
 
-use super::browse::{guest_error, locate, Browser, FileSpec, Located};
-use super::Progress;
+use crate::browse::{guest_error, locate, Browser, FileSpec, Located};
+use crate::error::What;
 use crate::guestfs::{Attr, Filesystem, Kind};
+use crate::task::{Ctx, Events};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -30,8 +31,19 @@ pub fn cat(b: &Browser, spec: &FileSpec, out: &mut dyn Write) -> Result<u64> {
     let l = locate(b, spec, true)?;
     match l.attr.kind {
         Kind::File => {}
-        Kind::Dir => return Err(Error::Invalid(format!("/{} is a directory; copy it out with `holdfast restore-files`, or browse with `holdfast mount`", spec.path))),
-        _ => return Err(Error::Invalid(format!("/{} is not a regular file", spec.path))),
+        Kind::Dir => {
+            return Err(Error::usage(format!(
+                "/{} is a directory; copy it out with `holdfast restore-files`, or browse with \
+                 `holdfast mount`",
+                spec.path
+            )))
+        }
+        _ => {
+            return Err(Error::usage(format!(
+                "/{} is not a regular file",
+                spec.path
+            )))
+        }
     }
     let mut buf = vec![0u8; BLOCK];
     let mut at = 0u64;
@@ -90,14 +102,19 @@ pub fn restore_files(
     spec: &FileSpec,
     to: &Path,
     devices: bool,
-    progress: &dyn Progress,
+    ctx: &Ctx,
 ) -> Result<FilesReport> {
+    let progress = ctx.events;
     let started = std::time::Instant::now();
     if !to.is_dir() {
-        return Err(Error::NotFound(format!(
-            "{} is not a directory; create it first, or pick another --to",
-            to.display()
-        )));
+        return Err(Error::not_found(
+            What::Directory,
+            to.display().to_string(),
+            format!(
+                "{} is not a directory; create it first, or pick another --to",
+                to.display()
+            ),
+        ));
     }
     let l = locate(b, spec, false)?;
     let name = match spec.path.rsplit('/').next().filter(|s| !s.is_empty()) {
@@ -106,10 +123,14 @@ pub fn restore_files(
     };
     let target = to.join(&name);
     if target.symlink_metadata().is_ok() {
-        return Err(Error::Invalid(format!(
-            "{} exists; holdfast never overwrites: remove it or pick another --to",
-            target.display()
-        )));
+        return Err(Error::exists(
+            What::File,
+            target.display().to_string(),
+            format!(
+                "{} exists; holdfast never overwrites: remove it or pick another --to",
+                target.display()
+            ),
+        ));
     }
     let items = walk(&l, &spec.path)?;
     let total: u64 = items
@@ -117,13 +138,14 @@ pub fn restore_files(
         .filter(|i| i.attr.kind == Kind::File)
         .map(|i| i.attr.size)
         .sum();
-    progress.begin("restore-files", total);
+    progress.phase("restore-files", total);
     let tmp = to.join(format!(".{name}.holdfast-{}", std::process::id()));
     let mut guard = TempTree(Some(tmp.clone()));
     let mut rep = FilesReport::default();
-    let as_root = unsafe { libc::geteuid() } == 0;
+    let as_root = crate::sys::is_root();
     let mut links: HashMap<u64, PathBuf> = HashMap::new();
     for it in &items {
+        ctx.check()?;
         if matches!(it.attr.kind, Kind::CharDev | Kind::BlockDev) && !(devices && as_root) {
             rep.skipped_devices += 1;
             continue;
@@ -159,8 +181,7 @@ pub fn restore_files(
     sync_tree(to)?;
     rename_noreplace(&tmp, &target)?;
     guard.0 = None;
-    crate::store::fsync_dir(to).map_err(|e| Error::io(format!("sync {}", to.display()), e))?;
-    progress.end();
+    crate::sys::fsync_dir(to).map_err(|e| Error::io(format!("sync {}", to.display()), e))?;
     rep.path = target;
     rep.seconds = started.elapsed().as_secs_f64();
     Ok(rep)
@@ -178,9 +199,13 @@ fn walk(l: &Located, path: &str) -> Result<Vec<Item>> {
         if out[i].attr.kind == Kind::Dir {
             let depth = out[i].rel.components().count();
             if depth >= MAX_DEPTH {
-                return Err(Error::Invalid(format!(
-                    "/{path}: directories nested deeper than {MAX_DEPTH}"
-                )));
+                return Err(Error::Guest {
+                    part: l.part.label().to_string(),
+                    path: format!("/{path}"),
+                    source: crate::guestfs::GuestFsError::TooLarge(format!(
+                        "directories nested deeper than {MAX_DEPTH}"
+                    )),
+                });
             }
             let mut entries =
                 l.fs.readdir(out[i].attr.ino)
@@ -215,7 +240,7 @@ fn create(
     it: &Item,
     dst: &Path,
     rep: &mut FilesReport,
-    progress: &dyn Progress,
+    progress: &dyn Events,
 ) -> Result<()> {
     let err = |what: &str, e: std::io::Error| Error::io(format!("{what} {}", dst.display()), e);
     match it.attr.kind {
@@ -272,7 +297,7 @@ fn copy_file(
     fs: &dyn Filesystem,
     a: &Attr,
     dst: &Path,
-    progress: &dyn Progress,
+    progress: &dyn Events,
 ) -> std::result::Result<(), CopyError> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
@@ -304,7 +329,7 @@ fn copy_file(
                 .map_err(CopyError::Local)?;
         }
         at += n as u64;
-        progress.add(n as u64);
+        progress.progress(n as u64);
     }
     f.set_len(a.size).map_err(CopyError::Local)?;
     Ok(())
@@ -328,7 +353,15 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
     }
     let e = std::io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EEXIST) {
-        return Err(Error::Invalid(format!("{} appeared while restoring; holdfast never overwrites: remove it or pick another --to", to.display())));
+        return Err(Error::exists(
+            What::File,
+            to.display().to_string(),
+            format!(
+                "{} appeared while restoring; holdfast never overwrites: remove it or pick \
+                 another --to",
+                to.display()
+            ),
+        ));
     }
     Err(Error::io(
         format!("rename {} to {}", from.display(), to.display()),
@@ -338,7 +371,7 @@ fn rename_noreplace(from: &Path, to: &Path) -> Result<()> {
 
 fn cstr(p: &Path) -> Result<CString> {
     CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| Error::Invalid(format!("{} has a NUL byte", p.display())))
+        .map_err(|_| Error::usage(format!("{} has a NUL byte", p.display())))
 }
 
 /// Owner (as root), mode (not for symlinks) and times, without following symlinks.

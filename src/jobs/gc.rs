@@ -13,13 +13,13 @@
 //!
 //! With no backup in flight both steps happen in one run.
 
-use super::lock::{self, VmLock};
-use super::Progress;
+use super::packs::{NewBlobRef, PackSink};
 use crate::catalog::{Batch, ChunkLoc, PackId};
 use crate::chunk::{self, BlobKind, Codec};
 use crate::repo::format::SegEntry;
-use crate::repo::Repo;
+use crate::repo::{Manifest, Repo};
 use crate::store::pack;
+use crate::task::Ctx;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -36,16 +36,12 @@ pub struct GcReport {
     pub temp_files_removed: u64,
 }
 
-/// Remove one backup (`VM@ID`, an id prefix works). Its data goes at the next gc.
-pub fn forget(repo: &Repo, spec: &str) -> Result<crate::repo::Manifest> {
-    let m = repo.resolve(spec)?;
-    let _lock = VmLock::acquire(&repo.dir, &m.vm, "forget")?;
-    repo.store
-        .delete(&crate::repo::Manifest::key(&m.vm, &m.id))?;
+/// Remove backup `m` (the caller holds its VM's lock). Its data goes at the next gc.
+pub fn forget(repo: &Repo, m: &Manifest) -> Result<()> {
+    repo.store.delete(&Manifest::key(&m.vm, &m.id))?;
     let mut b = Batch::default();
     b.delete_backup(&m.vm, &m.id);
-    repo.catalog.write(b)?;
-    Ok(m)
+    Ok(repo.catalog.write(b)?)
 }
 
 /// Every blob id that committed backups reference (indexes, segment lists, chunks).
@@ -77,8 +73,13 @@ fn referenced(repo: &Repo) -> Result<HashSet<[u8; 32]>> {
     Ok(refs)
 }
 
+/// gc stops, before deleting anything, at anything it cannot read: what it cannot read might
+/// reference blobs it would otherwise free.
 fn refuse(e: Error) -> Error {
-    Error::Damaged(format!("gc stopped without deleting anything: {e}"))
+    Error::damaged(
+        "store",
+        format!("gc stopped without deleting anything: {e}"),
+    )
 }
 
 struct PackUse {
@@ -87,26 +88,98 @@ struct PackUse {
     dead: Vec<[u8; 32]>,
 }
 
-pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
+/// What gc does with a pack it may condemn (pure): the rule that decides what is freed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackFate {
+    /// Enough of it is live: leave it.
+    Keep,
+    /// Less than half of it is live: copy the live blobs out, then condemn it.
+    Rewrite,
+    /// Nothing in it is live: condemn it.
+    Condemn,
+}
+
+/// The fate of a pack of `size` bytes holding `live_blobs` referenced blobs of `live_bytes`.
+pub fn pack_fate(live_blobs: usize, live_bytes: u64, size: u64) -> PackFate {
+    match live_blobs {
+        0 => PackFate::Condemn,
+        _ if live_bytes.saturating_mul(2) < size => PackFate::Rewrite,
+        _ => PackFate::Keep,
+    }
+}
+
+/// Packs created before `cutoff` (Unix ms) may be condemned: a backup that started after a
+/// pack was created may reuse its blobs, so gc looks only at packs older than every backup
+/// in flight (pure). `running` are the start times of the backups in flight.
+pub fn condemn_cutoff(running: &[u64], now_ms: u64) -> u64 {
+    running.iter().copied().min().unwrap_or(now_ms).min(now_ms)
+}
+
+/// A pack condemned at `condemned_at` may be deleted once every backup that was in flight
+/// then has ended: every backup running now started after it (pure).
+pub fn may_delete(condemned_at: u64, running: &[u64]) -> bool {
+    running.iter().all(|start| *start > condemned_at)
+}
+
+/// Start times (Unix ms) of the backups running now, from their task records.
+fn backups_in_flight(repo: &Repo) -> Vec<u64> {
+    crate::task::running(&repo.dir)
+        .iter()
+        .filter(|t| t.kind == crate::task::Kind::Backup)
+        .map(|t| t.started_ms)
+        .collect()
+}
+
+/// Collect garbage (see the module docs); safe beside running backups.
+pub fn gc(repo: &Repo, ctx: &Ctx) -> Result<GcReport> {
     let mut rep = GcReport::default();
     if let Some(local) = repo.local() {
         rep.temp_files_removed = local.sweep_temp() as u64;
     }
     repo.sync()?;
-    progress.begin("gc", 0);
+    ctx.events.phase("gc", 0);
     // Step 2 for packs condemned by an earlier run.
     delete_condemned(repo, &mut rep)?;
+    ctx.check()?;
     // Step 1.
-    let now = crate::timefmt::now_millis();
-    let cutoff = lock::running(&repo.dir)
-        .iter()
-        .filter(|s| s.op == "backup")
-        .map(|s| s.started_ms)
-        .min()
-        .unwrap_or(now)
-        .min(now);
+    let cutoff = condemn_cutoff(&backups_in_flight(repo), crate::timefmt::now_millis());
     let refs = referenced(repo)?;
     rep.referenced_blobs = refs.len() as u64;
+    let (packs, usage) = pack_usage(repo, &refs, cutoff)?;
+    let mut sink = PackSink::new(repo);
+    let mut batch = Batch::default();
+    let stamp = crate::timefmt::now_millis();
+    for (pid, u) in &usage {
+        match pack_fate(u.live.len(), u.live_bytes, packs[pid]) {
+            PackFate::Keep => continue,
+            PackFate::Rewrite => {
+                copy_live(repo, pid, &u.live, &mut sink)?;
+                rep.packs_rewritten += 1;
+            }
+            PackFate::Condemn => {}
+        }
+        // Live blobs of a rewritten pack now point at their new pack (written by the sink).
+        for id in &u.dead {
+            batch.delete_chunk(id);
+        }
+        batch.condemn(pid, stamp);
+        rep.packs_condemned += 1;
+    }
+    sink.flush()?; // live blobs are durable in their new packs before the old ones are condemned
+    repo.catalog.write(batch)?;
+    // Nothing in flight now that could have seen the condemned blobs: delete at once.
+    delete_condemned(repo, &mut rep)?;
+    Ok(rep)
+}
+
+/// The packs gc may condemn (created before `cutoff`, not condemned yet) with their sizes, and
+/// which of their blobs are live.
+#[allow(clippy::type_complexity)]
+fn pack_usage(
+    repo: &Repo,
+    refs: &HashSet<[u8; 32]>,
+    cutoff: u64,
+) -> Result<(HashMap<PackId, u64>, HashMap<PackId, PackUse>)> {
     let condemned: HashSet<PackId> = repo
         .catalog
         .condemned()?
@@ -123,14 +196,12 @@ pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
     let mut usage: HashMap<PackId, PackUse> = packs
         .keys()
         .map(|p| {
-            (
-                *p,
-                PackUse {
-                    live: vec![],
-                    live_bytes: 0,
-                    dead: vec![],
-                },
-            )
+            let u = PackUse {
+                live: vec![],
+                live_bytes: 0,
+                dead: vec![],
+            };
+            (*p, u)
         })
         .collect();
     repo.catalog.for_each_chunk(|id, loc| {
@@ -144,32 +215,7 @@ pub fn gc(repo: &Repo, progress: &dyn Progress) -> Result<GcReport> {
         }
         true
     })?;
-    let mut sink = super::backup::PackSink::new(repo);
-    let mut batch = Batch::default();
-    let stamp = crate::timefmt::now_millis();
-    for (pid, u) in &usage {
-        let size = packs[pid];
-        let rewrite = !u.live.is_empty() && u.live_bytes * 2 < size;
-        if !u.live.is_empty() && !rewrite {
-            continue;
-        }
-        if rewrite {
-            copy_live(repo, pid, &u.live, &mut sink)?;
-            rep.packs_rewritten += 1;
-        }
-        // Live blobs of a rewritten pack now point at their new pack (written by the sink).
-        for id in &u.dead {
-            batch.delete_chunk(id);
-        }
-        batch.condemn(pid, stamp);
-        rep.packs_condemned += 1;
-    }
-    sink.flush()?; // live blobs are durable in their new packs before the old ones are condemned
-    repo.catalog.write(batch)?;
-    // Nothing in flight now that could have seen the condemned blobs: delete at once.
-    delete_condemned(repo, &mut rep)?;
-    progress.end();
-    Ok(rep)
+    Ok((packs, usage))
 }
 
 /// Copy the live blobs of a pack into new packs (verified; stored bytes kept as they are).
@@ -177,16 +223,15 @@ fn copy_live(
     repo: &Repo,
     pid: &PackId,
     live: &[([u8; 32], ChunkLoc)],
-    sink: &mut super::backup::PackSink,
+    sink: &mut PackSink,
 ) -> Result<()> {
     let key = pack::pack_key(&hex::encode(pid));
     for (id, loc) in live {
         let kind = BlobKind::from_u8(loc.kind).ok_or_else(|| {
-            Error::Damaged(format!(
-                "blob {} has unknown kind {}",
-                hex::encode(id),
-                loc.kind
-            ))
+            Error::damaged(
+                "blob",
+                format!("blob {} has unknown kind {}", hex::encode(id), loc.kind),
+            )
         })?;
         let bid = chunk::BlobId(*id);
         repo.read_at(kind, &bid, loc).map_err(refuse)?;
@@ -195,7 +240,7 @@ fn copy_live(
             .get_range(&key, loc.offset, loc.stored_len as usize)?;
         let codec = Codec::from_u8(loc.codec).unwrap_or(Codec::Raw);
         // The old location is still in the catalog, so add directly (not through the dedup check).
-        sink.add_unchecked(super::backup::NewBlobRef {
+        sink.add_unchecked(NewBlobRef {
             id: bid,
             kind,
             codec,
@@ -211,15 +256,11 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
     if condemned.is_empty() {
         return Ok(());
     }
-    let running: Vec<u64> = lock::running(&repo.dir)
-        .iter()
-        .filter(|s| s.op == "backup")
-        .map(|s| s.started_ms)
-        .collect();
+    let running = backups_in_flight(repo);
     let total = condemned.len() as u64;
     let ready: Vec<(PackId, u64)> = condemned
         .into_iter()
-        .filter(|(_, at)| running.iter().all(|start| start > at))
+        .filter(|(_, at)| may_delete(*at, &running))
         .collect();
     rep.packs_deferred = total - ready.len() as u64;
     if ready.is_empty() {
@@ -268,4 +309,40 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
         rep.bytes_freed += size;
     }
     Ok(repo.catalog.write(batch)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pack_is_condemned_when_dead_and_rewritten_when_mostly_dead() {
+        assert_eq!(pack_fate(0, 0, 1000), PackFate::Condemn);
+        assert_eq!(pack_fate(3, 499, 1000), PackFate::Rewrite);
+        assert_eq!(pack_fate(3, 500, 1000), PackFate::Keep);
+        assert_eq!(pack_fate(1, 1000, 1000), PackFate::Keep);
+        assert_eq!(pack_fate(1, u64::MAX, 10), PackFate::Keep, "no overflow");
+    }
+
+    #[test]
+    fn only_packs_older_than_every_backup_in_flight_may_be_condemned() {
+        assert_eq!(condemn_cutoff(&[], 1000), 1000);
+        assert_eq!(condemn_cutoff(&[700, 400, 900], 1000), 400);
+        assert_eq!(
+            condemn_cutoff(&[2000], 1000),
+            1000,
+            "a clock step never widens it"
+        );
+    }
+
+    #[test]
+    fn a_condemned_pack_waits_for_every_backup_that_was_running_when_it_was_condemned() {
+        assert!(may_delete(500, &[]));
+        assert!(may_delete(500, &[501, 900]));
+        assert!(
+            !may_delete(500, &[400, 900]),
+            "a backup from before may still reuse it"
+        );
+        assert!(!may_delete(500, &[500]), "same millisecond: not after");
+    }
 }

@@ -4,10 +4,11 @@
 //! the partial file is removed: wrong bytes are never left behind. A regular-file target is
 //! written to a hidden temp file beside it and renamed into place at the end.
 
-use super::Progress;
 use crate::chunk::{BlobId, BlobKind};
+use crate::error::What;
 use crate::repo::format::SegEntry;
 use crate::repo::{DiskEntry, Manifest, Repo};
+use crate::task::{Ctx, Events};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -39,15 +40,19 @@ pub fn pick_disk<'m>(m: &'m Manifest, name: Option<&str>) -> Result<&'m DiskEntr
     };
     match name {
         Some(n) => m.disks.iter().find(|d| d.name == n).ok_or_else(|| {
-            Error::NotFound(format!(
-                "backup {}@{} has no disk {n:?}; it has: {}",
-                m.vm,
-                m.id,
-                names()
-            ))
+            Error::not_found(
+                What::Disk,
+                n,
+                format!(
+                    "backup {}@{} has no disk {n:?}; it has: {}",
+                    m.vm,
+                    m.id,
+                    names()
+                ),
+            )
         }),
         None if m.disks.len() == 1 => Ok(&m.disks[0]),
-        None => Err(Error::Invalid(format!(
+        None => Err(Error::usage(format!(
             "backup {}@{} has several disks ({}); choose one with --disk",
             m.vm,
             m.id,
@@ -87,30 +92,35 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
             });
         }
         if m.is_dir() {
-            return Err(Error::Invalid(format!(
+            return Err(Error::usage(format!(
                 "{} is a directory; give the path of the image file to write",
                 to.display()
             )));
         }
         if !force {
-            return Err(Error::Invalid(format!(
-                "{} exists; pass --force to overwrite it",
-                to.display()
-            )));
+            return Err(Error::exists(
+                What::File,
+                to.display().to_string(),
+                format!("{} exists; pass --force to overwrite it", to.display()),
+            ));
         }
     }
     let name = to
         .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a file path", to.display())))?;
+        .ok_or_else(|| Error::usage(format!("{} is not a file path", to.display())))?;
     let dir = to
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     if !dir.is_dir() {
-        return Err(Error::NotFound(format!(
-            "directory {} does not exist; create it first",
-            dir.display()
-        )));
+        return Err(Error::not_found(
+            What::Directory,
+            dir.display().to_string(),
+            format!(
+                "directory {} does not exist; create it first",
+                dir.display()
+            ),
+        ));
     }
     let temp = dir.join(format!(
         ".{}.holdfast-partial.{}",
@@ -154,19 +164,21 @@ impl Target {
     }
 }
 
-/// Restore `disk` of backup `m` to `to`.
+/// Restore `disk` of backup `m` to `to` (stops at the next segment when cancelled, and leaves
+/// nothing behind).
 pub fn restore(
     repo: &Repo,
     m: &Manifest,
     disk: &DiskEntry,
     to: &Path,
     force: bool,
-    progress: &dyn Progress,
+    ctx: &Ctx,
 ) -> Result<RestoreReport> {
+    let progress = ctx.events;
     let started = Instant::now();
     let segs = repo.disk_segments(disk)?;
     let target = open_target(to, disk.size, force)?;
-    progress.begin("restore", disk.data_bytes);
+    progress.phase("restore", disk.data_bytes);
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
@@ -176,6 +188,11 @@ pub fn restore(
             s.spawn(|| {
                 let mut buf = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
+                    if let Err(e) = ctx.check() {
+                        failed.store(true, Ordering::Relaxed);
+                        crate::sys::lock(&first_err).get_or_insert(e);
+                        break;
+                    }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(slot) = segs.get(i as usize) else {
                         break;
@@ -193,16 +210,12 @@ pub fn restore(
                     );
                     if let Err(e) = r {
                         failed.store(true, Ordering::Relaxed);
-                        first_err
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
+                        crate::sys::lock(&first_err).get_or_insert(e);
                     }
                 }
             });
         }
     });
-    progress.end();
     if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e); // Target's drop removes the partial file
     }
@@ -227,7 +240,7 @@ fn restore_segment(
     len: u64,
     t: &Target,
     buf: &mut Vec<u8>,
-    progress: &dyn Progress,
+    progress: &dyn Events,
 ) -> Result<()> {
     let write = |b: &[u8], at: u64| {
         t.file
@@ -273,7 +286,7 @@ fn restore_segment(
                 let data = chunks.next().expect("one blob per chunk entry");
                 buf[at..at + l].copy_from_slice(&data);
                 run.get_or_insert(at);
-                progress.add(l as u64);
+                progress.progress(l as u64);
             }
         }
         at += l;
@@ -287,10 +300,14 @@ fn restore_segment(
 
 fn located(e: Error, at: u64) -> Error {
     match e {
-        Error::Chunk(c) => Error::Damaged(format!("{c} (disk offset {at}); nothing was restored")),
-        Error::Damaged(m) => {
-            Error::Damaged(format!("{m} (disk offset {at}); nothing was restored"))
-        }
+        Error::Chunk(c) => Error::damaged(
+            "chunk",
+            format!("{c} (disk offset {at}); nothing was restored"),
+        ),
+        Error::Damaged { what, message } => Error::Damaged {
+            what,
+            message: format!("{message} (disk offset {at}); nothing was restored"),
+        },
         other => other,
     }
 }

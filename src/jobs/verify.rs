@@ -5,10 +5,11 @@
 //! pass 3, only when something is damaged, maps each damaged blob to the backups, disks and
 //! byte ranges that use it.
 
-use super::Progress;
+use crate::catalog::ChunkLoc;
 use crate::chunk::{BlobId, BlobKind};
 use crate::repo::format::SegEntry;
 use crate::repo::{Manifest, Repo};
+use crate::task::Ctx;
 use crate::Result;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -57,60 +58,26 @@ fn sampled(id: &BlobId, percent: f64) -> bool {
     (v % 1_000_000) as f64 / 10_000.0 < percent
 }
 
+/// Damaged blobs found so far: id → (kind, error).
+type Bad = BTreeMap<BlobId, (BlobKind, String)>;
+
+/// Verify `backups`: every chunk they reference, or a stable `sample_percent` of them.
 pub fn verify(
     repo: &Repo,
     backups: &[Manifest],
     sample_percent: f64,
-    progress: &dyn Progress,
+    ctx: &Ctx,
 ) -> Result<VerifyReport> {
     let mut rep = VerifyReport {
         backups: backups.len() as u64,
         ..Default::default()
     };
-    let mut bad: BTreeMap<BlobId, (BlobKind, String)> = BTreeMap::new();
-    let mut seglists: HashMap<BlobId, Vec<SegEntry>> = HashMap::new();
-    let mut chunks: HashMap<BlobId, u32> = HashMap::new();
-    // Pass 1: metadata.
-    for m in backups {
-        for d in &m.disks {
-            let segs = match repo.disk_segments(d) {
-                Ok(s) => s,
-                Err(e) => {
-                    for id in &d.index {
-                        if let Ok(id) = BlobId::parse(id) {
-                            bad.entry(id).or_insert((BlobKind::Index, e.to_string()));
-                        }
-                    }
-                    continue;
-                }
-            };
-            for (i, s) in segs.iter().enumerate() {
-                let Some(id) = s else { continue };
-                if seglists.contains_key(id) || bad.contains_key(id) {
-                    continue;
-                }
-                let len =
-                    u64::from(d.segment_size).min(d.size - i as u64 * u64::from(d.segment_size));
-                match repo.seglist(id, len) {
-                    Ok(es) => {
-                        for e in &es {
-                            if let SegEntry::Chunk(c, l) = e {
-                                chunks.insert(*c, *l);
-                            }
-                        }
-                        seglists.insert(*id, es);
-                    }
-                    Err(e) => {
-                        bad.insert(*id, (BlobKind::SegList, e.to_string()));
-                    }
-                }
-            }
-        }
-    }
+    let mut bad = Bad::new();
+    let (seglists, chunks) = read_metadata(repo, backups, &mut bad);
     rep.chunks_total = chunks.len() as u64;
     // Pass 2: chunks, grouped by pack and offset for sequential reads.
-    let mut todo: Vec<(crate::catalog::ChunkLoc, BlobId)> = Vec::new();
-    for (id, _) in chunks.iter().filter(|(id, _)| sampled(id, sample_percent)) {
+    let mut todo: Vec<(ChunkLoc, BlobId)> = Vec::new();
+    for id in chunks.iter().filter(|id| sampled(id, sample_percent)) {
         match repo.locate(id) {
             Ok(loc) => todo.push((loc, *id)),
             Err(e) => {
@@ -119,59 +86,113 @@ pub fn verify(
         }
     }
     todo.sort_by_key(|(l, _)| (l.pack, l.offset));
-    progress.begin(
-        "verify",
-        todo.iter().map(|(l, _)| u64::from(l.raw_len)).sum(),
-    );
-    // Work in batches of neighbours in one pack (one request each on a remote store), read
-    // past the read cache: verify checks what the store holds.
-    let mut batches: Vec<&[(crate::catalog::ChunkLoc, BlobId)]> = Vec::new();
-    let mut from = 0;
-    for i in 1..=todo.len() {
-        let split = i == todo.len()
-            || todo[i].0.pack != todo[from].0.pack
-            || todo[i - 1].0.offset + u64::from(todo[i - 1].0.stored_len) - todo[from].0.offset
-                >= VERIFY_BATCH;
-        if split && i > from {
-            batches.push(&todo[from..i]);
-            from = i;
-        }
-    }
-    let found = Mutex::new(Vec::new());
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..repo.io_workers() {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(batch) = batches.get(i) else { break };
-                let items: Vec<(BlobId, crate::catalog::ChunkLoc)> =
-                    batch.iter().map(|(l, id)| (*id, *l)).collect();
-                for ((id, loc), r) in items.iter().zip(repo.read_located(
-                    repo.uncached.as_ref(),
-                    BlobKind::Chunk,
-                    &items,
-                )) {
-                    if let Err(e) = r {
-                        found
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push((*id, e.to_string()));
-                    }
-                    progress.add(u64::from(loc.raw_len));
-                }
-            });
-        }
-    });
-    progress.end();
     rep.chunks_checked = todo.len() as u64;
     rep.bytes_checked = todo.iter().map(|(l, _)| u64::from(l.raw_len)).sum();
-    for (id, e) in found.into_inner().unwrap_or_else(|p| p.into_inner()) {
+    ctx.events.phase("verify", rep.bytes_checked);
+    for (id, e) in check_chunks(repo, &todo, ctx)? {
         bad.insert(id, (BlobKind::Chunk, e));
     }
     if !bad.is_empty() {
         rep.damaged = locate_damage(repo, backups, &seglists, bad);
     }
     Ok(rep)
+}
+
+/// Pass 1: every index and segment list of `backups`; the segment lists read and the unique
+/// chunk ids they name. What cannot be read goes into `bad`.
+fn read_metadata(
+    repo: &Repo,
+    backups: &[Manifest],
+    bad: &mut Bad,
+) -> (HashMap<BlobId, Vec<SegEntry>>, HashSet<BlobId>) {
+    let mut seglists: HashMap<BlobId, Vec<SegEntry>> = HashMap::new();
+    let mut chunks = HashSet::new();
+    for d in backups.iter().flat_map(|m| &m.disks) {
+        let segs = match repo.disk_segments(d) {
+            Ok(s) => s,
+            Err(e) => {
+                for id in d.index.iter().filter_map(|h| BlobId::parse(h).ok()) {
+                    bad.entry(id).or_insert((BlobKind::Index, e.to_string()));
+                }
+                continue;
+            }
+        };
+        for (i, s) in segs.iter().enumerate() {
+            let Some(id) = s else { continue };
+            if seglists.contains_key(id) || bad.contains_key(id) {
+                continue;
+            }
+            let seg = u64::from(d.segment_size);
+            match repo.seglist(id, seg.min(d.size - i as u64 * seg)) {
+                Ok(es) => {
+                    chunks.extend(es.iter().filter_map(|e| match e {
+                        SegEntry::Chunk(c, _) => Some(*c),
+                        SegEntry::Hole(_) => None,
+                    }));
+                    seglists.insert(*id, es);
+                }
+                Err(e) => {
+                    bad.insert(*id, (BlobKind::SegList, e.to_string()));
+                }
+            }
+        }
+    }
+    (seglists, chunks)
+}
+
+/// Split blobs sorted by (pack, offset) into units of work: runs of neighbours in one pack,
+/// each closed once it spans `limit` bytes (one request each on a remote store). Returns
+/// index ranges into `locs` (pure).
+pub fn batches(locs: &[ChunkLoc], limit: u64) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    for i in 1..=locs.len() {
+        let split = i == locs.len()
+            || locs[i].pack != locs[from].pack
+            || locs[i - 1].offset + u64::from(locs[i - 1].stored_len) - locs[from].offset >= limit;
+        if split && i > from {
+            out.push(from..i);
+            from = i;
+        }
+    }
+    out
+}
+
+/// Pass 2: re-read and re-hash `todo` in parallel, past the read cache (verify checks what
+/// the store holds). Returns the damaged ones with their errors; stops when cancelled.
+fn check_chunks(
+    repo: &Repo,
+    todo: &[(ChunkLoc, BlobId)],
+    ctx: &Ctx,
+) -> Result<Vec<(BlobId, String)>> {
+    let locs: Vec<ChunkLoc> = todo.iter().map(|(l, _)| *l).collect();
+    let work = batches(&locs, VERIFY_BATCH);
+    let found = Mutex::new(Vec::new());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..repo.io_workers() {
+            s.spawn(|| loop {
+                if ctx.cancel.is_cancelled() {
+                    break;
+                }
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(range) = work.get(i) else { break };
+                let items: Vec<(BlobId, ChunkLoc)> = todo[range.clone()]
+                    .iter()
+                    .map(|(l, id)| (*id, *l))
+                    .collect();
+                let read = repo.read_located(repo.uncached.as_ref(), BlobKind::Chunk, &items);
+                for ((id, loc), r) in items.iter().zip(read) {
+                    if let Err(e) = r {
+                        crate::sys::lock(&found).push((*id, e.to_string()));
+                    }
+                    ctx.events.progress(u64::from(loc.raw_len));
+                }
+            });
+        }
+    });
+    ctx.check()?;
+    Ok(found.into_inner().unwrap_or_else(|p| p.into_inner()))
 }
 
 /// Bytes of neighbouring blobs verified as one unit of work.
@@ -234,4 +255,53 @@ fn locate_damage(
             affects: affects.remove(&id).unwrap_or_default(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn loc(pack: u8, offset: u64, stored_len: u32) -> ChunkLoc {
+        ChunkLoc {
+            pack: [pack; 16],
+            kind: 0,
+            codec: 0,
+            offset,
+            stored_len,
+            raw_len: stored_len,
+        }
+    }
+
+    #[test]
+    fn batches_are_runs_of_one_pack_closed_at_the_limit() {
+        let locs = [
+            loc(1, 0, 10),
+            loc(1, 10, 10),
+            loc(1, 20, 10),
+            loc(1, 30, 10),
+            loc(2, 0, 50),
+            loc(3, 0, 5),
+        ];
+        // A run closes with the blob that takes it to the limit.
+        assert_eq!(batches(&locs, 25), vec![0..3, 3..4, 4..5, 5..6]);
+        assert_eq!(batches(&locs, 20), vec![0..2, 2..4, 4..5, 5..6]);
+        assert_eq!(batches(&locs, 1000), vec![0..4, 4..5, 5..6]);
+        // A blob larger than the limit is a batch of its own, never dropped.
+        assert_eq!(batches(&locs[4..5], 10), vec![0..1]);
+        assert!(batches(&[], 10).is_empty());
+        let covered: usize = batches(&locs, 1).iter().map(|r| r.len()).sum();
+        assert_eq!(covered, locs.len(), "every blob is in exactly one batch");
+    }
+
+    #[test]
+    fn the_sample_is_stable_and_roughly_the_share_asked() {
+        let ids: Vec<BlobId> = (0..10_000u32)
+            .map(|i| BlobId(*blake3::hash(&i.to_le_bytes()).as_bytes()))
+            .collect();
+        let n = ids.iter().filter(|id| sampled(id, 10.0)).count();
+        assert!((800..1200).contains(&n), "{n}");
+        assert!(ids.iter().all(|id| sampled(id, 100.0)));
+        let again = ids.iter().filter(|id| sampled(id, 10.0)).count();
+        assert_eq!(n, again);
+    }
 }

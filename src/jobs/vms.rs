@@ -6,6 +6,9 @@
 //! snapshot_ttl = "10d"     # how long a user snapshot lives unless --ttl says otherwise
 //! snapshot_limit = 1       # snapshots per VM
 //!
+//! [tasks]
+//! keep = 100               # finished task records kept per VM
+//!
 //! [vm.web-01]
 //! qmp = "/run/qemu/web-01.qmp"          # QEMU's QMP socket (qemu-system or qemu-storage-daemon)
 //! agent = "/run/qemu/web-01.qga"        # optional: the guest agent, for --quiesce
@@ -19,6 +22,7 @@
 //! Invariants: the file is rewritten atomically (temp file, fsync, rename); every name is
 //! checked on load, so a bad hand edit is a clear error naming the VM and the field.
 
+use crate::error::What;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -57,13 +61,28 @@ pub struct VmConfig {
     pub disks: BTreeMap<String, String>,
 }
 
+/// `[tasks]`: how many finished task records to keep.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSettings {
+    /// Finished task records kept per VM (and for tasks without a VM) [default: 100].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<usize>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmsFile {
     #[serde(default)]
     pub defaults: Defaults,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub tasks: TaskSettings,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
+}
+
+fn is_default(t: &TaskSettings) -> bool {
+    *t == TaskSettings::default()
 }
 
 /// A VM as the jobs use it: its name and resolved settings.
@@ -112,21 +131,25 @@ impl VmsFile {
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
         let f: VmsFile = toml::from_str(&text).map_err(|e| {
-            Error::Invalid(format!(
+            let msg = format!(
                 "{} is not valid: {}",
                 path.display(),
                 e.to_string().replace('\n', " ")
-            ))
+            );
+            Error::config(path, msg)
         })?;
         for (name, vm) in &f.vm {
             crate::names::check("VM", name)?;
             for (disk, node) in &vm.disks {
                 crate::names::check("disk", disk)?;
                 if node.is_empty() {
-                    return Err(Error::Invalid(format!(
-                        "{}: VM {name}: disk {disk} has an empty node name",
-                        path.display()
-                    )));
+                    return Err(Error::config(
+                        path,
+                        format!(
+                            "{}: VM {name}: disk {disk} has an empty node name",
+                            path.display()
+                        ),
+                    ));
                 }
             }
             for d in [&vm.snapshot_ttl, &f.defaults.snapshot_ttl]
@@ -134,18 +157,21 @@ impl VmsFile {
                 .flatten()
             {
                 parse_duration(d).map_err(|e| {
-                    Error::Invalid(format!("{}: VM {name}: snapshot_ttl {e}", path.display()))
+                    Error::config(
+                        path,
+                        format!("{}: VM {name}: snapshot_ttl {e}", path.display()),
+                    )
                 })?;
             }
         }
         Ok(f)
     }
 
-    /// Write atomically.
+    /// Write atomically (temp file, fsync, rename, fsync the directory).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = format!(
             "# holdfast VMs: edit by hand or with `holdfast vm add/remove`\n{}",
-            toml::to_string_pretty(self).map_err(|e| Error::Invalid(e.to_string()))?
+            toml::to_string_pretty(self).map_err(Error::internal)?
         );
         let dir = path
             .parent()
@@ -153,33 +179,33 @@ impl VmsFile {
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp.{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("vms.toml"),
-            std::process::id()
-        ));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)?;
-            crate::store::fsync_dir(dir)
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            Error::io(format!("write {}", path.display()), e)
-        })
+        crate::sys::write_atomic(path, text.as_bytes(), true)
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))
+    }
+
+    /// Finished task records to keep per VM.
+    pub fn task_keep(&self) -> usize {
+        self.tasks.keep.unwrap_or(crate::task::DEFAULT_KEEP)
     }
 
     /// The VM `name` with its settings resolved; `repo_dir` gives the default work directory.
     pub fn vm(&self, name: &str, repo_dir: &Path, config_path: &Path) -> Result<Vm> {
         let c = self.vm.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.vm.keys().map(String::as_str).collect();
-            let known = if known.is_empty() { "none".to_string() } else { known.join(", ") };
-            Error::NotFound(format!("VM {name:?} is not declared in {} (declared: {known}); add it with `holdfast vm add {name} --qmp SOCKET --disk NAME=NODE`", config_path.display()))
+            let known = if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            };
+            Error::not_found(
+                What::Vm,
+                name,
+                format!(
+                    "VM {name:?} is not declared in {} (declared: {known}); add it with \
+                     `holdfast vm add {name} --qmp SOCKET --disk NAME=NODE`",
+                    config_path.display()
+                ),
+            )
         })?;
         self.resolve(name, c, repo_dir)
     }
@@ -191,7 +217,7 @@ impl VmsFile {
             .or(self.defaults.snapshot_ttl.as_ref())
             .map(|s| parse_duration(s))
             .transpose()
-            .map_err(Error::Invalid)?
+            .map_err(Error::Usage)?
             .unwrap_or(DEFAULT_TTL);
         let limit = c
             .snapshot_limit

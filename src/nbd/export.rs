@@ -223,19 +223,11 @@ impl Export for FileExport {
     }
 }
 
+/// The Linux calls and flags the file export needs, from `libc`.
 mod sys {
-    pub const SEEK_DATA: i32 = 3;
-    pub const SEEK_HOLE: i32 = 4;
-    pub const ENXIO: i32 = 6;
-    pub const EOPNOTSUPP: i32 = 95;
+    pub use libc::{fallocate64, lseek64, ENXIO, EOPNOTSUPP, SEEK_DATA, SEEK_HOLE};
     /// FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
-    pub const PUNCH_HOLE: i32 = 0x01 | 0x02;
+    pub const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
     /// FALLOC_FL_KEEP_SIZE | FALLOC_FL_ZERO_RANGE
-    pub const ZERO_RANGE: i32 = 0x01 | 0x10;
-
-    // Linux/glibc; avoids a libc dependency for two calls.
-    unsafe extern "C" {
-        pub fn lseek64(fd: i32, offset: i64, whence: i32) -> i64;
-        pub fn fallocate64(fd: i32, mode: i32, offset: i64, len: i64) -> i32;
-    }
+    pub const ZERO_RANGE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_ZERO_RANGE;
 }

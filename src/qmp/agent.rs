@@ -35,6 +35,23 @@ pub enum FreezeStatus {
     Frozen,
 }
 
+/// Thaw attempts before giving up (the guest stays frozen until its agent's own timeout).
+pub const THAW_TRIES: usize = 3;
+
+/// How [`Agent::frozen`] went.
+#[derive(Debug)]
+pub enum Frozen<T, E> {
+    /// The agent did not answer its ping: nothing was frozen, the step did not run.
+    NoAgent(QmpError),
+    /// The freeze failed: the step did not run; a thaw was sent anyway (`thaw` says how it went).
+    FreezeFailed { error: QmpError, thaw: Result<()> },
+    /// The step ran frozen; `thaw` failing means the guest may still be frozen.
+    Ran {
+        result: std::result::Result<T, E>,
+        thaw: Result<()>,
+    },
+}
+
 pub struct Agent {
     path: PathBuf,
     timeout: Duration,
@@ -81,6 +98,39 @@ impl Agent {
     pub async fn fsfreeze_thaw(&self) -> Result<u64> {
         let v = self.execute("guest-fsfreeze-thaw", Value::Null).await?;
         as_count("guest-fsfreeze-thaw", &v)
+    }
+
+    /// Run `step` with the guest's filesystems frozen — the one freeze/thaw policy for every
+    /// caller: `guest-ping` first (no agent: nothing is frozen and `step` does not run); then
+    /// `guest-fsfreeze-freeze`; `step` runs only if the freeze succeeded; a thaw is sent
+    /// whenever a freeze was (a freeze that failed or timed out may still happen late) and
+    /// retried up to [`THAW_TRIES`] times, since a guest left frozen cannot write.
+    pub async fn frozen<T, E, F>(&self, step: F) -> Frozen<T, E>
+    where
+        F: std::future::Future<Output = std::result::Result<T, E>>,
+    {
+        if let Err(e) = self.ping().await {
+            return Frozen::NoAgent(e);
+        }
+        if let Err(error) = self.fsfreeze_freeze().await {
+            let thaw = self.thaw_hard().await;
+            return Frozen::FreezeFailed { error, thaw };
+        }
+        let result = step.await;
+        let thaw = self.thaw_hard().await;
+        Frozen::Ran { result, thaw }
+    }
+
+    /// Thaw, retrying up to [`THAW_TRIES`] times.
+    async fn thaw_hard(&self) -> Result<()> {
+        let mut last = None;
+        for _ in 0..THAW_TRIES {
+            match self.fsfreeze_thaw().await {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| QmpError::Invalid("thaw".into())))
     }
 
     /// `guest-fsfreeze-status`.

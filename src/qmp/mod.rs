@@ -32,7 +32,7 @@ mod tests;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use agent::{Agent, FreezeStatus};
+pub use agent::{Agent, FreezeStatus, Frozen, THAW_TRIES};
 pub use client::Client;
 pub use jobs::JobInfo;
 pub use proto::{Event, QemuVersion};

@@ -17,6 +17,7 @@ pub use sync::{rebuild as rebuild_catalog, SyncReport};
 
 use crate::catalog::{Catalog, ChunkLoc, PackId};
 use crate::chunk::{self, BlobId, BlobKind, Codec, Keyer};
+use crate::error::What;
 use crate::store::s3::{RequestCounts, RequestStats, S3Location, S3Options, S3Store};
 use crate::store::{pack, CachedStore, LocalStore, ObjectStore, StoreError};
 use crate::{Error, Result};
@@ -62,17 +63,25 @@ pub fn is_repo(dir: &Path) -> bool {
 
 fn check_new_dir(dir: &Path) -> Result<()> {
     if is_repo(dir) {
-        return Err(Error::Invalid(format!(
-            "{} already holds a holdfast repository; use it, or pick another directory",
-            dir.display()
-        )));
+        return Err(Error::exists(
+            What::Repository,
+            dir.display().to_string(),
+            format!(
+                "{} already holds a holdfast repository; use it, or pick another directory",
+                dir.display()
+            ),
+        ));
     }
     if let Ok(mut rd) = std::fs::read_dir(dir) {
         if rd.next().is_some() {
-            return Err(Error::Invalid(format!(
-                "{} is not empty; holdfast init needs an empty or new directory",
-                dir.display()
-            )));
+            return Err(Error::exists(
+                What::Directory,
+                dir.display().to_string(),
+                format!(
+                    "{} is not empty; holdfast init needs an empty or new directory",
+                    dir.display()
+                ),
+            ));
         }
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))
@@ -85,11 +94,11 @@ impl Repo {
         check_new_dir(dir)?;
         let mut key = [0u8; 32];
         getrandom::fill(&mut key)
-            .map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
+            .map_err(|e| Error::internal(format!("no randomness for the store key: {e}")))?;
         let cfg = Config::new(chunker, level, key);
         Catalog::create(&dir.join("catalog"))?;
         let store = LocalStore::new(dir);
-        let json = serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+        let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
         // The config goes last: a directory without it is not a repository yet.
         store.put("config", &json)?;
         Repo::open(dir)
@@ -111,33 +120,43 @@ impl Repo {
         s3.check()?;
         let has_config = s3.exists("config")?;
         if has_config && !existing {
-            return Err(Error::Invalid(format!(
-                "{} already holds a holdfast repository; attach to it with `holdfast init --s3 {} --existing`, or pick another prefix",
+            return Err(Error::exists(
+                What::Repository,
                 location.url(),
-                location.url()
-            )));
+                format!(
+                    "{} already holds a holdfast repository; attach to it with `holdfast init \
+                     --s3 {} --existing`, or pick another prefix",
+                    location.url(),
+                    location.url()
+                ),
+            ));
         }
         if !has_config && existing {
-            return Err(Error::NotFound(format!(
-                "{} holds no holdfast repository (no config); drop --existing to create one",
-                location.url()
-            )));
+            return Err(Error::not_found(
+                What::Repository,
+                location.url(),
+                format!(
+                    "{} holds no holdfast repository (no config); drop --existing to create one",
+                    location.url()
+                ),
+            ));
         }
         check_new_dir(dir)?;
         let remote = RemoteFile {
             s3: location,
             cache_bytes,
         };
-        let json = serde_json::to_vec_pretty(&remote).map_err(|e| Error::Invalid(e.to_string()))?;
-        LocalStore::new(dir).put(REMOTE_FILE, &json)?;
+        let json = serde_json::to_vec_pretty(&remote).map_err(Error::internal)?;
+        let path = dir.join(REMOTE_FILE);
+        crate::sys::write_atomic(&path, &json, true)
+            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         Catalog::create(&dir.join("catalog"))?;
         if !existing {
             let mut key = [0u8; 32];
             getrandom::fill(&mut key)
-                .map_err(|e| Error::Invalid(format!("no randomness for the store key: {e}")))?;
+                .map_err(|e| Error::internal(format!("no randomness for the store key: {e}")))?;
             let cfg = Config::new(chunker, level, key);
-            let json =
-                serde_json::to_vec_pretty(&cfg).map_err(|e| Error::Invalid(e.to_string()))?;
+            let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
             s3.put("config", &json)?;
         }
         let repo = Repo::open(dir)?;
@@ -160,8 +179,16 @@ impl Repo {
         }
         let raw = std::fs::read(&remote)
             .map_err(|e| Error::io(format!("read {}", remote.display()), e))?;
-        let r: RemoteFile = serde_json::from_slice(&raw)
-            .map_err(|e| Error::Invalid(format!("{} is damaged ({e}); write it again with `holdfast init --s3 URL --existing` in a new directory", remote.display())))?;
+        let r: RemoteFile = serde_json::from_slice(&raw).map_err(|e| {
+            Error::config(
+                &remote,
+                format!(
+                    "{} is damaged ({e}); write it again with `holdfast init --s3 URL \
+                         --existing` in a new directory",
+                    remote.display()
+                ),
+            )
+        })?;
         let s3 = S3Store::open(&r.s3, S3Options::from_env())?;
         let requests = s3.stats.clone();
         let uncached: Arc<dyn ObjectStore> = Arc::new(s3);
@@ -204,16 +231,27 @@ impl Repo {
         let raw = match store.get("config") {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {
-                return Err(Error::NotFound(format!(
-                    "{} is not a holdfast repository (no config); create one with `holdfast init --repo {}` or point --repo/HOLDFAST_REPO at an existing one",
-                    where_,
-                    dir.display()
-                )))
+                return Err(Error::not_found(
+                    What::Repository,
+                    where_.clone(),
+                    format!(
+                        "{} is not a holdfast repository (no config); create one with `holdfast \
+                         init --repo {}` or point --repo/HOLDFAST_REPO at an existing one",
+                        where_,
+                        dir.display()
+                    ),
+                ))
             }
             Err(e) => return Err(e.into()),
         };
         let (config, key) = Config::parse(&raw).map_err(|e| {
-            Error::Invalid(format!("{where_}/config is damaged: {e}; restore it from a copy (its id key is needed to read the backups)"))
+            Error::damaged(
+                "config",
+                format!(
+                    "{where_}/config is damaged: {e}; restore it from a copy (its id key is \
+                     needed to read the backups)"
+                ),
+            )
         })?;
         let cat_dir = dir.join("catalog");
         if !cat_dir.join("CURRENT").exists() {
@@ -259,10 +297,13 @@ impl Repo {
                 });
             }
         }
-        Err(Error::Damaged(format!(
-            "blob {} is missing from the store; run `holdfast verify` to see what it affects",
-            id.to_hex()
-        )))
+        Err(Error::damaged(
+            "blob",
+            format!(
+                "blob {} is missing from the store; run `holdfast verify` to see what it affects",
+                id.to_hex()
+            ),
+        ))
     }
 
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
@@ -366,7 +407,7 @@ impl Repo {
     /// Threads that keep the store busy: the CPU count locally; more for a remote store, whose
     /// requests mostly wait on the network.
     pub fn io_workers(&self) -> usize {
-        let cpus = crate::jobs::workers();
+        let cpus = crate::sys::workers();
         if self.remote.is_some() {
             (cpus * 4).clamp(8, 32)
         } else {
@@ -378,8 +419,15 @@ impl Repo {
     pub fn manifests(&self, vm: Option<&str>) -> Result<Vec<Manifest>> {
         let mut out = Vec::new();
         for (_, id, json) in self.catalog.backups(vm)? {
-            let m: Manifest = serde_json::from_slice(&json)
-                .map_err(|e| Error::Damaged(format!("manifest of backup {id} in the catalog is damaged ({e}); run `holdfast catalog rebuild`")))?;
+            let m: Manifest = serde_json::from_slice(&json).map_err(|e| {
+                Error::damaged(
+                    "manifest",
+                    format!(
+                        "manifest of backup {id} in the catalog is damaged ({e}); run \
+                             `holdfast catalog rebuild`"
+                    ),
+                )
+            })?;
             out.push(m);
         }
         out.sort_by(|a, b| {
@@ -399,9 +447,13 @@ impl Repo {
         crate::names::check("VM", vm)?;
         let all = self.manifests(Some(vm))?;
         if all.is_empty() {
-            return Err(Error::NotFound(format!(
-                "no backups of VM {vm:?}; `holdfast backups` lists the VMs that have backups"
-            )));
+            return Err(Error::not_found(
+                What::Backup,
+                vm,
+                format!(
+                    "no backups of VM {vm:?}; `holdfast backups` lists the VMs that have backups"
+                ),
+            ));
         }
         if id == "latest" || id.is_empty() {
             return Ok(all.into_iter().last().expect("not empty"));
@@ -409,10 +461,12 @@ impl Repo {
         let hits: Vec<Manifest> = all.into_iter().filter(|m| m.id.starts_with(id)).collect();
         match hits.len() {
             1 => Ok(hits.into_iter().next().expect("one")),
-            0 => Err(Error::NotFound(format!(
-                "VM {vm} has no backup {id:?}; `holdfast backups {vm}` lists them"
-            ))),
-            n => Err(Error::Invalid(format!(
+            0 => Err(Error::not_found(
+                What::Backup,
+                spec,
+                format!("VM {vm} has no backup {id:?}; `holdfast backups {vm}` lists them"),
+            )),
+            n => Err(Error::usage(format!(
                 "{id:?} matches {n} backups of {vm}; give more of the id"
             ))),
         }
@@ -425,23 +479,30 @@ impl Repo {
         for hex_id in &disk.index {
             let id = BlobId::parse(hex_id)?;
             let b = self.read_blob(BlobKind::Index, &id)?;
-            let (first, part) = format::decode_index(&b)
-                .map_err(|e| Error::Damaged(format!("index blob {}: {e}", id.to_hex())))?;
+            let (first, part) = format::decode_index(&b).map_err(|e| {
+                Error::damaged("disk index", format!("index blob {}: {e}", id.to_hex()))
+            })?;
             if first != segs.len() as u64 {
-                return Err(Error::Damaged(format!(
-                    "index blob {} starts at segment {first}, expected {}",
-                    id.to_hex(),
-                    segs.len()
-                )));
+                return Err(Error::damaged(
+                    "disk index",
+                    format!(
+                        "index blob {} starts at segment {first}, expected {}",
+                        id.to_hex(),
+                        segs.len()
+                    ),
+                ));
             }
             segs.extend(part);
         }
         if segs.len() != n_segs {
-            return Err(Error::Damaged(format!(
-                "disk {} has {} segments in its index, expected {n_segs}",
-                disk.name,
-                segs.len()
-            )));
+            return Err(Error::damaged(
+                "disk index",
+                format!(
+                    "disk {} has {} segments in its index, expected {n_segs}",
+                    disk.name,
+                    segs.len()
+                ),
+            ));
         }
         Ok(segs)
     }
@@ -449,13 +510,14 @@ impl Repo {
     /// Read and check one segment list.
     pub fn seglist(&self, id: &BlobId, segment_len: u64) -> Result<Vec<format::SegEntry>> {
         let b = self.read_blob(BlobKind::SegList, id)?;
-        format::decode_seglist(&b, segment_len)
-            .map_err(|e| Error::Damaged(format!("segment list {}: {e}", id.to_hex())))
+        format::decode_seglist(&b, segment_len).map_err(|e| {
+            Error::damaged("segment list", format!("segment list {}: {e}", id.to_hex()))
+        })
     }
 
     pub fn new_pack_id() -> Result<PackId> {
         let mut id = [0u8; 16];
-        getrandom::fill(&mut id).map_err(|e| Error::Invalid(format!("no randomness: {e}")))?;
+        getrandom::fill(&mut id).map_err(|e| Error::internal(format!("no randomness: {e}")))?;
         Ok(id)
     }
 
@@ -480,16 +542,12 @@ impl Drop for Repo {
         if mine == RequestCounts::default() {
             return;
         }
-        let Ok(lock) = std::fs::File::create(self.dir.join("requests.lock")) else {
+        let Ok(_lock) = crate::sys::FileLock::acquire(&self.dir.join("requests.lock")) else {
             return;
         };
-        // SAFETY: flock on a file descriptor we own; released when `lock` closes.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-            return;
-        }
         let total = read_requests(&self.dir).plus(&mine);
         if let Ok(json) = serde_json::to_vec_pretty(&total) {
-            let _ = LocalStore::new(&self.dir).put(REQUESTS_FILE, &json);
+            let _ = crate::sys::write_atomic(&self.dir.join(REQUESTS_FILE), &json, false);
         }
     }
 }
@@ -497,10 +555,9 @@ impl Drop for Repo {
 /// The codec a catalog location names; an unknown one means the catalog or pack is damaged.
 fn codec_of(id: &BlobId, loc: &ChunkLoc) -> Result<Codec> {
     Codec::from_u8(loc.codec).ok_or_else(|| {
-        Error::Damaged(format!(
-            "blob {} has an unknown codec {}",
-            id.to_hex(),
-            loc.codec
-        ))
+        Error::damaged(
+            "blob",
+            format!("blob {} has an unknown codec {}", id.to_hex(), loc.codec),
+        )
     })
 }

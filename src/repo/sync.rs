@@ -110,7 +110,7 @@ impl Repo {
         batch.put_pack(
             id,
             &PackInfo {
-                created: crate::timefmt::now_secs(),
+                created: crate::timefmt::now_millis(),
                 size,
                 entries: entries.len() as u32,
             },

@@ -107,6 +107,16 @@ pub fn is_nbd_uri(s: &str) -> bool {
         || s.starts_with("nbds+unix://")
 }
 
+/// The source a disk argument names: an NBD export for an NBD URI (reading the dirty bitmap
+/// `bitmap`, when given), else a raw image file or block device.
+pub fn open(spec: &str, bitmap: Option<&str>) -> Result<Box<dyn Source>, SourceError> {
+    if is_nbd_uri(spec) {
+        Ok(Box::new(NbdSource::connect(spec, bitmap)?))
+    } else {
+        Ok(Box::new(FileSource::open(Path::new(spec))?))
+    }
+}
+
 pub struct FileSource {
     file: File,
     path: PathBuf,

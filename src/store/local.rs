@@ -1,7 +1,9 @@
 //! The local directory backend (the embedded default).
 //!
-//! `put` writes `<key>.tmp.<pid>.<n>`, fsyncs it, renames it over the key and fsyncs the
-//! directory; a guard removes the temp file if anything fails. Temp files left by a killed
+//! `put` writes `<key>.tmp.<pid>.<n>`, fsyncs it, links it to the key (a link never replaces
+//! an existing file: keys are write-once, and a different write to an existing key is refused
+//! with `Exists`), removes the temp name and fsyncs the directory; a guard removes the temp
+//! file if anything fails. Temp files left by a killed
 //! process are removed by `sweep_temp`.
 //!
 //! Ranged reads keep the last few files open (objects are immutable once written, so an open
@@ -9,6 +11,7 @@
 //! by another process stays readable, and its space held, until it leaves that small set.
 
 use super::{check_key, ObjectStore, StoreError, StoreResult};
+use crate::sys::{fsync_dir, pid_alive};
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -34,10 +37,6 @@ impl Drop for TempGuard {
             let _ = fs::remove_file(p);
         }
     }
-}
-
-pub(crate) fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl LocalStore {
@@ -86,7 +85,7 @@ impl LocalStore {
                 let p = e.path();
                 if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
                     if p.file_name()
-                        .is_some_and(|n| n != "catalog" && n != "locks")
+                        .is_some_and(|n| n != "catalog" && n != "locks" && n != "tasks")
                     {
                         stack.push(p);
                     }
@@ -102,14 +101,6 @@ impl LocalStore {
         }
         n
     }
-}
-
-/// True while a process with this pid exists on this host.
-pub fn pid_alive(pid: u32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    pid != 0
-        && (unsafe { libc::kill(pid as i32, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// `len` bytes of `f` at `offset` into a new buffer that is not zeroed first.
@@ -156,7 +147,7 @@ impl ObjectStore for LocalStore {
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default();
         let tmp = dir.join(format!("{name}.tmp.{}.{n}", std::process::id()));
-        let mut guard = TempGuard(Some(tmp.clone()));
+        let guard = TempGuard(Some(tmp.clone()));
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -165,8 +156,21 @@ impl ObjectStore for LocalStore {
         f.write_all(data).map_err(|e| StoreError::io(key, e))?;
         f.sync_all().map_err(|e| StoreError::io(key, e))?;
         drop(f);
-        fs::rename(&tmp, &path).map_err(|e| StoreError::io(key, e))?;
-        guard.0 = None;
+        // Write-once: a hard link never replaces an existing key (unlike rename), so two
+        // writers cannot overwrite each other. The same bytes again are a retried write.
+        match fs::hard_link(&tmp, &path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let same = fs::read(&path).map_err(|e| StoreError::io(key, e))? == data;
+                return if same {
+                    Ok(())
+                } else {
+                    Err(StoreError::Exists(key.to_string()))
+                };
+            }
+            Err(e) => return Err(StoreError::io(key, e)),
+        }
+        drop(guard); // removes the temp name; the key keeps the data
         fsync_dir(dir).map_err(|e| StoreError::io(key, e))?;
         Ok(())
     }
@@ -239,7 +243,7 @@ mod tests {
     #[test]
     fn conformance() {
         let d = tempfile::tempdir().unwrap();
-        super::super::conformance::run(&super::LocalStore::new(d.path()));
+        crate::store::testing::run(&super::LocalStore::new(d.path()));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The shared test harness: real tools, real disks, the real binary. Nothing is skipped: a
 //! missing tool fails the test with the command that installs it.
 #![allow(dead_code)]
+// Test harness: a failed setup step is a failed test, and unwrap says where.
+#![allow(clippy::unwrap_used)]
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +13,12 @@ pub mod qemu;
 pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+/// Send `sig` to the process `pid`, one this test started.
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) takes no pointers; the pid is a child of this test.
+    unsafe { libc::kill(pid as i32, sig) };
+}
 
 /// Fail (never skip) when a tool is missing.
 pub fn require(tool: &str, package: &str) {
@@ -41,8 +49,7 @@ fn built_once(script: &str, dir_name: &str, tools: &[(&str, &str)]) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(dir_name);
     fs::create_dir_all(&dir).unwrap();
     let lock = fs::File::create(dir.join(".lock")).unwrap();
-    use std::os::unix::io::AsRawFd;
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    lock.lock().unwrap();
     let done = dir.join("done");
     if !done.exists() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1,6 +1,8 @@
 //! Shared helpers for integration tests: sparse images, child-process
 //! guards (killed by PID on drop), bounded waits, and an in-process server.
 #![allow(dead_code)]
+// Test harness: a failed setup step is a failed test, and unwrap says where.
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -76,6 +76,7 @@ fn touch(path: &Path, secs: i64, nanos: i64) {
             tv_nsec: nanos,
         },
     ];
+    // SAFETY: a NUL-terminated path and two initialised timespecs that outlive the call.
     let rc = unsafe {
         libc::utimensat(
             libc::AT_FDCWD,
@@ -169,6 +170,7 @@ fn add_specials(root: &Path) {
     let p = |s: &str| {
         std::ffi::CString::new(root.join(s).into_os_string().into_encoded_bytes()).unwrap()
     };
+    // SAFETY: NUL-terminated paths that live until each call returns.
     unsafe {
         assert_eq!(libc::mkfifo(p("fifo").as_ptr(), 0o644), 0);
         assert_eq!(
@@ -241,10 +243,12 @@ fn compare_content(fs: &dyn Filesystem, a: &Attr, src: &Path, size: u64) {
         let fd = std::os::unix::io::AsRawFd::as_raw_fd(&f);
         let mut pos = 0i64;
         loop {
+            // SAFETY: lseek on an open descriptor; no memory is passed.
             let d = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
             if d < 0 {
                 break;
             }
+            // SAFETY: as above.
             let h = unsafe { libc::lseek(fd, d, libc::SEEK_HOLE) };
             windows.push((d as u64, (h - d) as u64));
             pos = h;

@@ -23,19 +23,10 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use super::bitmaps::{action, transaction};
+use super::model::{listening, Outcome, ReadPoint, NBD_SOCKET, RP_PREFIX};
 use super::nodes::{bad, list_nodes};
-use super::readpoint::{listening, ReadPoint, NBD_SOCKET, RP_PREFIX};
 use super::PREFIX;
 use crate::qmp::{Client, QmpError, Result};
-
-/// How a read point ends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The backup's manifest is written: the new bitmap becomes the checkpoint.
-    Committed,
-    /// The backup did not commit: the previous checkpoint stays the checkpoint.
-    Failed,
-}
 
 /// What holdfast left in QEMU and in its work directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 
 mod bitmaps;
 mod cleanup;
+mod model;
 mod nodes;
 mod readpoint;
 mod snapshot;
@@ -21,11 +22,10 @@ mod snapshot;
 pub use bitmaps::{
     add_bitmap, disable_bitmap, enable_bitmap, merge_bitmaps, remove_bitmap, rotate_checkpoint,
 };
-pub use cleanup::{clean_leftovers, find_leftovers, teardown, Leftovers, Outcome};
+pub use cleanup::{clean_leftovers, find_leftovers, teardown, Leftovers};
+pub use model::{DiskRequest, NbdServer, Outcome, ReadPoint, ReadPointDisk, ReadPointRequest};
 pub use nodes::{find_disk, list_nodes, Bitmap, BlockNode, InternalSnapshot};
-pub use readpoint::{
-    create_read_point, DiskRequest, NbdServer, ReadPoint, ReadPointDisk, ReadPointRequest,
-};
+pub use readpoint::create_read_point;
 pub use snapshot::{
     commit_overlay, create_overlays, delete_internal_snapshot, list_internal_snapshots,
     load_internal_snapshot, run_state, save_internal_snapshot, Overlay, OverlayRequest, RunState,

@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::bitmaps::{action, transaction};
+use super::model::path_str;
 use super::nodes::{bad, find_disk, list_nodes, InternalSnapshot};
-use super::readpoint::path_str;
 use super::{check_name, token, PREFIX};
 use crate::qmp::{Client, QmpError, Result};
 

@@ -11,6 +11,7 @@
 //!   pseudo-partition named `fs`. An unknown or unreadable filesystem is `None`: only its raw
 //!   `.img` is offered.
 
+use crate::error::What;
 use crate::guestfs::{self, Device, Filesystem, Kind};
 use crate::image::{Chunks, ImageReader};
 use crate::repo::{DiskEntry, Manifest, Repo};
@@ -67,7 +68,7 @@ impl Browser {
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sys::lock(m)
 }
 
 /// A backed-up disk as a guest `Device`. A failed read (a damaged chunk) is logged with where
@@ -98,7 +99,7 @@ impl Device for ImageDevice {
                         buf.len()
                     );
                 }
-                Err(io::Error::other(e.to_string()))
+                Err(e.to_io())
             }
         }
     }
@@ -268,13 +269,16 @@ impl FileSpec {
     pub fn parse(s: &str) -> Result<FileSpec> {
         let example = "e.g. web-01@20261122-101500:root/p2/etc/fstab, or web-01:root/p2/etc for the newest backup";
         let (backup, rest) = s.split_once(':').ok_or_else(|| {
-            Error::Invalid(format!("{s:?} must be VM[@ID]:DISK/PART/PATH; {example}"))
+            Error::usage(format!("{s:?} must be VM[@ID]:DISK/PART/PATH; {example}"))
         })?;
         let mut it = rest.trim_start_matches('/').splitn(3, '/');
         let disk = it.next().unwrap_or_default();
         let part = it.next().unwrap_or_default();
         if backup.is_empty() || disk.is_empty() || part.is_empty() {
-            return Err(Error::Invalid(format!("{s:?} must name a backup, a disk and a partition: VM[@ID]:DISK/PART/PATH; {example}")));
+            return Err(Error::usage(format!(
+                "{s:?} must name a backup, a disk and a partition: VM[@ID]:DISK/PART/PATH; \
+                 {example}"
+            )));
         }
         let path = it.next().unwrap_or_default().trim_matches('/').to_string();
         Ok(FileSpec {
@@ -306,13 +310,17 @@ pub fn locate(b: &Browser, spec: &FileSpec, follow: bool) -> Result<Located> {
         .find(|d| d.name == spec.disk)
         .ok_or_else(|| {
             let names: Vec<&str> = manifest.disks.iter().map(|d| d.name.as_str()).collect();
-            Error::NotFound(format!(
-                "backup {}@{} has no disk {:?}; its disks: {}",
-                manifest.vm,
-                manifest.id,
-                spec.disk,
-                names.join(", ")
-            ))
+            Error::not_found(
+                What::Disk,
+                spec.disk.clone(),
+                format!(
+                    "backup {}@{} has no disk {:?}; its disks: {}",
+                    manifest.vm,
+                    manifest.id,
+                    spec.disk,
+                    names.join(", ")
+                ),
+            )
         })?;
     let disk = b.disk(&manifest, entry)?;
     let part = disk.part(&spec.part).ok_or_else(|| {
@@ -322,19 +330,29 @@ pub fn locate(b: &Browser, spec: &FileSpec, follow: bool) -> Result<Located> {
         } else {
             names.join(", ")
         };
-        Error::NotFound(format!(
-            "{} has no partition {:?}; its partitions: {have}",
-            disk.label, spec.part
+        Error::not_found(
+            What::Disk,
+            spec.part.clone(),
+            format!(
+                "{} has no partition {:?}; its partitions: {have}",
+                disk.label, spec.part
+            ),
+        )
+    })?;
+    let fs = part.fs().ok_or_else(|| {
+        Error::Unsupported(format!(
+            "{} holds no filesystem holdfast can read (ext2/3/4, FAT, NTFS); restore it raw with \
+             holdfast restore",
+            part.label
         ))
     })?;
-    let fs = part.fs().ok_or_else(|| Error::NotFound(format!("{} holds no filesystem holdfast can read (ext2/3/4, FAT, NTFS); restore it raw with holdfast restore", part.label)))?;
     let attr = resolve(fs.as_ref(), &spec.path, follow).map_err(|e| match e {
         Walk::Guest(e) => guest_error(&part, &spec.path, e),
-        Walk::Loop => Error::Invalid(format!(
-            "{}: /{}: too many levels of symbolic links",
-            part.label(),
-            spec.path
-        )),
+        Walk::Loop => Error::Guest {
+            part: part.label().to_string(),
+            path: format!("/{}", spec.path),
+            source: guestfs::GuestFsError::TooLarge("too many levels of symbolic links".into()),
+        },
     })?;
     Ok(Located {
         manifest,
@@ -405,8 +423,8 @@ fn resolve(
         .ok_or(Walk::Guest(guestfs::GuestFsError::NotFound))
 }
 
-/// A guest filesystem error as a holdfast error: damage is `Damaged` (exit 3), the rest says
-/// which path.
+/// A guest filesystem error as a holdfast error naming the partition and path (a device read
+/// that failed is damage: exit 3).
 pub fn guest_error(part: &PartView, path: &str, e: guestfs::GuestFsError) -> Error {
     use guestfs::GuestFsError as G;
     let shown = if path.is_empty() {
@@ -415,9 +433,16 @@ pub fn guest_error(part: &PartView, path: &str, e: guestfs::GuestFsError) -> Err
         format!("/{path}")
     };
     match e {
-        G::NotFound => Error::NotFound(format!("{}: no {shown} in its filesystem", part.label())),
-        G::Io { .. } => Error::Damaged(format!("{}: {shown}: {e}", part.label())),
-        e => Error::Invalid(format!("{}: {shown}: {e}", part.label())),
+        G::NotFound => Error::not_found(
+            What::File,
+            shown.clone(),
+            format!("{}: no {shown} in its filesystem", part.label()),
+        ),
+        source => Error::Guest {
+            part: part.label().to_string(),
+            path: shown,
+            source,
+        },
     }
 }
 

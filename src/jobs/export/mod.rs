@@ -7,6 +7,10 @@
 //! wholly from the backup or wholly from the overlay. The overlay is discarded on exit unless
 //! kept (`PATH` + `PATH.map`, the bitmap as little-endian u64 words).
 
+mod serve;
+
+pub use serve::{serve, ExportConfig, ExportReport, Listen};
+
 use crate::image::{ImageReader, Part};
 use crate::nbd::{proto, Export, ReadPart};
 use std::fs::File;
@@ -18,7 +22,7 @@ use std::sync::{Mutex, RwLock};
 pub const BLOCK: u64 = 4096;
 
 fn to_io(e: crate::Error) -> io::Error {
-    io::Error::other(e.to_string())
+    e.to_io()
 }
 
 pub struct Overlay {
@@ -50,13 +54,13 @@ impl Overlay {
     }
 
     fn has(&self, block: u64) -> bool {
-        let b = self.bits.read().unwrap_or_else(|p| p.into_inner());
+        let b = crate::sys::read(&self.bits);
         b.get((block / 64) as usize)
             .is_some_and(|w| w & (1 << (block % 64)) != 0)
     }
 
     fn mark(&self, block: u64) {
-        let mut b = self.bits.write().unwrap_or_else(|p| p.into_inner());
+        let mut b = crate::sys::write(&self.bits);
         if let Some(w) = b.get_mut((block / 64) as usize) {
             *w |= 1 << (block % 64);
         }
@@ -64,7 +68,7 @@ impl Overlay {
 
     /// Write the bitmap beside the data file (for `--keep-overlay`).
     pub fn save_map(&self) -> io::Result<PathBuf> {
-        let b = self.bits.read().unwrap_or_else(|p| p.into_inner());
+        let b = crate::sys::read(&self.bits);
         let bytes: Vec<u8> = b.iter().flat_map(|w| w.to_le_bytes()).collect();
         let map = PathBuf::from(format!("{}.map", self.path.display()));
         std::fs::write(&map, bytes)?;
@@ -105,7 +109,7 @@ impl BackupExport {
         offset: u64,
         len: u64,
     ) -> io::Result<()> {
-        let _g = o.rmw.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = crate::sys::lock(&o.rmw);
         let mut pos = offset;
         let end = offset + len;
         let mut block = vec![0u8; BLOCK as usize];

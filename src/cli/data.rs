@@ -1,0 +1,134 @@
+//! `holdfast init`, `restore`, `verify`, `gc`, `stats`, `catalog rebuild`.
+
+use super::Ctx;
+use crate::chunk::ChunkerParams;
+use crate::ops::{parse_size, InitRequest, RestoreRequest, S3Init, VerifyRequest};
+use crate::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct InitArgs {
+    /// Segment size in bytes; chunks never cross a segment edge
+    #[arg(long, default_value_t = 4 << 20)]
+    segment_size: u32,
+    /// Smallest chunk in bytes
+    #[arg(long, default_value_t = 16 << 10)]
+    chunk_min: u32,
+    /// Average chunk in bytes
+    #[arg(long, default_value_t = 64 << 10)]
+    chunk_avg: u32,
+    /// Largest chunk in bytes
+    #[arg(long, default_value_t = 256 << 10)]
+    chunk_max: u32,
+    /// zstd level (1 is fastest; 3 compresses a little better)
+    #[arg(long, default_value_t = 1)]
+    compression_level: i32,
+    /// Keep the store in an S3 bucket (AWS, MinIO, Ceph RGW, Garage, ...): s3://BUCKET/PREFIX.
+    /// Credentials come from the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY,
+    /// AWS_PROFILE, ...). The repository directory then holds only the catalog, locks and a read cache.
+    #[arg(long, value_name = "URL")]
+    s3: Option<String>,
+    /// S3 endpoint for servers other than AWS, e.g. http://127.0.0.1:9000
+    #[arg(long, value_name = "URL", requires = "s3")]
+    endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, else us-east-1)
+    #[arg(long, requires = "s3")]
+    region: Option<String>,
+    /// Address the bucket in the path (http://host/bucket/key), as most self-hosted servers need
+    #[arg(long, requires = "s3")]
+    path_style: bool,
+    /// Local read-cache size for an S3 store, e.g. 512M, 4G (0 turns it off)
+    #[arg(long, value_name = "SIZE", requires = "s3", default_value = "2G")]
+    cache_size: String,
+    /// Attach to a repository that already exists in the bucket (a new appliance, or after
+    /// losing this machine): the catalog is rebuilt from the bucket alone
+    #[arg(long, requires = "s3")]
+    existing: bool,
+}
+
+pub fn init(cx: &Ctx, a: InitArgs) -> Result<i32> {
+    let s3 = match a.s3 {
+        Some(url) => Some(S3Init {
+            url,
+            endpoint: a.endpoint,
+            region: a.region,
+            path_style: a.path_style,
+            cache_bytes: parse_size(&a.cache_size)?,
+            existing: a.existing,
+        }),
+        None => None,
+    };
+    let req = InitRequest {
+        chunker: ChunkerParams {
+            segment_size: a.segment_size,
+            min_size: a.chunk_min,
+            avg_size: a.chunk_avg,
+            max_size: a.chunk_max,
+        },
+        compression_level: a.compression_level,
+        s3,
+    };
+    cx.out.init(&cx.app.init(&req)?);
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct RestoreArgs {
+    /// VM or VM@ID (default: the newest backup)
+    spec: String,
+    /// Disk name (may be left out when the backup has one disk)
+    #[arg(long)]
+    disk: Option<String>,
+    /// Where to write the image (a new file, or a block device)
+    #[arg(long)]
+    to: PathBuf,
+    /// Overwrite an existing file
+    #[arg(long)]
+    force: bool,
+}
+
+pub fn restore(cx: &Ctx, a: RestoreArgs) -> Result<i32> {
+    let req = RestoreRequest {
+        spec: a.spec,
+        disk: a.disk,
+        to: a.to,
+        force: a.force,
+    };
+    cx.out.restore(&cx.app.restore(&req, &cx.term())?);
+    Ok(0)
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// VM or VM@ID (default: every backup)
+    spec: Option<String>,
+    /// Check only this percentage of the chunks (a stable sample)
+    #[arg(long, default_value_t = 100.0)]
+    sample: f64,
+}
+
+pub fn verify(cx: &Ctx, a: VerifyArgs) -> Result<i32> {
+    let req = VerifyRequest {
+        spec: a.spec,
+        sample: a.sample,
+    };
+    let r = cx.app.verify(&req, &cx.term())?;
+    cx.out.verify(&r);
+    Ok(if r.damaged.is_empty() { 0 } else { 3 })
+}
+
+pub fn gc(cx: &Ctx) -> Result<i32> {
+    cx.out.gc(&cx.app.gc(&cx.term())?);
+    Ok(0)
+}
+
+pub fn stats(cx: &Ctx, price: f64) -> Result<i32> {
+    cx.out.stats(&cx.app.stats(price)?);
+    Ok(0)
+}
+
+pub fn rebuild(cx: &Ctx) -> Result<i32> {
+    cx.out.rebuild(&cx.app.catalog_rebuild(&cx.term())?);
+    Ok(0)
+}

@@ -1,0 +1,230 @@
+//! The repository and its data: init, restore, verify, gc, stats, catalog rebuild.
+
+use super::{summary, Appliance};
+use crate::chunk::ChunkerParams;
+use crate::jobs::gc::GcReport;
+use crate::jobs::restore::{pick_disk, RestoreReport};
+use crate::jobs::stats::Stats;
+use crate::jobs::verify::VerifyReport;
+use crate::repo::{Manifest, Repo, SyncReport};
+use crate::store::s3::S3Location;
+use crate::task::{Events, Kind, Outcome};
+use crate::{Error, Result};
+use indicatif::HumanBytes;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug)]
+pub struct S3Init {
+    /// `s3://BUCKET/PREFIX`
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    /// Local read-cache budget.
+    pub cache_bytes: u64,
+    /// Attach to a repository that exists in the bucket (the catalog is rebuilt from it).
+    pub existing: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct InitRequest {
+    pub chunker: ChunkerParams,
+    pub compression_level: i32,
+    /// Keep the store in an S3 bucket instead of the repository directory.
+    pub s3: Option<S3Init>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InitReport {
+    pub repo: PathBuf,
+    pub store: String,
+    pub chunker: ChunkerParams,
+    pub compression: crate::repo::config::Compression,
+    /// The local read cache of an S3 store, in bytes.
+    #[serde(skip)]
+    pub cache_bytes: Option<u64>,
+}
+
+#[derive(Clone, Debug)]
+pub struct RestoreRequest {
+    /// `VM` or `VM@ID` (default: the newest backup).
+    pub spec: String,
+    /// The disk (may be left out when the backup has one).
+    pub disk: Option<String>,
+    pub to: PathBuf,
+    /// Overwrite an existing file.
+    pub force: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct VerifyRequest {
+    /// `VM` or `VM@ID`; None: every backup.
+    pub spec: Option<String>,
+    /// Check this percentage of the chunks (a stable sample).
+    pub sample: f64,
+}
+
+impl Appliance {
+    /// Create a repository in the appliance's directory.
+    pub fn init(&self, req: &InitRequest) -> Result<InitReport> {
+        let repo = match &req.s3 {
+            Some(s3) => {
+                let mut loc = S3Location::parse(&s3.url).map_err(Error::Usage)?;
+                (loc.endpoint, loc.region, loc.path_style) =
+                    (s3.endpoint.clone(), s3.region.clone(), s3.path_style);
+                Repo::init_s3(
+                    &self.dir,
+                    loc,
+                    req.chunker,
+                    req.compression_level,
+                    s3.cache_bytes,
+                    s3.existing,
+                )?
+            }
+            None => Repo::init(&self.dir, req.chunker, req.compression_level)?,
+        };
+        Ok(InitReport {
+            repo: repo.dir.clone(),
+            store: repo.store_url(),
+            chunker: repo.config.chunker,
+            compression: repo.config.compression.clone(),
+            cache_bytes: repo.remote.as_ref().map(|r| r.cache_bytes),
+        })
+    }
+
+    /// Restore one disk of a backup to a sparse image or a block device.
+    pub fn restore(&self, req: &RestoreRequest, events: &dyn Events) -> Result<RestoreReport> {
+        let repo = self.open_synced()?;
+        let m = repo.resolve(&req.spec)?;
+        let disk = pick_disk(&m, req.disk.as_deref())?.clone();
+        let target = format!(
+            "{}@{} disk {} to {}",
+            m.vm,
+            m.id,
+            disk.name,
+            req.to.display()
+        );
+        self.run(
+            Kind::Restore,
+            vec![m.vm.clone()],
+            target,
+            events,
+            |_, ctx| crate::jobs::restore::restore(&repo, &m, &disk, &req.to, req.force, ctx),
+            |r| {
+                summary(format!(
+                    "restored {}@{} disk {} to {} ({} data)",
+                    r.vm,
+                    r.backup,
+                    r.disk,
+                    r.to,
+                    HumanBytes(r.data_bytes)
+                ))
+            },
+        )
+    }
+
+    /// The backups `spec` names: `VM@ID` one, `VM` all of that VM's, None all.
+    fn backups_of(&self, repo: &Repo, spec: Option<&str>) -> Result<Vec<Manifest>> {
+        match spec {
+            Some(s) if s.contains('@') => Ok(vec![repo.resolve(s)?]),
+            Some(vm) => {
+                let ms = repo.manifests(Some(vm))?;
+                if ms.is_empty() {
+                    repo.resolve(vm)?; // the not-found error
+                }
+                Ok(ms)
+            }
+            None => repo.manifests(None),
+        }
+    }
+
+    /// Re-read and re-hash what backups reference; the report names any damage (and the
+    /// task records it as failed with `damaged`).
+    pub fn verify(&self, req: &VerifyRequest, events: &dyn Events) -> Result<VerifyReport> {
+        if !(req.sample > 0.0 && req.sample <= 100.0) {
+            return Err(Error::usage(format!(
+                "--sample {} must be a percentage above 0 and at most 100",
+                req.sample
+            )));
+        }
+        let repo = self.open_synced()?;
+        let ms = self.backups_of(&repo, req.spec.as_deref())?;
+        let mut vms: Vec<String> = Vec::new();
+        if let Some(m) = ms.first().filter(|_| req.spec.is_some()) {
+            vms.push(m.vm.clone());
+        }
+        let target = req.spec.clone().unwrap_or_else(|| "every backup".into());
+        // Listed under the VM it checks, which it does not lock: verify only reads.
+        let mut spec = self.spec(Kind::Verify, vms, target);
+        spec.lock = false;
+        self.run_spec(
+            spec,
+            events,
+            |_, ctx| crate::jobs::verify::verify(&repo, &ms, req.sample, ctx),
+            verify_outcome,
+        )
+    }
+
+    /// Free what no backup uses; safe beside running backups.
+    pub fn gc(&self, events: &dyn Events) -> Result<GcReport> {
+        let repo = self.open()?;
+        self.run(
+            Kind::Gc,
+            Vec::new(),
+            String::new(),
+            events,
+            |_, ctx| crate::jobs::gc::gc(&repo, ctx),
+            |r| {
+                summary(format!(
+                    "freed {} in {} pack(s)",
+                    HumanBytes(r.bytes_freed),
+                    r.packs_deleted
+                ))
+            },
+        )
+    }
+
+    /// Stored bytes, dedup and compression, what the storage costs.
+    pub fn stats(&self, price_per_gb_month: f64) -> Result<Stats> {
+        crate::jobs::stats::stats(&*self.open_synced()?, price_per_gb_month)
+    }
+
+    /// Throw the catalog away and rebuild it from the store alone (refused while any
+    /// operation runs).
+    pub fn catalog_rebuild(&self, events: &dyn Events) -> Result<SyncReport> {
+        crate::task::refuse_if_running(&self.dir, "rebuild the catalog")?;
+        self.run(
+            Kind::CatalogRebuild,
+            Vec::new(),
+            String::new(),
+            events,
+            |_, _| crate::repo::rebuild_catalog(&self.dir),
+            |r| {
+                summary(format!(
+                    "catalog rebuilt: {} pack(s), {} backup(s)",
+                    r.packs_added, r.backups_added
+                ))
+            },
+        )
+    }
+}
+
+fn verify_outcome(r: &VerifyReport) -> Outcome {
+    let line = format!(
+        "verified {} backup(s): {} of {} chunks re-hashed",
+        r.backups, r.chunks_checked, r.chunks_total
+    );
+    if r.damaged.is_empty() {
+        return summary(format!("{line}: OK"));
+    }
+    let e = Error::damaged(
+        "blob",
+        format!("{line}: {} damaged blob(s)", r.damaged.len()),
+    );
+    Outcome {
+        summary: Some(e.to_string()),
+        error: Some(e.to_body()),
+        ..Outcome::default()
+    }
+}
