@@ -307,7 +307,9 @@ impl Error {
             Error::Source(_) => "source",
             Error::Store(StoreError::Full(_)) => "store-full",
             Error::Store(StoreError::Remote { .. }) => "store-unavailable",
-            Error::Store(StoreError::Corrupt { .. }) => "damaged",
+            // A stored object that is gone or cut short is damage: the catalog or a manifest
+            // says it is there. (Expected absences are handled where they happen.)
+            Error::Store(StoreError::Corrupt { .. } | StoreError::NotFound(_)) => "damaged",
             Error::Store(_) => "store",
             Error::Catalog(crate::catalog::CatalogError::Busy(_)) => "busy",
             Error::Catalog(_) => "catalog",

@@ -6,7 +6,9 @@
 //! - `HOLDFAST_TEST_FAIL_AT=STAGE` fails the job there with an error;
 //! - `HOLDFAST_TEST_PAUSE_AT=STAGE:PATH` creates `PATH.waiting` and waits (at most 5 minutes)
 //!   until `PATH` exists; `HOLDFAST_TEST_PAUSE_BEFORE_COMMIT=PATH` is `before-commit:PATH`;
-//! - `HOLDFAST_TEST_CRASH_AFTER_PACKS=N` aborts a backup after its N-th pack.
+//! - `HOLDFAST_TEST_CRASH_AFTER_PACKS=N` aborts a backup after its N-th pack;
+//! - `HOLDFAST_TEST_SEGMENT_DELAY_MS=N` makes a backup wait N ms before reading each segment
+//!   (a slow disk: progress that tests can watch rise).
 //!
 //! Stages: `after-read-point`, `before-commit`, `after-commit`.
 
@@ -55,6 +57,18 @@ mod imp {
             .ok()
             .and_then(|v| v.parse().ok())
     }
+
+    pub fn segment_delay() {
+        static DELAY: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+        let ms = DELAY.get_or_init(|| {
+            std::env::var("HOLDFAST_TEST_SEGMENT_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if let Some(ms) = ms {
+            std::thread::sleep(Duration::from_millis(*ms));
+        }
+    }
 }
 
 #[cfg(not(feature = "test-hooks"))]
@@ -68,6 +82,9 @@ mod imp {
     pub fn crash_after_packs() -> Option<u64> {
         None
     }
+
+    #[inline(always)]
+    pub fn segment_delay() {}
 }
 
-pub(crate) use imp::{crash_after_packs, point};
+pub(crate) use imp::{crash_after_packs, point, segment_delay};

@@ -6,6 +6,8 @@ use thiserror::Error;
 pub enum NameError {
     #[error("invalid {kind} name {name:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.' (e.g. web-01)")]
     Invalid { kind: &'static str, name: String },
+    #[error("invalid snapshot name {name:?}: use letters, digits, '-' and '_' only (e.g. {example}, not {name:?})")]
+    Snapshot { name: String, example: String },
 }
 
 /// VM and disk names: letters, digits, `-`, `_`, `.`; 1–64 characters; no leading dot.

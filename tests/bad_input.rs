@@ -215,6 +215,7 @@ fn disk_full_commits_nothing_and_says_so() {
     };
     assert!(run(&["init"]).status.success());
     let out = run(&[
+        "--json",
         "backup",
         "vm1",
         "--disk",
@@ -222,6 +223,8 @@ fn disk_full_commits_nothing_and_says_so() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["code"], "store-full", "{json}");
     assert!(
         err.contains("disk full while writing") && err.contains("nothing was committed"),
         "{err}"

@@ -662,15 +662,22 @@ fn cat_and_restore_files_without_mounting() {
     );
 
     // Bad input: one clear line each, nothing written.
-    let bad = |args: &[&str], code: i32, want: &str| {
+    // Each error: its exit code, its stable code (through --json) and its message.
+    let bad = |args: &[&str], code: i32, stable: &str, want: &str| {
         let r = repo.run(args);
         assert_eq!(r.code, code, "{args:?}: {}", r.stderr);
         assert!(r.err().contains(want), "{args:?}: {}", r.stderr);
+        let json: Vec<&str> = std::iter::once("--json")
+            .chain(args.iter().copied())
+            .collect();
+        let j = repo.run(&json);
+        assert_eq!(j.json()["error"]["code"], stable, "{args:?}: {}", j.stdout);
     };
     let t = to.to_str().unwrap();
     bad(
         &["restore-files", "web:gpt/p2/home/user", "--to", t],
         1,
+        "exists",
         "exists; holdfast never overwrites",
     );
     bad(
@@ -681,31 +688,47 @@ fn cat_and_restore_files_without_mounting() {
             "/nonexistent/dir",
         ],
         1,
+        "not-found",
         "is not a directory; create it first",
     );
-    bad(&["cat", "web"], 1, "must be VM[@ID]:DISK/PART/PATH");
+    bad(
+        &["cat", "web"],
+        1,
+        "usage",
+        "must be VM[@ID]:DISK/PART/PATH",
+    );
     bad(
         &["cat", "web:gpt/p9/etc/fstab"],
         1,
+        "not-found",
         "has no partition \"p9\"; its partitions: p1, p2, p3",
     );
     bad(
         &["cat", "web:gpt/p3/x"],
         1,
+        "unsupported",
         "holds no filesystem holdfast can read",
     );
     bad(
         &["cat", "web:gpt/p2/etc/nope"],
         1,
+        "not-found",
         "no /etc/nope in its filesystem",
     );
-    bad(&["cat", "web:gpt/p2/etc"], 1, "is a directory");
+    bad(&["cat", "web:gpt/p2/etc"], 1, "usage", "is a directory");
+    bad(
+        &["cat", "web:gpt/p2/etc/fstab/x"],
+        1,
+        "guest-fs",
+        "gpt partition p2: /etc/fstab/x: not a directory",
+    );
     bad(
         &["cat", "web:nodisk/p1/x"],
         1,
+        "not-found",
         "has no disk \"nodisk\"; its disks: gpt, mbr, whole",
     );
-    bad(&["cat", "ghost:gpt/p2/etc/fstab"], 1, "ghost");
+    bad(&["cat", "ghost:gpt/p2/etc/fstab"], 1, "not-found", "ghost");
     let before = ls(&to);
     assert!(
         !before.iter().any(|n| n.starts_with('.')),

@@ -502,33 +502,51 @@ fn crashes_swapped_disks_foreign_overlays_and_ctrl_c() {
     }
     let last = repo.backup_args(&["web"]);
 
-    // Ctrl-C while the backup runs: it stops, commits nothing and takes its read point down.
-    let flag = repo.tmp("go");
-    let child = repo
-        .cmd(&["backup", "web"])
-        .env(
-            "HOLDFAST_TEST_PAUSE_AT",
-            format!("after-read-point:{}", flag.display()),
-        )
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while !flag.with_extension("waiting").exists() {
-        assert!(t.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(20));
+    // Ctrl-C, or the terminal going away (SIGHUP, as when an SSH session drops), while the
+    // backup runs: it stops, commits nothing, takes its read point down (export, job, fleecing
+    // node and file, the new bitmap) and records the task as cancelled.
+    for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGHUP, "SIGHUP")] {
+        let flag = repo.tmp(&format!("go-{name}"));
+        let child = repo
+            .cmd(&["backup", "web"])
+            .env(
+                "HOLDFAST_TEST_PAUSE_AT",
+                format!("after-read-point:{}", flag.display()),
+            )
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while !flag.with_extension("waiting").exists() {
+            assert!(t.elapsed() < Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        common::signal(child.id(), sig);
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&flag, b"").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(130), "{name}: {err}");
+        assert!(
+            err.contains(&format!("interrupted ({name})")) && err.contains("nothing was committed"),
+            "{err}"
+        );
+        clean_with_checkpoint(&vm, &last);
+        let work = repo.path().join("work/web");
+        let fleecing: Vec<_> = std::fs::read_dir(&work)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("holdfast-rp"))
+            .collect();
+        assert!(
+            fleecing.is_empty(),
+            "{name}: fleecing files left: {fleecing:?}"
+        );
+        let tasks = repo.run(&["--json", "tasks", "--vm", "web"]).ok().json();
+        let task = tasks.as_array().unwrap().last().unwrap().clone();
+        assert_eq!(task["state"], "cancelled", "{name}: {task}");
+        assert_eq!(task["outcome"]["error"]["code"], "cancelled");
     }
-    common::signal(child.id(), libc::SIGINT);
-    std::thread::sleep(Duration::from_millis(200));
-    std::fs::write(&flag, b"").unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(
-        err.contains("interrupted") && err.contains("nothing was committed"),
-        "{err}"
-    );
-    clean_with_checkpoint(&vm, &last);
     assert_eq!(
         repo.run(&["--json", "backups", "web"])
             .ok()
@@ -537,7 +555,7 @@ fn crashes_swapped_disks_foreign_overlays_and_ctrl_c() {
             .unwrap()
             .len(),
         5,
-        "the interrupted run committed nothing"
+        "the interrupted runs committed nothing"
     );
 }
 

@@ -50,10 +50,16 @@ fn qemu_tags(vm: &Vm, node: &str) -> Vec<String> {
         .collect()
 }
 
-fn err(repo: &Repo, args: &[&str], want: &str) {
+/// `args` fail with the one-line error `want` and, through --json, the stable `code`.
+fn err(repo: &Repo, args: &[&str], code: &str, want: &str) {
     let r = repo.run(args);
     assert_ne!(r.code, 0, "{args:?} must fail");
     assert!(r.err().contains(want), "{args:?}: {}", r.stderr);
+    let json: Vec<&str> = std::iter::once("--json")
+        .chain(args.iter().copied())
+        .collect();
+    let j = repo.run(&json);
+    assert_eq!(j.json()["error"]["code"], code, "{args:?}: {}", j.stdout);
 }
 
 #[test]
@@ -68,6 +74,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     err(
         &repo,
         &["snapshot", "create", "web", "Pre Update"],
+        "invalid-name",
         "use letters, digits, '-' and '_' only (e.g. PreUpdate, not \"Pre Update\")",
     );
     let made = repo
@@ -89,11 +96,13 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     err(
         &repo,
         &["snapshot", "create", "web", "Second"],
+        "limit-reached",
         "VM web already has 1 snapshot(s): PreUpdate (taken ",
     );
     err(
         &repo,
         &["snapshot", "create", "web", "Second"],
+        "limit-reached",
         "its limit is 1: delete one first (`holdfast snapshot delete web PreUpdate`)",
     );
 
@@ -148,6 +157,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     err(
         &repo,
         &["snapshot", "delete", "web", "PreUpdate"],
+        "not-found",
         "VM web has no snapshot \"PreUpdate\" (its snapshots: BeforeUpgrade)",
     );
     repo.run(&["snapshot", "delete", "web", "BeforeUpgrade"])
@@ -169,6 +179,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     err(
         &repo,
         &["snapshot", "create", "web", "X", "--ttl", "soon"],
+        "usage",
         "is not a duration",
     );
 }
@@ -197,6 +208,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     err(
         &repo,
         &["snapshot", "create", "--vm", "a", "--vm", "b", "H"],
+        "limit-reached",
         "VM b already has 1 snapshot(s): G",
     );
     assert_eq!(list(&repo, "a").len(), 1);
@@ -206,6 +218,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     err(
         &repo,
         &["snapshot", "create", "--vm", "a", "--vm", "b", "H"],
+        "qemu",
         "cannot connect to QMP socket",
     );
     assert_eq!(list(&repo, "a").len(), 1, "no H left on a");
@@ -217,6 +230,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
     err(
         &repo,
         &["snapshot", "revert", "a", "G"],
+        "conflict",
         "is disk-only: QEMU cannot revert it while the VM runs; shut the VM down",
     );
     a.shutdown();
@@ -246,6 +260,7 @@ fn raw_disks_get_external_overlays() {
     err(
         &repo,
         &["snapshot", "create", "legacy", "M", "--memory"],
+        "unsupported",
         "--memory needs qcow2 disks",
     );
     let made = repo

@@ -756,9 +756,9 @@ impl fuser::Filesystem for HoldfastFs {
     }
 }
 
-/// Mount the backups at `mountpoint` and serve until unmounted (`holdfast umount`) or until
-/// `ctx` is cancelled (then it unmounts itself). Reports [`Serving`] once the mount is in place.
-pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ctx: &Ctx) -> Result<()> {
+/// The mount point must be a directory that is not a holdfast mount yet (a stale one, whose
+/// process died, is removed first).
+fn check_mountpoint(mountpoint: &Path, ctx: &Ctx) -> Result<()> {
     let meta = std::fs::metadata(mountpoint);
     match meta {
         Ok(m) if m.is_dir() => {}
@@ -798,6 +798,13 @@ pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ctx: &Ctx) ->
             ),
         ));
     }
+    Ok(())
+}
+
+/// Mount the backups at `mountpoint` and serve until unmounted (`holdfast umount`) or until
+/// `ctx` is cancelled (then it unmounts itself). Reports [`Serving`] once the mount is in place.
+pub fn serve(repo: Arc<Repo>, mountpoint: &Path, cfg: MountConfig, ctx: &Ctx) -> Result<()> {
+    check_mountpoint(mountpoint, ctx)?;
     let fs = HoldfastFs::new(repo, cfg.vm);
     let mut options = vec![
         fuser::MountOption::RO,

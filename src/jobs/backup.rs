@@ -368,6 +368,36 @@ struct ReadPlan<'a> {
     size: u64,
 }
 
+/// True when no dirty range touches `[start, end)` (`dirty` sorted and disjoint).
+fn is_clean(dirty: &[Extent], start: u64, end: u64) -> bool {
+    let i = dirty.partition_point(|d| d.1 <= start);
+    i >= dirty.len() || dirty[i].0 >= end
+}
+
+/// The parts of `[start, end)` that `extents` (sorted, disjoint) cover, relative to `start`.
+fn ranges_in(extents: &[Extent], start: u64, end: u64) -> Vec<(usize, usize)> {
+    let mut ranges = Vec::new();
+    let mut j = extents.partition_point(|e| e.1 <= start);
+    while j < extents.len() && extents[j].0 < end {
+        ranges.push((
+            (extents[j].0.max(start) - start) as usize,
+            (extents[j].1.min(end) - start) as usize,
+        ));
+        j += 1;
+    }
+    ranges
+}
+
+/// Zero what `ranges` leave out of `buf` (those bytes are not read: they read as zeros).
+fn zero_gaps(buf: &mut [u8], ranges: &[(usize, usize)]) {
+    let mut filled = 0;
+    for &(a, b) in ranges {
+        buf[filled..a].fill(0);
+        filled = b;
+    }
+    buf[filled..].fill(0);
+}
+
 fn read_segments(
     src: &dyn Source,
     plan: &ReadPlan<'_>,
@@ -383,6 +413,7 @@ fn read_segments(
     } = *plan;
     let mut no = 0u64;
     let tx = &tx;
+    let send = |sg: Segment| tx.send(Ok(sg)).is_ok();
     let mut next = || -> Option<ReadJob> {
         loop {
             if let Err(e) = cancel.check() {
@@ -394,57 +425,31 @@ fn read_segments(
             }
             let this = no;
             no += 1;
+            crate::hooks::segment_delay();
             let (start, end) = (this * seg, ((this + 1) * seg).min(size));
-            if let Some((prev, dirty)) = reuse {
-                let di = dirty.partition_point(|d| d.1 <= start);
-                if di >= dirty.len() || dirty[di].0 >= end {
-                    let prev = prev.get(this as usize).copied().flatten();
-                    if tx
-                        .send(Ok(Segment {
-                            no: this,
-                            data: None,
-                            len: end - start,
-                            reuse: Some(prev),
-                        }))
-                        .is_err()
-                    {
-                        return None;
-                    }
-                    continue;
+            let empty = |reuse| Segment {
+                no: this,
+                data: None,
+                len: end - start,
+                reuse,
+            };
+            if let Some((prev, _)) = reuse.filter(|(_, d)| is_clean(d, start, end)) {
+                let prev = prev.get(this as usize).copied().flatten();
+                if !send(empty(Some(prev))) {
+                    return None;
                 }
+                continue;
             }
-            let mut ranges = Vec::new();
-            let mut j = extents.partition_point(|e| e.1 <= start);
-            while j < extents.len() && extents[j].0 < end {
-                ranges.push((
-                    (extents[j].0.max(start) - start) as usize,
-                    (extents[j].1.min(end) - start) as usize,
-                ));
-                j += 1;
-            }
+            let ranges = ranges_in(extents, start, end);
             if ranges.is_empty() {
-                if tx
-                    .send(Ok(Segment {
-                        no: this,
-                        data: None,
-                        len: end - start,
-                        reuse: None,
-                    }))
-                    .is_err()
-                {
+                if !send(empty(None)) {
                     return None;
                 }
                 continue;
             }
             let mut buf = pool.1.try_recv().unwrap_or_default();
             buf.resize((end - start) as usize, 0);
-            // What the ranges leave out reads as zeros.
-            let mut filled = 0;
-            for &(a, b) in &ranges {
-                buf[filled..a].fill(0);
-                filled = b;
-            }
-            buf[filled..].fill(0);
+            zero_gaps(&mut buf, &ranges);
             return Some(ReadJob {
                 tag: this,
                 offset: start,
@@ -468,6 +473,40 @@ fn read_segments(
         }
     };
     src.read_jobs(&mut next, &mut done);
+}
+
+/// Cut a segment's bytes into chunks: holes for all-zero chunks, the rest hashed and, when
+/// new, compressed into `r.blobs`. Returns the segment list's entries.
+fn cut_segment(repo: &Repo, data: &[u8], r: &mut SegResult) -> Result<Vec<SegEntry>> {
+    let level = repo.config.compression.level;
+    let mut entries: Vec<SegEntry> = Vec::new();
+    let mut local = HashSet::new();
+    for (off, len) in repo.config.chunker.cut(data) {
+        let bytes = &data[off..off + len];
+        if chunk::is_zero(bytes) {
+            match entries.last_mut() {
+                Some(SegEntry::Hole(l)) => *l += len as u32,
+                _ => entries.push(SegEntry::Hole(len as u32)),
+            }
+            continue;
+        }
+        r.data_bytes += len as u64;
+        let id = repo.keyer.id(BlobKind::Chunk, bytes);
+        entries.push(SegEntry::Chunk(id, len as u32));
+        if !local.insert(id) || repo.catalog.chunk(&id.0)?.is_some() {
+            r.reused += 1;
+            continue;
+        }
+        let (codec, stored) = chunk::encode(bytes, level);
+        r.blobs.push(NewBlob {
+            id,
+            kind: BlobKind::Chunk,
+            codec,
+            stored,
+            raw_len: len as u32,
+        });
+    }
+    Ok(entries)
 }
 
 fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegResult> {
@@ -509,38 +548,11 @@ fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegR
             return Ok(r);
         }
     }
-    let level = repo.config.compression.level;
-    let mut entries: Vec<SegEntry> = Vec::new();
-    let mut local = HashSet::new();
-    for (off, len) in repo.config.chunker.cut(data) {
-        let bytes = &data[off..off + len];
-        if chunk::is_zero(bytes) {
-            match entries.last_mut() {
-                Some(SegEntry::Hole(l)) => *l += len as u32,
-                _ => entries.push(SegEntry::Hole(len as u32)),
-            }
-            continue;
-        }
-        r.data_bytes += len as u64;
-        let id = repo.keyer.id(BlobKind::Chunk, bytes);
-        entries.push(SegEntry::Chunk(id, len as u32));
-        if !local.insert(id) || repo.catalog.chunk(&id.0)?.is_some() {
-            r.reused += 1;
-            continue;
-        }
-        let (codec, stored) = chunk::encode(bytes, level);
-        r.blobs.push(NewBlob {
-            id,
-            kind: BlobKind::Chunk,
-            codec,
-            stored,
-            raw_len: len as u32,
-        });
-    }
+    let entries = cut_segment(repo, data, &mut r)?;
     let bytes = format::encode_seglist(&entries);
     let id = repo.keyer.id(BlobKind::SegList, &bytes);
     if repo.catalog.chunk(&id.0)?.is_none() {
-        let (codec, stored) = chunk::encode(&bytes, level);
+        let (codec, stored) = chunk::encode(&bytes, repo.config.compression.level);
         r.blobs.push(NewBlob {
             id,
             kind: BlobKind::SegList,
@@ -563,4 +575,44 @@ fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegR
         },
     ));
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_that_cannot_go_together_are_refused_by_name() {
+        assert!(check_disks(&["root", "data"]).is_ok());
+        assert_eq!(check_disks(&[]).unwrap_err().code(), "usage");
+        assert!(check_disks(&["root", "root"])
+            .unwrap_err()
+            .to_string()
+            .contains("given twice"));
+        let e = check_disks(&["root", "root.img"]).unwrap_err().to_string();
+        assert!(e.contains("same name in a mount"), "{e}");
+        assert_eq!(check_disks(&["a/b"]).unwrap_err().code(), "invalid-name");
+    }
+
+    #[test]
+    fn a_segment_is_clean_only_when_no_dirty_range_touches_it() {
+        let dirty = [(100, 200), (500, 501)];
+        assert!(is_clean(&dirty, 0, 100));
+        assert!(!is_clean(&dirty, 0, 101));
+        assert!(is_clean(&dirty, 200, 500));
+        assert!(!is_clean(&dirty, 400, 600));
+        assert!(is_clean(&dirty, 501, 1000));
+        assert!(is_clean(&[], 0, 10));
+    }
+
+    #[test]
+    fn allocated_ranges_are_cut_to_the_segment_and_the_gaps_zeroed() {
+        let ex = [(0, 10), (20, 30), (95, 120)];
+        assert_eq!(ranges_in(&ex, 0, 100), vec![(0, 10), (20, 30), (95, 100)]);
+        assert_eq!(ranges_in(&ex, 100, 200), vec![(0, 20)]);
+        assert!(ranges_in(&ex, 30, 95).is_empty());
+        let mut buf = vec![7u8; 12];
+        zero_gaps(&mut buf, &[(2, 4), (6, 8)]);
+        assert_eq!(buf, [0, 0, 7, 7, 0, 0, 7, 7, 0, 0, 0, 0]);
+    }
 }

@@ -95,17 +95,9 @@ impl Drop for TempTree {
     }
 }
 
-/// Copy the file or directory at `spec` into the existing directory `to`. Device nodes are
-/// recreated only with `devices` (and as root): a guest's device node is a host device here.
-pub fn restore_files(
-    b: &Browser,
-    spec: &FileSpec,
-    to: &Path,
-    devices: bool,
-    ctx: &Ctx,
-) -> Result<FilesReport> {
-    let progress = ctx.events;
-    let started = std::time::Instant::now();
+/// Where `spec` is restored to inside `to` (an existing directory): `(name, TO/name)`, which
+/// must not exist yet.
+fn target_of(spec: &FileSpec, to: &Path) -> Result<(String, PathBuf)> {
     if !to.is_dir() {
         return Err(Error::not_found(
             What::Directory,
@@ -116,7 +108,6 @@ pub fn restore_files(
             ),
         ));
     }
-    let l = locate(b, spec, false)?;
     let name = match spec.path.rsplit('/').next().filter(|s| !s.is_empty()) {
         Some(n) => n.to_string(),
         None => format!("{}-{}", spec.disk, spec.part),
@@ -132,6 +123,22 @@ pub fn restore_files(
             ),
         ));
     }
+    Ok((name, target))
+}
+
+/// Copy the file or directory at `spec` into the existing directory `to`. Device nodes are
+/// recreated only with `devices` (and as root): a guest's device node is a host device here.
+pub fn restore_files(
+    b: &Browser,
+    spec: &FileSpec,
+    to: &Path,
+    devices: bool,
+    ctx: &Ctx,
+) -> Result<FilesReport> {
+    let progress = ctx.events;
+    let started = std::time::Instant::now();
+    let (name, target) = target_of(spec, to)?;
+    let l = locate(b, spec, false)?;
     let items = walk(&l, &spec.path)?;
     let total: u64 = items
         .iter()

@@ -1,7 +1,7 @@
 //! Forget and garbage collection.
 //!
-//! GC may run beside backups (DESIGN §5 invariant 2). A backup registers itself in `locks/`
-//! before it looks at the catalog, and may reuse any blob the catalog lists. So GC works in two
+//! GC may run beside backups (DESIGN §5 invariant 2). A backup's task record says `running`
+//! before the backup looks at the catalog, and it may reuse any blob the catalog lists. So GC works in two
 //! steps:
 //! 1. *condemn*: blobs no committed backup references, in packs created before every backup now
 //!    in flight started, are removed from the catalog (no later lookup can find them), and their

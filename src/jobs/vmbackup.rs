@@ -262,6 +262,55 @@ fn check_request(vm: &Vm, opts: &VmBackupOptions) -> Result<()> {
     Ok(())
 }
 
+/// What the read point asks of QEMU, which image each node is, and why disks are read whole.
+struct Planned {
+    req: ops::ReadPointRequest,
+    origins: Vec<(String, String)>,
+    full_reads: Vec<(String, String)>,
+}
+
+fn plan(vm: &Vm, disks: &[LiveDisk], prev: Option<&Manifest>, opts: &VmBackupOptions) -> Planned {
+    let all_qcow2 = disks.iter().all(|d| d.info.driver == "qcow2");
+    let mut full_reads = Vec::new();
+    let mut requests = Vec::new();
+    let mut origins = Vec::new();
+    for d in disks {
+        // Which image this disk is: a checkpoint is trusted only on the same node and file.
+        let origin = format!("qemu node {} file {}", d.info.node_name, d.info.file);
+        let prev_disk = prev.and_then(|m| m.disks.iter().find(|x| x.name == d.name));
+        let p = plan_disk(
+            prev_disk,
+            d.info.virtual_size,
+            &origin,
+            all_qcow2,
+            opts.full,
+        );
+        full_reads.extend(p.full_read.map(|why| (d.name.clone(), why)));
+        requests.push(ops::DiskRequest {
+            disk: d.info.node_name.clone(),
+            previous_bitmap: p.previous_bitmap,
+        });
+        origins.push((d.info.node_name.clone(), origin));
+    }
+    let nbd = vm
+        .nbd_socket
+        .clone()
+        .map(ops::NbdServer::Existing)
+        .unwrap_or(ops::NbdServer::Own);
+    let req = ops::ReadPointRequest {
+        work_dir: vm.work_dir.clone(),
+        disks: requests,
+        new_bitmap: all_qcow2.then(new_checkpoint_name),
+        nbd,
+        timeout: STEP,
+    };
+    Planned {
+        req,
+        origins,
+        full_reads,
+    }
+}
+
 /// Back up every disk of a running VM (see the module docs).
 pub fn backup_vm(
     repo: &Repo,
@@ -284,57 +333,31 @@ pub fn backup_vm(
     for c in &cleaned {
         ctx.info(&format!("removed a leftover of an interrupted run: {c}"));
     }
-    let all_qcow2 = disks.iter().all(|d| d.info.driver == "qcow2");
-    let mut full_reads = Vec::new();
-    let mut requests = Vec::new();
-    let mut origins = Vec::new();
-    for d in &disks {
-        // Which image this disk is: a checkpoint is trusted only on the same node and file.
-        let origin = format!("qemu node {} file {}", d.info.node_name, d.info.file);
-        let prev_disk = prev
-            .as_ref()
-            .and_then(|m| m.disks.iter().find(|x| x.name == d.name));
-        let plan = plan_disk(
-            prev_disk,
-            d.info.virtual_size,
-            &origin,
-            all_qcow2,
-            opts.full,
-        );
-        full_reads.extend(plan.full_read.map(|why| (d.name.clone(), why)));
-        requests.push(ops::DiskRequest {
-            disk: d.info.node_name.clone(),
-            previous_bitmap: plan.previous_bitmap,
-        });
-        origins.push((d.info.node_name.clone(), origin));
-    }
-    let req = ops::ReadPointRequest {
-        work_dir: vm.work_dir.clone(),
-        disks: requests,
-        new_bitmap: all_qcow2.then(new_checkpoint_name),
-        nbd: vm
-            .nbd_socket
-            .clone()
-            .map(ops::NbdServer::Existing)
-            .unwrap_or(ops::NbdServer::Own),
-        timeout: STEP,
-    };
-    let rp = create_read_point(&s, vm, &req, opts.quiesce)?;
+    let mut planned = plan(vm, &disks, prev.as_ref(), opts);
+    let rp = create_read_point(&s, vm, &planned.req, opts.quiesce)?;
     for d in rp.disks.iter().filter(|_| !opts.full) {
         if d.previous_bitmap.is_some() && d.exported_bitmap.is_none() {
-            let name = disk_name(vm, &d.disk).unwrap_or_default();
             let why = d.bitmap_note.clone();
-            full_reads.push((
-                name,
+            planned.full_reads.push((
+                disk_name(vm, &d.disk).unwrap_or_default(),
                 why.unwrap_or_else(|| "QEMU does not offer the previous checkpoint".into()),
             ));
         }
     }
-    for (disk, why) in &full_reads {
+    for (disk, why) in &planned.full_reads {
         ctx.info(&format!("disk {disk}: full read ({why})"));
     }
-    let result = crate::hooks::point("after-read-point")
-        .and_then(|_| read_and_commit(repo, vm, &rp, &origins, prev.as_ref(), opts.full, ctx));
+    let result = crate::hooks::point("after-read-point").and_then(|_| {
+        read_and_commit(
+            repo,
+            vm,
+            &rp,
+            &planned.origins,
+            prev.as_ref(),
+            opts.full,
+            ctx,
+        )
+    });
     let outcome = match result {
         Ok(_) => {
             let _ = crate::hooks::point("after-commit"); // the commit stands: only a kill applies
@@ -346,21 +369,30 @@ pub fn backup_vm(
         ops::teardown(c, &rp, outcome, STEP)
     });
     s.close();
+    let (manifest, teardown_warning) = settle(vm, result, torn, ctx)?;
+    Ok(VmBackupReport {
+        manifest,
+        cleaned,
+        quiesced: rp.quiesced,
+        full_reads: planned.full_reads,
+        teardown_warning,
+    })
+}
+
+/// The backup's result after teardown: a teardown failure after a commit is a warning (the
+/// backup is good; `holdfast doctor` cleans up), after a failure it is logged beside the error.
+fn settle(
+    vm: &Vm,
+    result: Result<Manifest>,
+    torn: Result<()>,
+    ctx: &Ctx,
+) -> Result<(Manifest, Option<String>)> {
     match (result, torn) {
-        (Ok(manifest), torn) => {
-            let teardown_warning = torn
-                .err()
-                .map(|e| format!("{e}; `holdfast doctor {}` cleans up", vm.name));
-            if let Some(w) = &teardown_warning {
-                ctx.warn(w);
-            }
-            Ok(VmBackupReport {
-                manifest,
-                cleaned,
-                quiesced: rp.quiesced,
-                full_reads,
-                teardown_warning,
-            })
+        (Ok(m), Ok(())) => Ok((m, None)),
+        (Ok(m), Err(e)) => {
+            let w = format!("{e}; `holdfast doctor {}` cleans up", vm.name);
+            ctx.warn(&w);
+            Ok((m, Some(w)))
         }
         (Err(e), Ok(())) => Err(e),
         (Err(e), Err(t)) => {

@@ -134,7 +134,7 @@ impl VmsFile {
             let msg = format!(
                 "{} is not valid: {}",
                 path.display(),
-                e.to_string().replace('\n', " ")
+                e.to_string().trim().replace('\n', " ")
             );
             Error::config(path, msg)
         })?;

@@ -1,12 +1,13 @@
 //! A repository: the store, its config and key, the catalog, and blob reads.
 //!
 //! Layout of a local repository directory:
-//! `config`, `packs/`, `backups/` (the store, DESIGN §4), `catalog/` (RocksDB, rebuildable),
-//! `locks/` (per-VM operation locks with progress). A repository whose store is an S3 bucket
-//! keeps only `store.json` (where the bucket is, the read-cache budget), `catalog/`, `locks/`,
-//! `cache/` and `requests.json` (S3 requests so far) locally; the store keys live in the bucket. The catalog is kept in step with the store
-//! by `sync`: packs or manifests the catalog does not know (a killed backup, another appliance)
-//! are imported, and entries whose objects are gone are dropped.
+//! `config`, `packs/`, `backups/`, `snapshots/` (the store, DESIGN §4), `catalog/` (RocksDB,
+//! rebuildable), `locks/` (per-VM locks) and `tasks/` (task records), `vms.toml` (the VMs). A
+//! repository whose store is an S3 bucket keeps only `store.json` (where the bucket is, the
+//! read-cache budget), `catalog/`, `locks/`, `tasks/`, `cache/` and `requests.json` (S3
+//! requests so far) locally; the store keys live in the bucket. The catalog is kept in step
+//! with the store by `sync`: packs or manifests the catalog does not know (a killed backup,
+//! another appliance) are imported, and entries whose objects are gone are dropped.
 
 pub mod config;
 pub mod format;

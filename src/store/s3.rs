@@ -392,65 +392,14 @@ impl S3Store {
         self.stats
             .bytes_up
             .fetch_add(data.len() as u64, Ordering::Relaxed);
+        let upload = Multipart {
+            client: c.clone(),
+            bucket: bucket.clone(),
+            key: k.clone(),
+            id: upload_id.clone(),
+        };
         let in_flight = self.opts.parts_in_flight.max(1);
-        let uploaded = self.run({
-            let (c, bucket, k, id) = (c.clone(), bucket.clone(), k.clone(), upload_id.clone());
-            async move {
-                let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
-                let mut set = tokio::task::JoinSet::new();
-                for (i, p) in parts.into_iter().enumerate() {
-                    let (c, bucket, k, id, sem) = (
-                        c.clone(),
-                        bucket.clone(),
-                        k.clone(),
-                        id.clone(),
-                        sem.clone(),
-                    );
-                    set.spawn(async move {
-                        let _permit = sem.acquire_owned().await;
-                        let n = i as i32 + 1;
-                        let r = c
-                            .upload_part()
-                            .bucket(bucket)
-                            .key(k)
-                            .upload_id(id)
-                            .part_number(n)
-                            .body(ByteStream::from(p))
-                            .send()
-                            .await;
-                        r.map(|o| {
-                            CompletedPart::builder()
-                                .part_number(n)
-                                .set_e_tag(o.e_tag)
-                                .build()
-                        })
-                    });
-                }
-                let mut done = Vec::new();
-                while let Some(r) = set.join_next().await {
-                    match r {
-                        Ok(Ok(p)) => done.push(p),
-                        Ok(Err(e)) => return Err(PartError::Part(e)),
-                        Err(_) => return Err(PartError::Panicked),
-                    }
-                }
-                done.sort_by_key(|p| p.part_number);
-                let mut req = c
-                    .complete_multipart_upload()
-                    .bucket(bucket)
-                    .key(k)
-                    .upload_id(id)
-                    .multipart_upload(
-                        CompletedMultipartUpload::builder()
-                            .set_parts(Some(done))
-                            .build(),
-                    );
-                if conditional {
-                    req = req.if_none_match("*");
-                }
-                req.send().await.map(|_| ()).map_err(PartError::Complete)
-            }
-        });
+        let uploaded = self.run(upload.send(parts, in_flight, conditional));
         if let Err(e) = uploaded {
             self.stats.put.fetch_add(1, Ordering::Relaxed);
             let (c, bucket, k) = (c.clone(), bucket.clone(), k.clone());
@@ -521,6 +470,80 @@ impl S3Store {
                 last.unwrap_or_default()
             ),
         })
+    }
+}
+
+/// One multipart upload in progress.
+struct Multipart {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    key: String,
+    id: String,
+}
+
+impl Multipart {
+    /// Upload `parts` (at most `in_flight` at once) and complete the upload (conditionally:
+    /// refused when the key exists).
+    async fn send(
+        self,
+        parts: Vec<Vec<u8>>,
+        in_flight: usize,
+        conditional: bool,
+    ) -> Result<(), PartError> {
+        let sem = Arc::new(tokio::sync::Semaphore::new(in_flight));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, p) in parts.into_iter().enumerate() {
+            let (c, bucket, k, id, sem) = (
+                self.client.clone(),
+                self.bucket.clone(),
+                self.key.clone(),
+                self.id.clone(),
+                sem.clone(),
+            );
+            set.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                let n = i as i32 + 1;
+                let r = c
+                    .upload_part()
+                    .bucket(bucket)
+                    .key(k)
+                    .upload_id(id)
+                    .part_number(n)
+                    .body(ByteStream::from(p))
+                    .send()
+                    .await;
+                r.map(|o| {
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(o.e_tag)
+                        .build()
+                })
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(p)) => done.push(p),
+                Ok(Err(e)) => return Err(PartError::Part(e)),
+                Err(_) => return Err(PartError::Panicked),
+            }
+        }
+        done.sort_by_key(|p| p.part_number);
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(self.bucket)
+            .key(self.key)
+            .upload_id(self.id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(done))
+                    .build(),
+            );
+        if conditional {
+            req = req.if_none_match("*");
+        }
+        req.send().await.map(|_| ()).map_err(PartError::Complete)
     }
 }
 

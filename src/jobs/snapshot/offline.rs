@@ -74,3 +74,19 @@ pub(super) fn drop_checkpoints(file: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_failing_qemu_img_is_a_tool_error_naming_the_command() {
+        let e = super::qemu_img(&["info", "/nonexistent/holdfast.qcow2"], false).unwrap_err();
+        assert_eq!(e.code(), "tool");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("qemu-img info /nonexistent/holdfast.qcow2 failed:"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+        assert!(super::qemu_img(&["snapshot", "-d", "t", "/nonexistent/x"], true).is_err());
+    }
+}

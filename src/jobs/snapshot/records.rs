@@ -75,10 +75,11 @@ pub fn check_name(name: &str) -> Result<()> {
     if example.is_empty() {
         example = "PreUpdate".into();
     }
-    Err(Error::usage(format!(
-        "invalid snapshot name {name:?}: use letters, digits, '-' and '_' only (e.g. {example}, \
-         not {name:?})"
-    )))
+    Err(crate::names::NameError::Snapshot {
+        name: name.to_string(),
+        example,
+    }
+    .into())
 }
 
 fn parse(k: &str, raw: &[u8]) -> Result<Snapshot> {
