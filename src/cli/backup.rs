@@ -1,6 +1,6 @@
 //! `holdfast backup`, `backups`, `show`, `forget`.
 
-use super::Ctx;
+use super::Cmdline;
 use crate::ops::{parse_named, BackupRequest};
 use crate::Result;
 use clap::Args;
@@ -45,7 +45,7 @@ pub struct BackupArgs {
     full: bool,
 }
 
-pub fn backup(cx: &Ctx, a: BackupArgs) -> Result<i32> {
+pub fn backup(cx: &Cmdline, a: BackupArgs) -> Result<i32> {
     crate::names::check("VM", &a.vm)?;
     let disks = a
         .disks
@@ -70,17 +70,17 @@ pub fn backup(cx: &Ctx, a: BackupArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn backups(cx: &Ctx, vm: Option<String>) -> Result<i32> {
+pub fn backups(cx: &Cmdline, vm: Option<String>) -> Result<i32> {
     cx.out.backups(&cx.app.backups(vm.as_deref())?);
     Ok(0)
 }
 
-pub fn show(cx: &Ctx, spec: &str) -> Result<i32> {
+pub fn show(cx: &Cmdline, spec: &str) -> Result<i32> {
     cx.out.show(&cx.app.show(spec)?);
     Ok(0)
 }
 
-pub fn forget(cx: &Ctx, spec: &str) -> Result<i32> {
+pub fn forget(cx: &Cmdline, spec: &str) -> Result<i32> {
     cx.out.forget(&cx.app.forget(spec, &cx.term())?);
     Ok(0)
 }

@@ -1,6 +1,6 @@
 //! `holdfast init`, `restore`, `verify`, `gc`, `stats`, `catalog rebuild`.
 
-use super::Ctx;
+use super::Cmdline;
 use crate::chunk::ChunkerParams;
 use crate::ops::{parse_size, InitRequest, RestoreRequest, S3Init, VerifyRequest};
 use crate::Result;
@@ -47,7 +47,7 @@ pub struct InitArgs {
     existing: bool,
 }
 
-pub fn init(cx: &Ctx, a: InitArgs) -> Result<i32> {
+pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
     let s3 = match a.s3 {
         Some(url) => Some(S3Init {
             url,
@@ -88,7 +88,7 @@ pub struct RestoreArgs {
     force: bool,
 }
 
-pub fn restore(cx: &Ctx, a: RestoreArgs) -> Result<i32> {
+pub fn restore(cx: &Cmdline, a: RestoreArgs) -> Result<i32> {
     let req = RestoreRequest {
         spec: a.spec,
         disk: a.disk,
@@ -108,7 +108,7 @@ pub struct VerifyArgs {
     sample: f64,
 }
 
-pub fn verify(cx: &Ctx, a: VerifyArgs) -> Result<i32> {
+pub fn verify(cx: &Cmdline, a: VerifyArgs) -> Result<i32> {
     let req = VerifyRequest {
         spec: a.spec,
         sample: a.sample,
@@ -118,17 +118,17 @@ pub fn verify(cx: &Ctx, a: VerifyArgs) -> Result<i32> {
     Ok(if r.damaged.is_empty() { 0 } else { 3 })
 }
 
-pub fn gc(cx: &Ctx) -> Result<i32> {
+pub fn gc(cx: &Cmdline) -> Result<i32> {
     cx.out.gc(&cx.app.gc(&cx.term())?);
     Ok(0)
 }
 
-pub fn stats(cx: &Ctx, price: f64) -> Result<i32> {
+pub fn stats(cx: &Cmdline, price: f64) -> Result<i32> {
     cx.out.stats(&cx.app.stats(price)?);
     Ok(0)
 }
 
-pub fn rebuild(cx: &Ctx) -> Result<i32> {
+pub fn rebuild(cx: &Cmdline) -> Result<i32> {
     cx.out.rebuild(&cx.app.catalog_rebuild(&cx.term())?);
     Ok(0)
 }

@@ -192,14 +192,14 @@ impl Cmd {
 }
 
 /// What every command gets: the appliance and how to print.
-pub(crate) struct Ctx {
+pub(crate) struct Cmdline {
     pub app: Appliance,
     pub out: Out,
     pub quiet: bool,
     pub json: bool,
 }
 
-impl Ctx {
+impl Cmdline {
     /// The terminal as an events sink for this command.
     pub fn term(&self) -> events::Term {
         events::Term::new(self.quiet, self.json)
@@ -257,7 +257,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     if cli.cmd.runs_task() {
         app = app.with_cancel(catch_signals());
     }
-    let cx = Ctx {
+    let cx = Cmdline {
         app,
         out: Out { json: cli.json },
         quiet: cli.quiet,
@@ -266,7 +266,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     dispatch(&cx, cli.cmd)
 }
 
-fn dispatch(cx: &Ctx, cmd: Cmd) -> Result<i32> {
+fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Init(a) => data::init(cx, a),
         Cmd::Backup(a) => backup::backup(cx, a),

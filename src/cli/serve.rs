@@ -1,6 +1,6 @@
 //! `holdfast export`, `mount`, `umount`, `cat`, `restore-files`.
 
-use super::{usage, Ctx};
+use super::{usage, Cmdline};
 use crate::jobs::export::Listen;
 use crate::ops::{parse_size, CatRequest, ExportRequest, MountRequest, RestoreFilesRequest};
 use crate::task::Serving;
@@ -53,7 +53,7 @@ pub struct ExportArgs {
     cache: String,
 }
 
-pub fn export(cx: &Ctx, a: ExportArgs) -> Result<i32> {
+pub fn export(cx: &Cmdline, a: ExportArgs) -> Result<i32> {
     let cache_bytes = parse_size(&a.cache).map_err(|e| usage(format!("--cache: {e}")))?;
     let req = ExportRequest {
         spec: a.spec,
@@ -86,7 +86,7 @@ fn mounted(s: &Serving) -> String {
     )
 }
 
-pub fn mount(cx: &Ctx, a: MountArgs) -> Result<i32> {
+pub fn mount(cx: &Cmdline, a: MountArgs) -> Result<i32> {
     let req = MountRequest {
         mountpoint: a.mountpoint,
         vm: a.vm,
@@ -96,7 +96,7 @@ pub fn mount(cx: &Ctx, a: MountArgs) -> Result<i32> {
     Ok(0)
 }
 
-pub fn umount(cx: &Ctx, mountpoint: PathBuf, lazy: bool) -> Result<i32> {
+pub fn umount(cx: &Cmdline, mountpoint: PathBuf, lazy: bool) -> Result<i32> {
     let r = cx.app.umount(mountpoint, lazy)?;
     if r.stale {
         say!(
@@ -109,7 +109,7 @@ pub fn umount(cx: &Ctx, mountpoint: PathBuf, lazy: bool) -> Result<i32> {
     Ok(0)
 }
 
-pub fn cat(cx: &Ctx, spec: String) -> Result<i32> {
+pub fn cat(cx: &Cmdline, spec: String) -> Result<i32> {
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
     cx.app.cat(&CatRequest { spec }, &mut lock)?;
@@ -128,7 +128,7 @@ pub struct RestoreFilesArgs {
     devices: bool,
 }
 
-pub fn restore_files(cx: &Ctx, a: RestoreFilesArgs) -> Result<i32> {
+pub fn restore_files(cx: &Cmdline, a: RestoreFilesArgs) -> Result<i32> {
     let req = RestoreFilesRequest {
         spec: a.spec,
         to: a.to,

@@ -1,6 +1,6 @@
 //! `holdfast tasks` and `holdfast task ID [--follow]`.
 
-use super::Ctx;
+use super::Cmdline;
 use crate::ops::TaskFilter;
 use crate::task::{State, TaskRecord};
 use crate::Result;
@@ -56,7 +56,7 @@ fn state(t: &TaskRecord) -> String {
     }
 }
 
-pub fn tasks(cx: &Ctx, a: TasksArgs) -> Result<i32> {
+pub fn tasks(cx: &Cmdline, a: TasksArgs) -> Result<i32> {
     let filter = TaskFilter {
         vm: a.vm,
         running: a.running,
@@ -161,7 +161,7 @@ fn exit_code(t: &TaskRecord) -> i32 {
     }
 }
 
-pub fn task(cx: &Ctx, a: TaskArgs) -> Result<i32> {
+pub fn task(cx: &Cmdline, a: TaskArgs) -> Result<i32> {
     if !a.follow {
         let t = cx.app.task(&a.id)?;
         if cx.json {

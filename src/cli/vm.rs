@@ -1,6 +1,6 @@
 //! `holdfast vm`, `holdfast snapshot`, `holdfast doctor`.
 
-use super::{usage, Ctx};
+use super::{usage, Cmdline};
 use crate::jobs::snapshot::Kind;
 use crate::jobs::vms::parse_duration;
 use crate::ops::{parse_named, SnapshotCreateRequest, VmAddRequest};
@@ -113,7 +113,7 @@ to dirty bitmaps)."
     Expire,
 }
 
-pub fn vm(cx: &Ctx, cmd: VmCmd) -> Result<i32> {
+pub fn vm(cx: &Cmdline, cmd: VmCmd) -> Result<i32> {
     match cmd {
         VmCmd::Add {
             name,
@@ -165,7 +165,7 @@ pub fn vm(cx: &Ctx, cmd: VmCmd) -> Result<i32> {
     Ok(0)
 }
 
-fn vm_list(cx: &Ctx) -> Result<()> {
+fn vm_list(cx: &Cmdline) -> Result<()> {
     let l = cx.app.vm_list()?;
     if cx.json {
         say!(
@@ -195,7 +195,7 @@ fn vm_list(cx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-pub fn doctor(cx: &Ctx, name: &str, dry_run: bool) -> Result<i32> {
+pub fn doctor(cx: &Cmdline, name: &str, dry_run: bool) -> Result<i32> {
     let r = cx.app.doctor(name, dry_run, &cx.term())?;
     if cx.json {
         say!(
@@ -221,7 +221,7 @@ fn print_json(v: serde_json::Value) {
     say!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
-pub fn snapshot(cx: &Ctx, cmd: SnapshotCmd) -> Result<i32> {
+pub fn snapshot(cx: &Cmdline, cmd: SnapshotCmd) -> Result<i32> {
     match cmd {
         SnapshotCmd::Create {
             args,
@@ -265,7 +265,7 @@ pub fn snapshot(cx: &Ctx, cmd: SnapshotCmd) -> Result<i32> {
 }
 
 fn create(
-    cx: &Ctx,
+    cx: &Cmdline,
     args: Vec<String>,
     vms: Vec<String>,
     memory: bool,
@@ -322,7 +322,7 @@ fn create(
     Ok(())
 }
 
-fn list(cx: &Ctx, vm: Option<&str>) -> Result<()> {
+fn list(cx: &Cmdline, vm: Option<&str>) -> Result<()> {
     let l = cx.app.snapshot_list(vm)?;
     if cx.json {
         print_json(serde_json::to_value(&l).unwrap_or_default());
@@ -366,7 +366,7 @@ fn list(cx: &Ctx, vm: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn expire(cx: &Ctx) -> Result<()> {
+fn expire(cx: &Cmdline) -> Result<()> {
     let r = cx.app.snapshot_expire(&cx.term())?;
     if cx.json {
         print_json(serde_json::json!({ "deleted": r.deleted, "failed": r.failed }));
