@@ -278,14 +278,7 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
         let mut revived = false;
         for e in entries.iter().filter(|e| refs.contains(&e.id)) {
             if repo.catalog.chunk(&e.id)?.is_none() {
-                let loc = ChunkLoc {
-                    pack: pid,
-                    kind: e.kind,
-                    codec: e.codec,
-                    offset: e.offset,
-                    stored_len: e.stored_len,
-                    raw_len: e.raw_len,
-                };
+                let loc = crate::repo::loc_of(pid, e);
                 batch.put_chunk(&e.id, &loc);
                 rep.blobs_restored += 1;
                 revived = true;

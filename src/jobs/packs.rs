@@ -2,7 +2,7 @@
 //! its own thread while the next one fills, and the catalog learns a pack's blobs only once
 //! its upload has succeeded (DESIGN §5 invariant 1). Backups and gc's pack rewrites use it.
 
-use crate::catalog::{Batch, ChunkLoc, PackId, PackInfo};
+use crate::catalog::{Batch, PackId, PackInfo};
 use crate::chunk::{BlobId, BlobKind, Codec};
 use crate::repo::{BackupStats, Repo};
 use crate::store::pack::{self, PackEntry, PackWriter};
@@ -123,14 +123,7 @@ impl<'a> PackSink<'a> {
         stored?;
         let mut batch = Batch::default();
         for e in &u.entries {
-            let loc = ChunkLoc {
-                pack: u.pack_id,
-                kind: e.kind,
-                codec: e.codec,
-                offset: e.offset,
-                stored_len: e.stored_len,
-                raw_len: e.raw_len,
-            };
+            let loc = crate::repo::loc_of(u.pack_id, e);
             batch.put_chunk(&e.id, &loc);
         }
         batch.put_pack(

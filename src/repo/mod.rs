@@ -288,14 +288,7 @@ impl Repo {
                 continue;
             };
             if let Some(e) = entries.iter().find(|e| e.id == id.0) {
-                return Ok(ChunkLoc {
-                    pack: pack_id,
-                    kind: e.kind,
-                    codec: e.codec,
-                    offset: e.offset,
-                    stored_len: e.stored_len,
-                    raw_len: e.raw_len,
-                });
+                return Ok(loc_of(pack_id, e));
             }
         }
         Err(Error::damaged(
@@ -550,6 +543,18 @@ impl Drop for Repo {
         if let Ok(json) = serde_json::to_vec_pretty(&total) {
             let _ = crate::sys::write_atomic(&self.dir.join(REQUESTS_FILE), &json, false);
         }
+    }
+}
+
+/// Where the pack entry `e` of pack `pack` lies, as the catalog records it.
+pub fn loc_of(pack: PackId, e: &pack::PackEntry) -> ChunkLoc {
+    ChunkLoc {
+        pack,
+        kind: e.kind,
+        codec: e.codec,
+        offset: e.offset,
+        stored_len: e.stored_len,
+        raw_len: e.raw_len,
     }
 }
 

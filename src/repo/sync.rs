@@ -1,7 +1,7 @@
 //! Keeping the catalog in step with the store, and rebuilding it from the store alone.
 
 use super::{Manifest, Repo};
-use crate::catalog::{Batch, Catalog, ChunkLoc, PackId, PackInfo};
+use crate::catalog::{Batch, Catalog, PackId, PackInfo};
 use crate::store::{pack, StoreError};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -96,14 +96,7 @@ impl Repo {
                     continue; // already stored elsewhere; keep the existing location
                 }
             }
-            let loc = ChunkLoc {
-                pack: *id,
-                kind: e.kind,
-                codec: e.codec,
-                offset: e.offset,
-                stored_len: e.stored_len,
-                raw_len: e.raw_len,
-            };
+            let loc = super::loc_of(*id, e);
             batch.put_chunk(&e.id, &loc);
             rep.blobs_added += 1;
         }
