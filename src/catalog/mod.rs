@@ -35,7 +35,7 @@ const WRITE_WAIT: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
-    #[error("catalog at {path}: {msg}; if it is damaged, run `holdfast catalog rebuild`")]
+    #[error("catalog at {path}: {msg}; rebuild it from the store with `holdfast catalog rebuild`")]
     Db { path: String, msg: String },
     #[error("damaged catalog value in {cf}: {what}; run `holdfast catalog rebuild`")]
     Value { cf: &'static str, what: String },
@@ -141,7 +141,9 @@ fn options() -> Options {
     o.set_block_based_table_factory(&t);
     // Small memtables: the catalog's writes are small batches, and memory must stay flat.
     o.set_write_buffer_size(4 << 20);
-    o.create_if_missing(true);
+    // Only `Catalog::create` makes a database: opening one that is gone must fail, never
+    // start an empty catalog in its place.
+    o.create_if_missing(false);
     o.create_missing_column_families(true);
     o.set_max_open_files(-1);
     // Every command opens the catalog, and the files are few (see `compact_if_needed`):
@@ -165,15 +167,16 @@ impl Catalog {
         if path.join("CURRENT").exists() {
             return Err(db_err(path, "a catalog already exists here"));
         }
-        let db = DB::open_cf_descriptors(&options(), path, descriptors())
-            .map_err(|e| db_err(path, e))?;
+        let mut o = options();
+        o.create_if_missing(true);
+        let db = DB::open_cf_descriptors(&o, path, descriptors()).map_err(|e| db_err(path, e))?;
         db.flush().map_err(|e| db_err(path, e))?;
         Ok(())
     }
 
     pub fn open(path: &Path) -> CatalogResult<Self> {
         if !path.join("CURRENT").exists() {
-            return Err(db_err(path, "no catalog here"));
+            return Err(db_err(path, "the catalog is missing (no CURRENT file)"));
         }
         let sec_root = path.with_extension("readers");
         sweep_readers(&sec_root);

@@ -80,7 +80,19 @@ pub fn show(cx: &Cmdline, spec: &str) -> Result<i32> {
     Ok(0)
 }
 
-pub fn forget(cx: &Cmdline, spec: &str) -> Result<i32> {
+pub fn forget(cx: &Cmdline, spec: &str, damaged: bool) -> Result<i32> {
+    if damaged {
+        let gone = cx.app.forget_damaged(spec, &cx.term())?;
+        if cx.json {
+            say!("{}", serde_json::json!({ "forgot": gone, "damaged": true }));
+        } else {
+            say!(
+                "removed the damaged manifest of {gone}: that backup is lost; `holdfast gc` frees \
+                 what only it used"
+            );
+        }
+        return Ok(0);
+    }
     cx.out.forget(&cx.app.forget(spec, &cx.term())?);
     Ok(0)
 }

@@ -106,20 +106,24 @@ pub struct VerifyArgs {
     /// Check only this percentage of the chunks (a stable sample)
     #[arg(long, default_value_t = 100.0)]
     sample: f64,
+    /// Write the catalog's good copy back over a damaged or missing manifest in the store
+    #[arg(long)]
+    repair: bool,
 }
 
 pub fn verify(cx: &Cmdline, a: VerifyArgs) -> Result<i32> {
     let req = VerifyRequest {
         spec: a.spec,
         sample: a.sample,
+        repair: a.repair,
     };
     let r = cx.app.verify(&req, &cx.term())?;
     cx.out.verify(&r);
-    Ok(if r.damaged.is_empty() { 0 } else { 3 })
+    Ok(if r.is_clean() { 0 } else { 3 })
 }
 
-pub fn gc(cx: &Cmdline) -> Result<i32> {
-    cx.out.gc(&cx.app.gc(&cx.term())?);
+pub fn gc(cx: &Cmdline, accept_missing: bool) -> Result<i32> {
+    cx.out.gc(&cx.app.gc(accept_missing, &cx.term())?);
     Ok(0)
 }
 
@@ -129,6 +133,8 @@ pub fn stats(cx: &Cmdline, price: f64) -> Result<i32> {
 }
 
 pub fn rebuild(cx: &Cmdline) -> Result<i32> {
-    cx.out.rebuild(&cx.app.catalog_rebuild(&cx.term())?);
-    Ok(0)
+    let r = cx.app.catalog_rebuild(&cx.term())?;
+    cx.out.rebuild(&r);
+    // What could not be imported is damage the operator must hear of: exit 3.
+    Ok(if r.damaged.is_empty() { 0 } else { 3 })
 }

@@ -97,9 +97,18 @@ enum Cmd {
     Forget {
         /// VM@ID
         spec: String,
+        /// Remove a manifest that cannot be read (as `holdfast verify` names it): that backup
+        /// is lost, and gc, which stops while the store holds one, can run again
+        #[arg(long)]
+        damaged: bool,
     },
     /// Delete chunks and packs no backup references; safe beside running backups
-    Gc,
+    Gc {
+        /// Let go of backups whose manifests are gone from the store (they are kept, with
+        /// their data, until then)
+        #[arg(long)]
+        accept_missing: bool,
+    },
     /// Stored bytes, dedup and compression ratios, and what the storage costs
     Stats {
         /// Storage price in dollars per GB-month
@@ -263,7 +272,11 @@ pub fn run(cli: Cli) -> Result<i32> {
         quiet: cli.quiet,
         json: cli.json,
     };
-    dispatch(&cx, cli.cmd)
+    let code = dispatch(&cx, cli.cmd)?;
+    for w in cx.app.take_warnings() {
+        note!("holdfast: warning: {w}");
+    }
+    Ok(code)
 }
 
 fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
@@ -274,8 +287,8 @@ fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
         Cmd::Show { spec } => backup::show(cx, &spec),
         Cmd::Restore(a) => data::restore(cx, a),
         Cmd::Verify(a) => data::verify(cx, a),
-        Cmd::Forget { spec } => backup::forget(cx, &spec),
-        Cmd::Gc => data::gc(cx),
+        Cmd::Forget { spec, damaged } => backup::forget(cx, &spec, damaged),
+        Cmd::Gc { accept_missing } => data::gc(cx, accept_missing),
         Cmd::Stats { price } => data::stats(cx, price),
         Cmd::Export(a) => serve::export(cx, a),
         Cmd::Mount(a) => serve::mount(cx, a),

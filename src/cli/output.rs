@@ -204,17 +204,51 @@ impl Out {
                 );
             }
         }
-        let verdict = if r.damaged.is_empty() {
+        for d in &r.damaged_manifests {
+            let fix = match (d.repaired, d.repairable) {
+                (true, _) => "repaired from the catalog's copy".to_string(),
+                (false, true) => "the catalog holds a good copy: `holdfast verify --repair`".into(),
+                (false, false) => format!(
+                    "`holdfast forget {} --damaged` removes it (the backup is lost)",
+                    d.backup
+                ),
+            };
+            note!("DAMAGED manifest of {}: {}; {fix}", d.backup, d.error);
+        }
+        for b in &r.missing_manifests {
+            if r.restored_manifests.contains(b) {
+                note!("MISSING manifest of {b}: written back from the catalog's copy");
+            } else {
+                note!(
+                    "MISSING manifest of {b}: gone from the store; the catalog keeps it (`holdfast \
+                     verify --repair` writes it back)"
+                );
+            }
+        }
+        let mut problems = Vec::new();
+        if !r.damaged.is_empty() {
+            problems.push(format!("{} damaged blob(s)", r.damaged.len()));
+        }
+        let bad_manifests = r.damaged_manifests.iter().filter(|d| !d.repaired).count();
+        if bad_manifests > 0 {
+            problems.push(format!("{bad_manifests} damaged manifest(s)"));
+        }
+        let missing = r.missing_manifests.len() - r.restored_manifests.len();
+        if missing > 0 {
+            problems.push(format!("{missing} missing manifest(s)"));
+        }
+        let verdict = if problems.is_empty() {
             "OK".to_string()
         } else {
-            format!("{} damaged blob(s)", r.damaged.len())
+            problems.join(", ")
         };
         say!(
-            "verified {} backup(s): {} of {} chunks ({}) re-hashed: {verdict}",
+            "verified {} backup(s): {} of {} chunks ({}) re-hashed, {} manifest(s) read: {verdict}",
             r.backups,
             r.chunks_checked,
             r.chunks_total,
-            HumanBytes(r.bytes_checked)
+            HumanBytes(r.bytes_checked),
+            r.manifests_checked
         );
     }
 
@@ -244,6 +278,21 @@ impl Out {
             say!(
                 "  {} pack(s) wait for a running backup to finish; the next gc deletes them",
                 r.packs_deferred
+            );
+        }
+        if !r.missing_kept.is_empty() {
+            say!(
+                "  kept {} backup(s) whose manifests are gone from the store, and their data: {} \
+                 (`holdfast verify --repair` writes them back; `gc --accept-missing` lets them go)",
+                r.missing_kept.len(),
+                r.missing_kept.join(", ")
+            );
+        }
+        if !r.missing_dropped.is_empty() {
+            say!(
+                "  let go of {} backup(s) whose manifests were gone: {}",
+                r.missing_dropped.len(),
+                r.missing_dropped.join(", ")
             );
         }
     }
@@ -329,6 +378,12 @@ impl Out {
         );
         for d in &r.damaged {
             note!("  skipped: {d}");
+        }
+        if !r.damaged.is_empty() {
+            note!(
+                "  {} damaged object(s) skipped: `holdfast verify` names what they affect",
+                r.damaged.len()
+            );
         }
     }
 }

@@ -26,6 +26,10 @@ use std::collections::{HashMap, HashSet};
 
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
+    /// Backups whose manifests are gone from the store, kept with their data (`VM@ID`).
+    pub missing_kept: Vec<String>,
+    /// Backups whose manifests were gone and were let go (`--accept-missing`).
+    pub missing_dropped: Vec<String>,
     pub referenced_blobs: u64,
     pub packs_condemned: u64,
     pub packs_rewritten: u64,
@@ -130,13 +134,49 @@ fn backups_in_flight(repo: &Repo) -> Vec<u64> {
         .collect()
 }
 
-/// Collect garbage (see the module docs); safe beside running backups.
-pub fn gc(repo: &Repo, ctx: &Ctx) -> Result<GcReport> {
+/// Refuse while the store holds a manifest gc cannot read (its blobs cannot be told apart
+/// from garbage); keep backups whose manifests are gone unless `accept_missing`.
+fn check_manifests(repo: &Repo, accept_missing: bool, rep: &mut GcReport) -> Result<()> {
+    let check = repo.check_manifests()?;
+    if let Some((first, why)) = check.damaged.first() {
+        let all: Vec<&str> = check.damaged.iter().map(|(b, _)| b.as_str()).collect();
+        return Err(Error::damaged(
+            "manifest",
+            format!(
+                "gc deletes nothing while the store holds a manifest it cannot read: {} ({first}: \
+                 {why}); `holdfast verify --repair` writes back the catalog's copy, `holdfast \
+                 forget {first} --damaged` removes it (that backup is lost)",
+                all.join(", ")
+            ),
+        ));
+    }
+    if check.missing.is_empty() {
+        return Ok(());
+    }
+    if !accept_missing {
+        rep.missing_kept = check.missing;
+        return Ok(());
+    }
+    let mut b = Batch::default();
+    for backup in &check.missing {
+        if let Some((vm, id)) = backup.split_once('@') {
+            b.delete_backup(vm, id);
+        }
+    }
+    repo.catalog.write(b)?;
+    rep.missing_dropped = check.missing;
+    Ok(())
+}
+
+/// Collect garbage (see the module docs); safe beside running backups. Backups whose
+/// manifests vanished from the store are kept, data and all, unless `accept_missing`.
+pub fn gc(repo: &Repo, accept_missing: bool, ctx: &Ctx) -> Result<GcReport> {
     let mut rep = GcReport::default();
+    repo.sync()?;
+    check_manifests(repo, accept_missing, &mut rep)?;
     if let Some(local) = repo.local() {
         rep.temp_files_removed = local.sweep_temp() as u64;
     }
-    repo.sync()?;
     ctx.events.phase("gc", 0);
     // Step 2 for packs condemned by an earlier run.
     delete_condemned(repo, &mut rep)?;

@@ -32,6 +32,18 @@ pub struct Damage {
     pub affects: Vec<Affected>,
 }
 
+/// A manifest in the store that cannot be trusted.
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct DamagedManifest {
+    /// `VM@ID`
+    pub backup: String,
+    pub error: String,
+    /// The catalog holds a good copy: `verify --repair` writes it back.
+    pub repairable: bool,
+    /// `verify --repair` wrote the catalog's copy back.
+    pub repaired: bool,
+}
+
 #[derive(Debug, Serialize, Default)]
 pub struct VerifyReport {
     pub backups: u64,
@@ -39,6 +51,86 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub damaged: Vec<Damage>,
+    /// Manifests in the store read and checked.
+    pub manifests_checked: u64,
+    pub damaged_manifests: Vec<DamagedManifest>,
+    /// Backups the catalog knows whose manifests are gone from the store (`VM@ID`); the
+    /// catalog's copy is kept (and written back by `--repair`).
+    pub missing_manifests: Vec<String>,
+    /// Of those, written back from the catalog by `--repair`.
+    pub restored_manifests: Vec<String>,
+}
+
+impl VerifyReport {
+    /// True when nothing is damaged or missing (after any repair).
+    pub fn is_clean(&self) -> bool {
+        self.damaged.is_empty()
+            && self.damaged_manifests.iter().all(|d| d.repaired)
+            && self.missing_manifests.len() == self.restored_manifests.len()
+    }
+}
+
+/// Check the manifests in the store of the backups `only` names (`None`: every one) against
+/// the catalog; with `repair`, write the catalog's good copy back over a damaged or missing
+/// one. Fills the manifest fields of `rep`.
+pub fn verify_manifests(
+    repo: &Repo,
+    only: Option<&str>,
+    repair: bool,
+    rep: &mut VerifyReport,
+) -> Result<()> {
+    let check = repo.check_manifests()?;
+    let wanted = |b: &str| only.is_none_or(|o| b == o || b.split('@').next() == Some(o));
+    rep.manifests_checked = check.checked;
+    for (backup, error) in check.damaged.into_iter().filter(|(b, _)| wanted(b)) {
+        let copy = catalog_copy(repo, &backup)?;
+        let repaired = match (&copy, repair) {
+            (Some(json), true) => {
+                rewrite_manifest(repo, &backup, json)?;
+                true
+            }
+            _ => false,
+        };
+        rep.damaged_manifests.push(DamagedManifest {
+            backup,
+            error,
+            repairable: copy.is_some(),
+            repaired,
+        });
+    }
+    for backup in check.missing.into_iter().filter(|b| wanted(b)) {
+        if repair {
+            if let Some(json) = catalog_copy(repo, &backup)? {
+                rewrite_manifest(repo, &backup, &json)?;
+                rep.restored_manifests.push(backup.clone());
+            }
+        }
+        rep.missing_manifests.push(backup);
+    }
+    Ok(())
+}
+
+/// The catalog's copy of backup `VM@ID`'s manifest, when it has a good one.
+fn catalog_copy(repo: &Repo, backup: &str) -> Result<Option<Vec<u8>>> {
+    let Some((vm, id)) = backup.split_once('@') else {
+        return Ok(None);
+    };
+    Ok(repo
+        .catalog
+        .backups(Some(vm))?
+        .into_iter()
+        .find(|(_, i, _)| i == id)
+        .map(|(_, _, json)| json)
+        .filter(|json| serde_json::from_slice::<Manifest>(json).is_ok()))
+}
+
+/// Replace the store's manifest of `VM@ID` with `json` (keys are write-once: delete, then
+/// write; a crash between leaves it missing, which the catalog's copy and `--repair` cover).
+fn rewrite_manifest(repo: &Repo, backup: &str, json: &[u8]) -> Result<()> {
+    let (vm, id) = backup.split_once('@').unwrap_or((backup, ""));
+    let key = Manifest::key(vm, id);
+    repo.store.delete(&key)?;
+    Ok(repo.store.put(&key, json)?)
 }
 
 fn kind_name(k: BlobKind) -> &'static str {

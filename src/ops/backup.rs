@@ -195,7 +195,23 @@ impl Appliance {
             )));
         }
         let repo = self.open_synced()?;
-        let m = repo.resolve(spec)?;
+        let m = match repo.resolve(spec) {
+            Ok(m) => m,
+            Err(e @ Error::NotFound { .. }) => {
+                let (vm, id) = spec.split_once('@').unwrap_or((spec, ""));
+                return Err(match repo.store.exists(&Manifest::key(vm, id))? {
+                    true => Error::damaged(
+                        "manifest",
+                        format!(
+                            "backup {spec} is in the store, but its manifest is damaged; `holdfast \
+                             forget {spec} --damaged` removes it (the backup is lost)"
+                        ),
+                    ),
+                    false => e,
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let target = format!("{}@{}", m.vm, m.id);
         self.run(
             Kind::Forget,
@@ -206,5 +222,48 @@ impl Appliance {
             |_| summary(format!("forgot {}@{}", m.vm, m.id)),
         )?;
         Ok(m)
+    }
+
+    /// Remove the damaged manifest of backup `VM@ID` from the store: that backup is lost (gc
+    /// then frees what only it used). Refused for a manifest that reads well.
+    pub fn forget_damaged(&self, spec: &str, events: &dyn Events) -> Result<String> {
+        let Some((vm, id)) = spec.split_once('@').filter(|(_, id)| !id.is_empty()) else {
+            return Err(Error::usage(format!(
+                "{spec:?}: give the whole VM@ID of the damaged backup (`holdfast verify` names it)"
+            )));
+        };
+        crate::names::check("VM", vm)?;
+        let repo = self.open_synced()?;
+        let check = repo.check_manifests()?;
+        if !check.damaged.iter().any(|(b, _)| b == spec) {
+            return Err(match repo.store.exists(&Manifest::key(vm, id))? {
+                true => Error::Conflict(format!(
+                    "the manifest of {spec} reads well; forget it without --damaged"
+                )),
+                false => Error::not_found(
+                    crate::error::What::Backup,
+                    spec,
+                    format!("the store holds no manifest of {spec}"),
+                ),
+            });
+        }
+        self.run(
+            Kind::Forget,
+            vec![vm.to_string()],
+            format!("{spec} (damaged)"),
+            events,
+            |_, _| {
+                repo.store.delete(&Manifest::key(vm, id))?;
+                let mut b = crate::catalog::Batch::default();
+                b.delete_backup(vm, id);
+                repo.catalog.write(b)?;
+                Ok(spec.to_string())
+            },
+            |_| {
+                summary(format!(
+                    "removed the damaged manifest of {spec}: that backup is lost"
+                ))
+            },
+        )
     }
 }

@@ -63,6 +63,8 @@ pub struct VerifyRequest {
     pub spec: Option<String>,
     /// Check this percentage of the chunks (a stable sample).
     pub sample: f64,
+    /// Write the catalog's good copy back over a damaged or missing manifest in the store.
+    pub repair: bool,
 }
 
 impl Appliance {
@@ -161,20 +163,26 @@ impl Appliance {
         self.run_spec(
             spec,
             events,
-            |_, ctx| crate::jobs::verify::verify(&repo, &ms, req.sample, ctx),
+            |_, ctx| {
+                let mut r = crate::jobs::verify::verify(&repo, &ms, req.sample, ctx)?;
+                let only = req.spec.as_deref();
+                crate::jobs::verify::verify_manifests(&repo, only, req.repair, &mut r)?;
+                Ok(r)
+            },
             verify_outcome,
         )
     }
 
-    /// Free what no backup uses; safe beside running backups.
-    pub fn gc(&self, events: &dyn Events) -> Result<GcReport> {
+    /// Free what no backup uses; safe beside running backups. Backups whose manifests are
+    /// gone from the store are kept unless `accept_missing`.
+    pub fn gc(&self, accept_missing: bool, events: &dyn Events) -> Result<GcReport> {
         let repo = self.open()?;
         self.run(
             Kind::Gc,
             Vec::new(),
             String::new(),
             events,
-            |_, ctx| crate::jobs::gc::gc(&repo, ctx),
+            |_, ctx| crate::jobs::gc::gc(&repo, accept_missing, ctx),
             |r| {
                 summary(format!(
                     "freed {} in {} pack(s)",
@@ -200,30 +208,53 @@ impl Appliance {
             String::new(),
             events,
             |_, _| crate::repo::rebuild_catalog(&self.dir),
-            |r| {
-                summary(format!(
-                    "catalog rebuilt: {} pack(s), {} backup(s)",
-                    r.packs_added, r.backups_added
-                ))
-            },
+            rebuild_outcome,
         )
     }
 }
 
 fn verify_outcome(r: &VerifyReport) -> Outcome {
     let line = format!(
-        "verified {} backup(s): {} of {} chunks re-hashed",
-        r.backups, r.chunks_checked, r.chunks_total
+        "verified {} backup(s): {} of {} chunks re-hashed, {} manifest(s) read",
+        r.backups, r.chunks_checked, r.chunks_total, r.manifests_checked
     );
-    if r.damaged.is_empty() {
+    if r.is_clean() {
         return summary(format!("{line}: OK"));
     }
     let e = Error::damaged(
         "blob",
-        format!("{line}: {} damaged blob(s)", r.damaged.len()),
+        format!(
+            "{line}: {} damaged blob(s), {} damaged and {} missing manifest(s)",
+            r.damaged.len(),
+            r.damaged_manifests.iter().filter(|d| !d.repaired).count(),
+            r.missing_manifests.len() - r.restored_manifests.len()
+        ),
     );
     Outcome {
         summary: Some(e.to_string()),
+        error: Some(e.to_body()),
+        ..Outcome::default()
+    }
+}
+
+fn rebuild_outcome(r: &SyncReport) -> Outcome {
+    let line = format!(
+        "catalog rebuilt: {} pack(s), {} backup(s)",
+        r.packs_added, r.backups_added
+    );
+    if r.damaged.is_empty() {
+        return summary(line);
+    }
+    let e = Error::damaged(
+        "store",
+        format!(
+            "{line}; skipped {} damaged object(s): {}",
+            r.damaged.len(),
+            r.damaged.join("; ")
+        ),
+    );
+    Outcome {
+        summary: Some(line),
         error: Some(e.to_body()),
         ..Outcome::default()
     }

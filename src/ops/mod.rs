@@ -41,6 +41,9 @@ pub struct Appliance {
     config: PathBuf,
     user: String,
     cancel: Cancel,
+    /// What the store said that the caller should hear (backups whose manifests are gone or
+    /// damaged), gathered while the repository was brought in step.
+    warnings: std::sync::Mutex<Vec<String>>,
 }
 
 impl Appliance {
@@ -53,6 +56,7 @@ impl Appliance {
             config,
             user,
             cancel: Cancel::new(),
+            warnings: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -78,11 +82,20 @@ impl Appliance {
         r
     }
 
-    /// The repository, opened and in step with its store.
+    /// The repository, opened and in step with its store. Backups whose manifests are gone
+    /// from the store or damaged there become warnings ([`Appliance::take_warnings`]).
     fn open_synced(&self) -> Result<Arc<Repo>> {
         let repo = self.open()?;
-        repo.sync()?;
+        let report = repo.sync()?;
+        crate::sys::lock(&self.warnings).extend(report.warnings());
         Ok(repo)
+    }
+
+    /// The warnings gathered so far (each once).
+    pub fn take_warnings(&self) -> Vec<String> {
+        let mut w = std::mem::take(&mut *crate::sys::lock(&self.warnings));
+        w.dedup();
+        w
     }
 
     fn vms_file(&self) -> Result<VmsFile> {

@@ -254,11 +254,10 @@ impl Repo {
                 ),
             )
         })?;
-        let cat_dir = dir.join("catalog");
-        if !cat_dir.join("CURRENT").exists() {
-            Catalog::create(&cat_dir)?;
-        }
-        let catalog = Catalog::open(&cat_dir)?;
+        // A catalog that is gone or unreadable is an error pointing at `catalog rebuild`,
+        // never an empty catalog in its place (every backup would seem gone, and gc would
+        // free their data).
+        let catalog = Catalog::open(&dir.join("catalog"))?;
         Ok(Repo {
             dir: dir.to_path_buf(),
             store,

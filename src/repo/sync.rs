@@ -14,8 +14,68 @@ pub struct SyncReport {
     pub packs_dropped: u64,
     pub blobs_added: u64,
     pub backups_added: u64,
-    pub backups_dropped: u64,
+    /// Backups the catalog knows whose manifests are gone from the store (`VM@ID`). They are
+    /// kept, and their data too: a backup is never forgotten behind the operator's back.
+    pub missing: Vec<String>,
+    /// Manifests in the store that cannot be read (`VM@ID`): gc stops until they are removed.
+    pub damaged_manifests: Vec<String>,
+    /// What could not be imported, and why (packs and manifests).
     pub damaged: Vec<String>,
+}
+
+impl SyncReport {
+    /// One warning line per backup that is missing or damaged.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w: Vec<String> = self
+            .missing
+            .iter()
+            .map(|b| {
+                format!(
+                    "backup {b}: its manifest is gone from the store (the catalog keeps it, and \
+                     gc keeps its data; `holdfast forget {b}` or `gc --accept-missing` lets it go)"
+                )
+            })
+            .collect();
+        w.extend(self.damaged_manifests.iter().map(|b| {
+            format!(
+                "backup {b}: its manifest in the store is damaged; gc will not run until it is \
+                 removed (`holdfast forget {b} --damaged`, which loses the backup)"
+            )
+        }));
+        w
+    }
+}
+
+/// Every manifest in the store, read and checked against the catalog.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct ManifestCheck {
+    pub checked: u64,
+    /// `(VM@ID, why)` of manifests in the store that cannot be read or differ from the
+    /// catalog's copy.
+    pub damaged: Vec<(String, String)>,
+    /// Backups the catalog knows whose manifests are gone from the store.
+    pub missing: Vec<String>,
+}
+
+/// The backups (`(vm, id)`) whose manifests the store holds.
+fn store_manifests(repo: &Repo) -> Result<HashSet<(String, String)>> {
+    let mut out = HashSet::new();
+    for key in repo.store.list("backups/")? {
+        let mut parts = key.splitn(3, '/').skip(1);
+        if let (Some(vm), Some(id)) = (parts.next(), parts.next()) {
+            out.insert((vm.to_string(), id.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Why manifest bytes `raw` stored for `vm@id` are not that backup's manifest, if they are not.
+fn manifest_problem(vm: &str, id: &str, raw: &[u8]) -> Option<String> {
+    match serde_json::from_slice::<Manifest>(raw) {
+        Ok(m) if m.vm == vm && m.id == id => None,
+        Ok(m) => Some(format!("it names backup {}@{}", m.vm, m.id)),
+        Err(e) => Some(format!("it does not parse ({e})")),
+    }
 }
 
 const BATCH_OPS: usize = 20_000;
@@ -28,7 +88,8 @@ fn flush(repo: &Repo, batch: &mut Batch, force: bool) -> Result<()> {
 }
 
 impl Repo {
-    /// Import what the store has and the catalog lacks; drop what the store no longer has.
+    /// Import what the store has and the catalog lacks; drop packs the store no longer has.
+    /// Backups whose manifests vanished are kept and reported (`missing`), never dropped.
     pub fn sync(&self) -> Result<SyncReport> {
         self.catalog.refresh()?;
         let mut rep = SyncReport::default();
@@ -113,40 +174,80 @@ impl Repo {
     }
 
     fn sync_manifests(&self, batch: &mut Batch, rep: &mut SyncReport) -> Result<()> {
-        let mut in_store = HashSet::new();
-        for key in self.store.list("backups/")? {
-            let mut parts = key.splitn(3, '/').skip(1);
-            let (Some(vm), Some(id)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            in_store.insert((vm.to_string(), id.to_string()));
-        }
+        let in_store = store_manifests(self)?;
         let known: HashSet<(String, String)> = self
             .catalog
             .backups(None)?
             .into_iter()
             .map(|(vm, id, _)| (vm, id))
             .collect();
-        for (vm, id) in in_store.difference(&known) {
+        let mut new: Vec<&(String, String)> = in_store.difference(&known).collect();
+        new.sort();
+        for (vm, id) in new {
             let key = Manifest::key(vm, id);
             let raw = match self.store.get(&key) {
                 Ok(r) => r,
                 Err(StoreError::NotFound(_)) => continue,
                 Err(e) => return Err(e.into()),
             };
-            match serde_json::from_slice::<Manifest>(&raw) {
-                Ok(m) if &m.vm == vm && &m.id == id => {
+            match manifest_problem(vm, id, &raw) {
+                None => {
                     batch.put_backup(vm, id, &raw);
                     rep.backups_added += 1;
                 }
-                _ => rep.damaged.push(format!("manifest {key} is damaged")),
+                Some(why) => {
+                    rep.damaged
+                        .push(format!("manifest {key} is damaged: {why}"));
+                    rep.damaged_manifests.push(format!("{vm}@{id}"));
+                }
             }
         }
-        for (vm, id) in known.difference(&in_store) {
-            batch.delete_backup(vm, id);
-            rep.backups_dropped += 1;
-        }
+        let mut gone: Vec<String> = known
+            .difference(&in_store)
+            .map(|(vm, id)| format!("{vm}@{id}"))
+            .collect();
+        gone.sort();
+        rep.missing = gone;
         Ok(())
+    }
+
+    /// Read every manifest in the store and check it against the catalog (verify does; gc
+    /// does before it deletes anything).
+    pub fn check_manifests(&self) -> Result<ManifestCheck> {
+        let in_store = store_manifests(self)?;
+        let catalog: std::collections::HashMap<(String, String), Vec<u8>> = self
+            .catalog
+            .backups(None)?
+            .into_iter()
+            .map(|(vm, id, json)| ((vm, id), json))
+            .collect();
+        let mut rep = ManifestCheck::default();
+        let mut keys: Vec<&(String, String)> = in_store.iter().collect();
+        keys.sort();
+        for (vm, id) in keys {
+            let raw = match self.store.get(&Manifest::key(vm, id)) {
+                Ok(r) => r,
+                Err(StoreError::NotFound(_)) => continue, // forgotten meanwhile
+                Err(e) => return Err(e.into()),
+            };
+            rep.checked += 1;
+            let problem = manifest_problem(vm, id, &raw).or_else(|| {
+                let ours = catalog.get(&(vm.clone(), id.clone()))?;
+                (ours.as_slice() != raw.as_slice())
+                    .then(|| "it differs from the catalog's copy".into())
+            });
+            if let Some(why) = problem {
+                rep.damaged.push((format!("{vm}@{id}"), why));
+            }
+        }
+        let mut missing: Vec<String> = catalog
+            .keys()
+            .filter(|k| !in_store.contains(*k))
+            .map(|(vm, id)| format!("{vm}@{id}"))
+            .collect();
+        missing.sort();
+        rep.missing = missing;
+        Ok(rep)
     }
 }
 
