@@ -319,8 +319,8 @@ impl Error {
         }
     }
 
-    /// Process exit code: 1 for errors, 3 for damaged data, 4 for a busy VM or repository,
-    /// 130 when interrupted.
+    /// Process exit code: 2 for usage errors, 3 for damaged data, 4 for a busy VM or
+    /// repository, 130 when interrupted, 1 for the rest.
     pub fn exit_code(&self) -> i32 {
         exit_code_of(self.code())
     }
@@ -374,9 +374,12 @@ impl Error {
     }
 }
 
-/// The exit code for an error code (also for errors read back from task records).
+/// The exit code for an error code (also for errors read back from task records): 2 for a
+/// request the command line got wrong (as for clap's own parse errors), 3 for damaged data,
+/// 4 busy, 130 cancelled, 1 for everything else.
 pub fn exit_code_of(code: &str) -> i32 {
     match code {
+        "usage" | "invalid-name" => 2,
         "damaged" => 3,
         "busy" => 4,
         "cancelled" => 130,
@@ -427,6 +430,7 @@ mod tests {
                 e.code()
             );
         }
+        assert_eq!(samples[0].exit_code(), 2);
         assert_eq!(samples[6].exit_code(), 3);
         assert_eq!(samples[9].exit_code(), 4);
         assert_eq!(samples[5].exit_code(), 130);

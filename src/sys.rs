@@ -231,6 +231,46 @@ impl Signals {
     }
 }
 
+/// Make every file and directory this process creates private to its owner (umask 077):
+/// repositories hold customer data and keys, whatever umask holdfast was started with. RocksDB
+/// creates its own files, so only the umask reaches them.
+pub fn private_files() {
+    // SAFETY: umask has no preconditions and cannot fail.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Take group and other permissions off `dir` and everything under it (directories 0700,
+/// files 0600); symlinks are left alone. Returns how many entries were changed.
+pub fn tighten_tree(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut changed = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let meta = std::fs::symlink_metadata(&p)?;
+        if meta.file_type().is_symlink() {
+            continue;
+        }
+        let mode = meta.permissions().mode() & 0o7777;
+        let want = mode & 0o700;
+        if mode != want {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(want))?;
+            changed += 1;
+        }
+        if meta.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(changed)
+}
+
+/// True when `path` may be read or written by other users (group or other bits set).
+pub fn is_shared(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+}
+
 /// The default repository directory: `/var/lib/holdfast` as root, else
 /// `~/.local/share/holdfast`.
 pub fn default_repo() -> PathBuf {
@@ -269,6 +309,28 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"task-1");
         drop(a);
         assert!(FileLock::try_acquire(&p).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_shared_tree_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("a/b");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("f"), b"x").unwrap();
+        for p in [d.path(), &d.path().join("a"), &sub] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(sub.join("f"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(is_shared(d.path()));
+        assert_eq!(tighten_tree(d.path()).unwrap(), 4);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(
+            (mode(d.path()), mode(&sub), mode(&sub.join("f"))),
+            (0o700, 0o700, 0o600)
+        );
+        assert!(!is_shared(d.path()));
+        assert_eq!(tighten_tree(d.path()).unwrap(), 0);
     }
 
     #[test]

@@ -237,15 +237,3 @@ fn disk_full_commits_nothing_and_says_so() {
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
 }
-
-fn walk(p: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in fs::read_dir(p).into_iter().flatten().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}

@@ -182,15 +182,3 @@ fn hex_to_key(h: &str) -> [u8; 32] {
     }
     k
 }
-
-pub fn walk(p: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = vec![];
-    for e in fs::read_dir(p).into_iter().flatten().flatten() {
-        if e.file_type().unwrap().is_dir() {
-            out.extend(walk(&e.path()));
-        } else {
-            out.push(e.path());
-        }
-    }
-    out
-}

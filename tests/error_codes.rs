@@ -62,21 +62,21 @@ fn request_errors_have_their_codes() {
     check(
         &repo,
         &["verify", "--sample", "0"],
-        1,
+        2,
         "usage",
         "--sample 0 must be a percentage",
     );
     check(
         &repo,
         &["backup", "vm1", "--disk", "root"],
-        1,
+        2,
         "usage",
         "must be NAME=PATH",
     );
     check(
         &repo,
         &["backups", "a b"],
-        1,
+        2,
         "invalid-name",
         "invalid VM name \"a b\"",
     );

@@ -715,7 +715,7 @@ fn cat_and_restore_files_without_mounting() {
         "not-found",
         "no /etc/nope in its filesystem",
     );
-    bad(&["cat", "web:gpt/p2/etc"], 1, "usage", "is a directory");
+    bad(&["cat", "web:gpt/p2/etc"], 2, "usage", "is a directory");
     bad(
         &["cat", "web:gpt/p2/etc/fstab/x"],
         1,

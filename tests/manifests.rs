@@ -64,7 +64,11 @@ fn a_damaged_manifest_is_named_repaired_or_removed_on_purpose_never_lost_to_gc()
         "{}",
         text.stderr
     );
-    assert!(text.stdout.contains("1 damaged manifest(s)"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("1 damaged manifest(s)"),
+        "{}",
+        text.stdout
+    );
     // gc deletes nothing while the store holds a manifest it cannot read.
     let before = stored(&repo);
     repo.run(&["forget", &format!("vm2@{}", first_id(&repo, "vm2"))])

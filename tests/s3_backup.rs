@@ -177,21 +177,6 @@ fn backup_restore_verify_and_stats_in_a_bucket() {
     assert!(u(&j, "/s3_requests/bytes_down") > 100 << 20, "{j}");
 }
 
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn the_catalog_rebuilds_from_the_bucket_alone() {
     let d = disks();

@@ -2,15 +2,18 @@
 //! arguments, calls one operation of the [`Appliance`] and prints the result (human, or JSON
 //! with `--json`); progress bars and notes come from [`events::Term`], the CLI's events sink.
 //!
-//! Exit codes come from the error ([`Error::exit_code`]): 1 for errors, 3 for damaged data, 4
+//! Exit codes come from the error ([`Error::exit_code`]): 1 for errors, 2 for usage, 3 for damaged data, 4
 //! for a busy VM or repository, 130 when interrupted. With `--json`, an error is also printed
 //! on stdout as `{"error": {"code": …, "message": …, "details": …}}`.
 
-/// Print a line on stdout; a closed stdout (a terminal that went away) is not an error.
+/// Print a line on stdout. A write that fails is remembered, not a panic: a closed pipe
+/// (`holdfast backups | head -1`) ends the output quietly, as other Unix tools do; any other
+/// failure (a full disk) becomes the command's one-line error at the end ([`stdout_error`]).
 macro_rules! say {
     ($($t:tt)*) => {{
         use std::io::Write as _;
-        let _ = writeln!(std::io::stdout(), $($t)*);
+        let r = writeln!(std::io::stdout(), $($t)*);
+        $crate::cli::stdout_result(r);
     }};
 }
 
@@ -151,10 +154,11 @@ PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a
         #[command(subcommand)]
         cmd: vm::SnapshotCmd,
     },
-    /// Find (and remove) what an interrupted holdfast left in a VM's QEMU
+    /// Find (and remove) what an interrupted holdfast left: in a VM's QEMU, or (without a VM)
+    /// the partial files of killed restores
     Doctor {
-        /// A VM declared with `holdfast vm add`
-        vm: String,
+        /// A VM declared with `holdfast vm add` (none: the leftovers of restores)
+        vm: Option<String>,
         /// Only report
         #[arg(long)]
         dry_run: bool,
@@ -215,11 +219,40 @@ impl Cmdline {
     }
 }
 
+/// The first failed write to stdout: its kind and errno.
+static STDOUT_ERROR: std::sync::OnceLock<(std::io::ErrorKind, Option<i32>)> =
+    std::sync::OnceLock::new();
+
+/// Remember a failed write to stdout (the first one).
+pub(crate) fn stdout_result(r: std::io::Result<()>) {
+    if let Err(e) = r {
+        let _ = STDOUT_ERROR.set((e.kind(), e.raw_os_error()));
+    }
+}
+
+/// A write to stdout that failed other than by the reader going away, as the error to end
+/// the command with.
+fn stdout_error() -> Option<Error> {
+    let (kind, errno) = *STDOUT_ERROR.get()?;
+    if kind == std::io::ErrorKind::BrokenPipe {
+        return None;
+    }
+    let source = errno.map_or_else(|| kind.into(), std::io::Error::from_raw_os_error);
+    Some(Error::Io {
+        what: "write to standard output".into(),
+        source,
+    })
+}
+
 /// Parse the command line, run it, print any error; the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let json = cli.json;
-    match run(cli) {
+    let result = run(cli).and_then(|code| match stdout_error() {
+        Some(e) => Err(e),
+        None => Ok(code),
+    });
+    match result {
         Ok(code) => code,
         Err(e) => {
             if json {
@@ -297,7 +330,7 @@ fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
         Cmd::RestoreFiles(a) => serve::restore_files(cx, a),
         Cmd::Vm { cmd } => vm::vm(cx, cmd),
         Cmd::Snapshot { cmd } => vm::snapshot(cx, cmd),
-        Cmd::Doctor { vm, dry_run } => vm::doctor(cx, &vm, dry_run),
+        Cmd::Doctor { vm, dry_run } => vm::doctor(cx, vm.as_deref(), dry_run),
         Cmd::Catalog {
             cmd: CatalogCmd::Rebuild,
         } => data::rebuild(cx),

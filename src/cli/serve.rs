@@ -112,8 +112,14 @@ pub fn umount(cx: &Cmdline, mountpoint: PathBuf, lazy: bool) -> Result<i32> {
 pub fn cat(cx: &Cmdline, spec: String) -> Result<i32> {
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
-    cx.app.cat(&CatRequest { spec }, &mut lock)?;
-    Ok(0)
+    match cx.app.cat(&CatRequest { spec }, &mut lock) {
+        // The reader went away (`holdfast cat … | head`): stop quietly.
+        Err(crate::Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(0)
+        }
+        Err(e) => Err(e),
+        Ok(_) => Ok(0),
+    }
 }
 
 #[derive(Args)]

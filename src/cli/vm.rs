@@ -195,19 +195,26 @@ fn vm_list(cx: &Cmdline) -> Result<()> {
     Ok(())
 }
 
-pub fn doctor(cx: &Cmdline, name: &str, dry_run: bool) -> Result<i32> {
-    let r = cx.app.doctor(name, dry_run, &cx.term())?;
+pub fn doctor(cx: &Cmdline, name: Option<&str>, dry_run: bool) -> Result<i32> {
+    let r = match name {
+        Some(n) => cx.app.doctor(n, dry_run, &cx.term())?,
+        None => cx.app.doctor_repo(dry_run, &cx.term())?,
+    };
+    let (label, place) = match name {
+        Some(n) => (format!("VM {n}"), "in QEMU"),
+        None => ("repository".to_string(), "by restores"),
+    };
     if cx.json {
         say!(
             "{}",
             serde_json::json!({ "vm": r.vm, "leftovers": r.leftovers, "cleaned": r.cleaned })
         );
     } else if r.leftovers.is_empty() {
-        say!("VM {name}: nothing left behind in QEMU");
+        say!("{label}: nothing left behind {place}");
     } else {
         let verb = if dry_run { "found" } else { "removed" };
         for f in &r.leftovers {
-            say!("VM {name}: {verb} {f}");
+            say!("{label}: {verb} {f}");
         }
     }
     Ok(0)

@@ -170,7 +170,21 @@ fn read_disks(
     let mut entries = Vec::new();
     for (d, ex) in disks.iter().zip(&extents) {
         let base = incremental_base(repo, vm, d)?;
-        entries.push(backup_disk(repo, d, ex, base.as_ref(), sink, memos, ctx)?);
+        let mut entry = backup_disk(repo, d, ex, base.as_ref(), sink, memos, ctx)?;
+        // A source that grew while it was read: the backup holds what it was at the start
+        // (a shrink fails the read instead); say so, in the log and the manifest.
+        if let Some(now) = d.source.size_now().filter(|now| *now > entry.size) {
+            ctx.warn(&format!(
+                "disk {}: {} grew from {} to {now} bytes during the backup; the backup holds the \
+                 first {} bytes (back up from a stable read point for a consistent copy)",
+                d.name,
+                d.source.describe(),
+                entry.size,
+                entry.size
+            ));
+            entry.grew_to = Some(now);
+        }
+        entries.push(entry);
     }
     sink.flush()?;
     Ok(entries)
@@ -340,6 +354,7 @@ fn backup_disk(
         since: base.map(|b| b.id.clone()),
         checkpoint: d.checkpoint.clone(),
         origin: d.origin.clone(),
+        grew_to: None,
     })
 }
 

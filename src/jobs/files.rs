@@ -95,6 +95,24 @@ impl Drop for TempTree {
     }
 }
 
+/// Temporary trees that restores into the directory `to` left behind when their processes
+/// died (`.NAME.holdfast-PID`).
+pub fn stale_trees(to: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(to) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with('.')
+                && n.rsplit_once(".holdfast-")
+                    .and_then(|(_, pid)| pid.parse::<u32>().ok())
+                    .is_some_and(|pid| !crate::sys::pid_alive(pid))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
 /// Where `spec` is restored to inside `to` (an existing directory): `(name, TO/name)`, which
 /// must not exist yet.
 fn target_of(spec: &FileSpec, to: &Path) -> Result<(String, PathBuf)> {

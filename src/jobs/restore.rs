@@ -122,9 +122,13 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
             ),
         ));
     }
+    // What a restore to this target killed earlier left behind goes first.
+    for stale in stale_partials(to) {
+        let _ = fs::remove_file(stale);
+    }
     let temp = dir.join(format!(
-        ".{}.holdfast-partial.{}",
-        name.to_string_lossy(),
+        "{}{}",
+        partial_prefix(&name.to_string_lossy()),
         std::process::id()
     ));
     let file = OpenOptions::new()
@@ -143,6 +147,37 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
         .set_len(size)
         .map_err(|e| Error::io(format!("size {}", to.display()), e))?;
     Ok(t)
+}
+
+/// The name a restore to a file named `name` writes first: `.NAME.holdfast-partial.PID`.
+fn partial_prefix(name: &str) -> String {
+    format!(".{name}.holdfast-partial.")
+}
+
+/// Partial files that restores to `to` left behind when their processes died (killed, or the
+/// machine restarted).
+pub fn stale_partials(to: &Path) -> Vec<PathBuf> {
+    let (Some(name), Some(dir)) = (to.file_name(), to.parent()) else {
+        return Vec::new();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = partial_prefix(&name.to_string_lossy());
+    let Ok(rd) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(&prefix)
+                .and_then(|pid| pid.parse::<u32>().ok())
+                .is_some_and(|pid| !crate::sys::pid_alive(pid))
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 impl Target {
@@ -197,6 +232,7 @@ pub fn restore(
                     let Some(slot) = segs.get(i as usize) else {
                         break;
                     };
+                    crate::hooks::segment_delay();
                     let start = i * seg;
                     let len = seg.min(disk.size - start);
                     let r = restore_segment(

@@ -146,8 +146,12 @@ fn sampled(id: &BlobId, percent: f64) -> bool {
     if percent >= 100.0 {
         return true;
     }
-    let v = u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8]));
-    (v % 1_000_000) as f64 / 10_000.0 < percent
+    (sample_key(id) as f64) / 10_000.0 < percent
+}
+
+/// Where a chunk falls in the stable sample order (0..1_000_000).
+fn sample_key(id: &BlobId) -> u64 {
+    u64::from_le_bytes(id.0[..8].try_into().unwrap_or([0; 8])) % 1_000_000
 }
 
 /// Damaged blobs found so far: id → (kind, error).
@@ -169,7 +173,16 @@ pub fn verify(
     rep.chunks_total = chunks.len() as u64;
     // Pass 2: chunks, grouped by pack and offset for sequential reads.
     let mut todo: Vec<(ChunkLoc, BlobId)> = Vec::new();
-    for id in chunks.iter().filter(|id| sampled(id, sample_percent)) {
+    let mut sample: Vec<&BlobId> = chunks
+        .iter()
+        .filter(|id| sampled(id, sample_percent))
+        .collect();
+    // A sample too small for even one chunk checks one (the first in the stable order), so
+    // that a small --sample never silently checks nothing.
+    if sample.is_empty() {
+        sample.extend(chunks.iter().min_by_key(|id| sample_key(id)));
+    }
+    for id in sample {
         match repo.locate(id) {
             Ok(loc) => todo.push((loc, *id)),
             Err(e) => {

@@ -503,6 +503,7 @@ mod tests {
             since: None,
             checkpoint: checkpoint.map(String::from),
             origin: Some(origin.into()),
+            grew_to: None,
         }
     }
 

@@ -107,10 +107,10 @@ impl Appliance {
             disk.name,
             req.to.display()
         );
-        self.run(
-            Kind::Restore,
-            vec![m.vm.clone()],
-            target,
+        let mut spec = self.spec(Kind::Restore, vec![m.vm.clone()], target);
+        spec.output = Some(std::path::absolute(&req.to).unwrap_or_else(|_| req.to.clone()));
+        self.run_spec(
+            spec,
             events,
             |_, ctx| crate::jobs::restore::restore(&repo, &m, &disk, &req.to, req.force, ctx),
             |r| {
@@ -195,6 +195,11 @@ impl Appliance {
 
     /// Stored bytes, dedup and compression, what the storage costs.
     pub fn stats(&self, price_per_gb_month: f64) -> Result<Stats> {
+        if !(price_per_gb_month.is_finite() && price_per_gb_month >= 0.0) {
+            return Err(Error::usage(format!(
+                "--price {price_per_gb_month} must be a price in dollars per GB-month, 0 or more"
+            )));
+        }
         crate::jobs::stats::stats(&*self.open_synced()?, price_per_gb_month)
     }
 

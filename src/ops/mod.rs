@@ -49,7 +49,10 @@ pub struct Appliance {
 impl Appliance {
     /// The appliance at `dir`; `config` is the VM declarations (default `DIR/vms.toml`);
     /// `user` is recorded in task records (`cli:USER`, a service user).
+    /// Every file the appliance creates is private to its user (umask 077, see
+    /// [`crate::sys::private_files`]): this sets the process umask.
     pub fn new(dir: PathBuf, config: Option<PathBuf>, user: String) -> Appliance {
+        crate::sys::private_files();
         let config = config.unwrap_or_else(|| dir.join("vms.toml"));
         Appliance {
             dir,
@@ -77,9 +80,17 @@ impl Appliance {
     /// The repository, opened (not synced).
     fn open(&self) -> Result<Arc<Repo>> {
         tracing::debug!("opening the repository");
-        let r = Repo::open(&self.dir).map(Arc::new);
+        let r = Repo::open(&self.dir).map(Arc::new)?;
         tracing::debug!("repository open");
-        r
+        if r.tightened > 0 {
+            crate::sys::lock(&self.warnings).push(format!(
+                "{} was readable by other users: made {} files and directories private (0600, \
+                 0700)",
+                self.dir.display(),
+                r.tightened
+            ));
+        }
+        Ok(r)
     }
 
     /// The repository, opened and in step with its store. Backups whose manifests are gone
@@ -132,6 +143,7 @@ impl Appliance {
             vms,
             lock: true,
             target,
+            output: None,
             user: self.user.clone(),
             keep: self.task_keep(),
         }

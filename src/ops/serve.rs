@@ -154,6 +154,7 @@ impl Appliance {
         let target = format!("{} to {}", req.spec, req.to.display());
         let mut task = self.spec(Kind::RestoreFiles, vec![vm], target);
         task.lock = false;
+        task.output = Some(std::path::absolute(&req.to).unwrap_or_else(|_| req.to.clone()));
         self.run_spec(
             task,
             events,

@@ -198,6 +198,55 @@ impl Appliance {
         )
     }
 
+    /// Find (and unless `dry_run`, remove) what killed restores left outside the repository:
+    /// partial images beside their targets, temporary trees in restore-files targets, as the
+    /// task records of restores that did not finish name them.
+    pub fn doctor_repo(&self, dry_run: bool, events: &dyn Events) -> Result<DoctorReport> {
+        let records = crate::task::list(&self.dir)?;
+        self.run(
+            Kind::Doctor,
+            Vec::new(),
+            "leftovers of restores".into(),
+            events,
+            |_, _| {
+                let mut found: Vec<PathBuf> = Vec::new();
+                for t in records.iter().filter(|t| !t.is_running()) {
+                    let Some(out) = &t.output else { continue };
+                    let stale = match t.kind {
+                        Kind::Restore => crate::jobs::restore::stale_partials(out),
+                        Kind::RestoreFiles => crate::jobs::files::stale_trees(out),
+                        _ => Vec::new(),
+                    };
+                    found.extend(
+                        stale
+                            .into_iter()
+                            .filter(|p| !found.contains(p))
+                            .collect::<Vec<_>>(),
+                    );
+                }
+                if !dry_run {
+                    for p in &found {
+                        let _ = std::fs::remove_dir_all(p).or_else(|_| std::fs::remove_file(p));
+                    }
+                }
+                Ok(DoctorReport {
+                    vm: String::new(),
+                    leftovers: found
+                        .iter()
+                        .map(|p| format!("partial restore {}", p.display()))
+                        .collect(),
+                    cleaned: !dry_run,
+                })
+            },
+            |r| {
+                summary(format!(
+                    "{} leftover(s) of restores found",
+                    r.leftovers.len()
+                ))
+            },
+        )
+    }
+
     /// Take snapshot `req.name` of one VM, or of several together.
     pub fn snapshot_create(
         &self,

@@ -106,6 +106,10 @@ pub struct DiskEntry {
     /// only for the same node and file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<String>,
+    /// The source was this many bytes when the backup had read it: it grew while it was read
+    /// (the backup holds the first `size` bytes, and says so).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grew_to: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]

@@ -28,6 +28,9 @@ use std::sync::Arc;
 
 pub struct Repo {
     pub dir: PathBuf,
+    /// Entries whose group and other permissions `open` took away (a repository made before
+    /// holdfast kept them private, or copied with loose modes).
+    pub tightened: u64,
     pub store: Arc<dyn ObjectStore>,
     /// The store without the read cache (verify checks what the store holds, not the cache).
     pub uncached: Arc<dyn ObjectStore>,
@@ -85,7 +88,11 @@ fn check_new_dir(dir: &Path) -> Result<()> {
             ));
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    // Private even when it existed (empty) with looser modes.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(format!("make {} private", dir.display()), e))
 }
 
 impl Repo {
@@ -258,8 +265,17 @@ impl Repo {
         // never an empty catalog in its place (every backup would seem gone, and gc would
         // free their data).
         let catalog = Catalog::open(&dir.join("catalog"))?;
+        // Private whatever the umask was: a repository left readable by others is tightened
+        // (once: its top directory says whether it needs it).
+        let tightened = if crate::sys::is_shared(dir) {
+            crate::sys::tighten_tree(dir)
+                .map_err(|e| Error::io(format!("make {} private", dir.display()), e))?
+        } else {
+            0
+        };
         Ok(Repo {
             dir: dir.to_path_buf(),
+            tightened,
             store,
             uncached,
             catalog,

@@ -9,7 +9,7 @@ pub use self::nbd::NbdSource;
 
 use bytes::BytesMut;
 use std::fs::File;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -48,6 +48,11 @@ pub trait Source: Send + Sync {
     /// Allocated ranges, sorted and disjoint. Everything else reads as zeros.
     fn extents(&self) -> Result<Vec<Extent>, SourceError>;
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), SourceError>;
+    /// The size now, where it can change while it is read (a file, a block device); None
+    /// where it cannot (an NBD export's size is fixed at the handshake).
+    fn size_now(&self) -> Option<u64> {
+        None
+    }
     /// Run read jobs (a backup's segments) until `next` has no more, handing each filled job
     /// to `done` (false from `done` stops). A network source keeps several jobs in flight and
     /// finishes them in any order; the default reads them one by one in this thread.
@@ -127,14 +132,23 @@ pub struct FileSource {
 impl FileSource {
     pub fn open(path: &Path) -> Result<Self, SourceError> {
         let p = path.display().to_string();
-        let file = File::open(path).map_err(|source| SourceError::Open {
+        let open_err = |source| SourceError::Open {
             path: p.clone(),
             source,
-        })?;
-        let meta = file.metadata().map_err(|source| SourceError::Open {
-            path: p.clone(),
-            source,
-        })?;
+        };
+        // Look before opening: opening a FIFO for reading blocks until a writer comes (and a
+        // character device may have side effects). Only regular files and block devices.
+        let ft = std::fs::metadata(path).map_err(open_err)?.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(SourceError::NotADisk { path: p });
+        }
+        // Non-blocking, so a path swapped for a FIFO between the look and the open cannot hang.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
         let ft = meta.file_type();
         let is_block = ft.is_block_device();
         if !ft.is_file() && !is_block {
@@ -169,6 +183,14 @@ impl FileSource {
 }
 
 impl Source for FileSource {
+    fn size_now(&self) -> Option<u64> {
+        if self.is_block {
+            self.seek(0, libc::SEEK_END)
+        } else {
+            self.file.metadata().ok().map(|m| m.len())
+        }
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -81,6 +81,8 @@ pub struct TaskSpec {
     /// Lock the VMs for the task's life (false for readers: verify, export).
     pub lock: bool,
     pub target: String,
+    /// The file or directory it writes outside the repository.
+    pub output: Option<PathBuf>,
     pub user: String,
     /// Finished records to keep per VM when this one ends.
     pub keep: usize,
@@ -192,6 +194,7 @@ impl Task {
             kind: spec.kind,
             vms: spec.vms,
             target: spec.target,
+            output: spec.output,
             user: spec.user,
             pid,
             pid_start,
@@ -449,6 +452,7 @@ mod tests {
             vms: vms.iter().map(|s| s.to_string()).collect(),
             lock: true,
             target: String::new(),
+            output: None,
             user: "cli:test".into(),
             keep: 2,
         }

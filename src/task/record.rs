@@ -124,6 +124,10 @@ pub struct TaskRecord {
     /// What it works on, for people: `web-01@20261122-101500 disk root → /tmp/root.img`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
+    /// The file or directory it writes outside the repository (restore, restore-files): where
+    /// `holdfast doctor` looks for what a killed run left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<std::path::PathBuf>,
     /// Who started it: `cli:USER`, or a service user.
     pub user: String,
     pub pid: u32,
@@ -333,6 +337,7 @@ mod tests {
             kind: Kind::Backup,
             vms: vm.into_iter().map(String::from).collect(),
             target: String::new(),
+            output: None,
             user: "cli:test".into(),
             pid,
             pid_start,

@@ -14,6 +14,31 @@ pub mod s3;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
+/// Every file under `dir` (recursively), and every directory under it when `dirs`.
+pub fn tree(dir: &Path, dirs: bool) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+                if dirs {
+                    out.push(e.path());
+                }
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every file under `dir`, recursively.
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    tree(dir, false)
+}
+
 /// Send `sig` to the process `pid`, one this test started.
 pub fn signal(pid: u32, sig: i32) {
     // SAFETY: kill(2) takes no pointers; the pid is a child of this test.
