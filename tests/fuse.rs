@@ -693,7 +693,7 @@ fn cat_and_restore_files_without_mounting() {
     );
     bad(
         &["cat", "web"],
-        1,
+        2,
         "usage",
         "must be VM[@ID]:DISK/PART/PATH",
     );

@@ -384,3 +384,125 @@ async fn too_many_requests_in_flight_are_bounded() {
         .await
         .expect("server stuck after the flooder left");
 }
+
+/// A server on 127.0.0.1:PORT (TCP) over the same exports, for tests of client addresses.
+async fn start_tcp(
+    dir: &std::path::Path,
+    config: ServerConfig,
+) -> (
+    u16,
+    holdfast::nbd::ShutdownHandle,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let ro = dir.join("tcp.raw");
+    make_sparse_image(&ro);
+    let exports = vec![(String::new(), file_export(&ro, true))];
+    let server = holdfast::nbd::Server::new(config, exports);
+    let stop = server.shutdown_handle();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(async move { server.serve_tcp(listener).await });
+    (port, stop, task)
+}
+
+/// 200 idle connections from one address (no handshake sent) do not lock out a second
+/// client: connections over the per-address limit are closed at once, and the other
+/// address is served within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_address_do_not_lock_out_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (port, stop, task) = start_tcp(dir.path(), ServerConfig::default()).await;
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        let s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    // The first 16 wait in the handshake; the rest were closed by the server.
+    let mut open = 0;
+    for s in &mut idle {
+        let mut g = [0u8; GREETING_LEN];
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(200), s.read_exact(&mut g)).await
+        {
+            open += 1;
+        }
+    }
+    assert_eq!(open, 16, "connections greeted from one address");
+    // A client from another address, through the same listener: greeted, its export opened
+    // and a read answered, within a second.
+    let t = std::time::Instant::now();
+    let served = async {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock
+            .connect(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+        let mut g = [0u8; GREETING_LEN];
+        s.read_exact(&mut g).await.unwrap();
+        s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes())
+            .await
+            .unwrap();
+        s.write_all(&encode_option(OPT_EXPORT_NAME, b"").unwrap())
+            .await
+            .unwrap();
+        let mut info = [0u8; 10]; // size u64, flags u16 (no zeroes)
+        s.read_exact(&mut info).await.unwrap();
+        assert_eq!(u64::from_be_bytes(info[..8].try_into().unwrap()), IMG_SIZE);
+        let req = Request {
+            flags: 0,
+            cmd: CMD_READ,
+            cookie: 7,
+            offset: 0,
+            len: 16,
+        };
+        s.write_all(&req.encode()).await.unwrap();
+        let mut reply = [0u8; SIMPLE_REPLY_LEN + 16];
+        s.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply[SIMPLE_REPLY_LEN..], &[0u8; 16]);
+    };
+    tokio::time::timeout(Duration::from_secs(1), served)
+        .await
+        .expect("the other client is served within a second");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    drop(idle);
+    stop.shutdown();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// With an idle timeout, a connection that sends nothing after its handshake is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_transmission_is_closed_after_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        idle_timeout: Some(Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let srv = start(dir.path(), config);
+    let mut s = raw_connect(&srv, "", false).await;
+    let t = std::time::Instant::now();
+    assert!(
+        closed_by_server(&mut s).await,
+        "an idle connection is closed"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
+    // A client that keeps asking is not idle.
+    let c = Client::connect(&srv.uri(""), &ConnectOptions::default())
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(c.read(0, 16).await.unwrap(), vec![0u8; 16]);
+    }
+    srv.stop().await;
+}

@@ -327,7 +327,7 @@ fn a_server_that_stops_mid_backup_fails_it_cleanly_and_the_rerun_uploads_only_th
 fn wrong_credentials_a_missing_bucket_or_no_server_fail_at_init_and_at_backup_start() {
     let srv = S3Server::start();
     let url = format!("s3://{}/p", s3::BUCKET);
-    let try_init = |endpoint: &str, url: &str, env: &[(&str, &str)]| {
+    let try_init_code = |endpoint: &str, url: &str, env: &[(&str, &str)], code: i32| {
         let r = Repo {
             dir: tempfile::tempdir().unwrap(),
             env: s3::env(),
@@ -337,10 +337,12 @@ fn wrong_credentials_a_missing_bucket_or_no_server_fail_at_init_and_at_backup_st
             env,
         );
         let e = out.err().to_string();
-        assert_eq!(out.code, 1);
+        assert_eq!(out.code, code, "{e}");
         assert!(!r.path().exists(), "a failed init leaves nothing: {e}");
         e
     };
+    let try_init =
+        |endpoint: &str, url: &str, env: &[(&str, &str)]| try_init_code(endpoint, url, env, 1);
     let e = try_init(&srv.endpoint(), &url, &[("AWS_SECRET_ACCESS_KEY", "wrong")]);
     assert!(
         e.contains("access denied by http://127.0.0.1:") && e.contains("check the credentials"),
@@ -358,7 +360,7 @@ fn wrong_credentials_a_missing_bucket_or_no_server_fail_at_init_and_at_backup_st
         e.contains(&format!("cannot reach the S3 endpoint {dead}")),
         "{e}"
     );
-    let e = try_init(&srv.endpoint(), "s3://Bad_Bucket/p", &[]);
+    let e = try_init_code(&srv.endpoint(), "s3://Bad_Bucket/p", &[], 2);
     assert!(e.contains("is not a valid bucket name"), "{e}");
 
     // At the start of a backup, before the disk is read: the error comes at once even for a

@@ -449,7 +449,9 @@ mod tests {
                 .iter()
                 .map(|n| ColumnFamilyDescriptor::new(*n, options()))
                 .collect();
-            let db = DB::open_cf_descriptors(&options(), &path, old).unwrap();
+            let mut o = options();
+            o.create_if_missing(true);
+            let db = DB::open_cf_descriptors(&o, &path, old).unwrap();
             db.put_cf(
                 db.cf_handle("packs").unwrap(),
                 [1u8; 16],

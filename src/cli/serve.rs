@@ -51,6 +51,11 @@ pub struct ExportArgs {
     /// read-ahead (16 MiB)
     #[arg(long, value_name = "SIZE", default_value = "256M")]
     cache: String,
+    /// Close a client that sends no request for this long, e.g. 30m (default: never, since a
+    /// VM booted from the export may leave its disk idle for hours). Clients that never finish
+    /// the handshake are closed after 10 s, and one address may hold 16 connections
+    #[arg(long, value_name = "DURATION")]
+    idle_timeout: Option<String>,
 }
 
 pub fn export(cx: &Cmdline, a: ExportArgs) -> Result<i32> {
@@ -62,6 +67,12 @@ pub fn export(cx: &Cmdline, a: ExportArgs) -> Result<i32> {
         writable: a.writable,
         keep_overlay: a.keep_overlay,
         cache_bytes,
+        idle_timeout: a
+            .idle_timeout
+            .as_deref()
+            .map(crate::jobs::vms::parse_duration)
+            .transpose()
+            .map_err(|e| usage(format!("--idle-timeout: {e}")))?,
     };
     cx.app.export(req, &cx.term())?;
     Ok(0)

@@ -3,11 +3,16 @@
 //!
 //! Invariants:
 //! - At most `max_connections` connections are served at once (a semaphore
-//!   permit is taken before `accept` and held by the connection task).
+//!   permit is taken before `accept` and held by the connection task), and at
+//!   most `max_per_client` from one TCP address: a connection over that is
+//!   closed at once, so one client cannot take every slot and lock others out.
 //! - Each connection is its own task; a failure in one (bad peer, I/O
 //!   error, panic in an `Export`) never stops the listener or other clients.
 //! - The handshake is bounded in time (`handshake_timeout`) and in count of
-//!   options (`MAX_OPTIONS`); option data is capped before allocation.
+//!   options (`MAX_OPTIONS`); option data is capped before allocation. With
+//!   `idle_timeout`, a connection that sends no request for that long while
+//!   none is in flight is closed (off by default: a VM booted from an export
+//!   may leave its disk idle for hours).
 //! - After `ShutdownHandle::shutdown`, no new connection is accepted, and
 //!   connections stop reading requests, finish in-flight ones (bounded by
 //!   `drain_timeout`) and close; `serve_*` returns once all have ended.
@@ -37,6 +42,10 @@ const BASE_ALLOCATION_ID: u32 = 1;
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub max_connections: usize,
+    /// Connections served at once from one TCP address (unix sockets: the global limit).
+    pub max_per_client: usize,
+    /// Close a connection idle in transmission (no request, none in flight) this long.
+    pub idle_timeout: Option<Duration>,
     /// Requests processed concurrently per connection.
     pub max_in_flight: usize,
     /// Payload bytes (READ + WRITE) buffered per connection.
@@ -50,9 +59,11 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             max_connections: 64,
+            max_per_client: 16,
+            idle_timeout: None,
             max_in_flight: 16,
             max_buffered_bytes: 2 * MAX_PAYLOAD,
-            handshake_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
         }
     }
@@ -84,17 +95,22 @@ pub(crate) struct Negotiated {
     base_allocation: Option<u32>,
 }
 
+/// A connection and the address it came from (none for a unix socket).
+type Accepted<S> = (S, Option<std::net::IpAddr>);
+
 trait Listen {
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    fn accept_one(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>> + Send;
+    fn accept_one(
+        &self,
+    ) -> impl std::future::Future<Output = io::Result<Accepted<Self::Stream>>> + Send;
 }
 
 impl Listen for UnixListener {
     type Stream = tokio::net::UnixStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
+    async fn accept_one(&self) -> io::Result<Accepted<Self::Stream>> {
         let s = self.accept().await?.0;
         grow_send_buffer(&s);
-        Ok(s)
+        Ok((s, None))
     }
 }
 
@@ -127,10 +143,48 @@ fn grow_send_buffer(s: &tokio::net::UnixStream) {
 
 impl Listen for TcpListener {
     type Stream = tokio::net::TcpStream;
-    async fn accept_one(&self) -> io::Result<Self::Stream> {
-        let (s, _) = self.accept().await?;
+    async fn accept_one(&self) -> io::Result<Accepted<Self::Stream>> {
+        let (s, peer) = self.accept().await?;
         s.set_nodelay(true)?;
-        Ok(s)
+        Ok((s, Some(peer.ip())))
+    }
+}
+
+/// Connections open per client address.
+#[derive(Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection counted for its address; dropping it uncounts it.
+struct ClientSlot {
+    clients: Arc<PerClient>,
+    ip: std::net::IpAddr,
+}
+
+impl PerClient {
+    /// A slot for a connection from `ip`, or None when it already has `max` open.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= max.max(1) {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            clients: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut m = self.clients.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -161,6 +215,7 @@ impl Server {
 
     async fn serve<L: Listen>(&self, listener: L) -> io::Result<()> {
         let limit = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let clients = Arc::new(PerClient::default());
         let mut stop = self.shutdown.subscribe();
         let mut conns = JoinSet::new();
         loop {
@@ -173,13 +228,26 @@ impl Server {
                 _ = stop.wait_for(|s| *s) => break,
                 s = listener.accept_one() => s,
             };
-            let stream = match stream {
+            let (stream, peer) = match stream {
                 Ok(s) => s,
                 Err(e) => {
                     warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
+            };
+            let slot = match peer {
+                Some(ip) => match clients.take(ip, self.config.max_per_client) {
+                    Some(slot) => Some(slot),
+                    None => {
+                        debug!(
+                            "{ip} has {} connections open: closing a new one",
+                            self.config.max_per_client
+                        );
+                        continue; // drops the stream and the permit
+                    }
+                },
+                None => None,
             };
             let (exports, config, stop) = (
                 self.exports.clone(),
@@ -188,7 +256,7 @@ impl Server {
             );
             conns.spawn(async move {
                 serve_connection(stream, &exports, &config, stop).await;
-                drop(permit);
+                drop((permit, slot));
             });
         }
         while conns.join_next().await.is_some() {}

@@ -23,6 +23,8 @@ pub struct ExportRequest {
     pub keep_overlay: Option<PathBuf>,
     /// Memory for decoded chunks.
     pub cache_bytes: u64,
+    /// Close a client idle this long (none: never).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 pub struct MountRequest {
@@ -65,6 +67,7 @@ impl Appliance {
             writable: req.writable,
             keep_overlay: req.keep_overlay,
             cache_bytes: req.cache_bytes,
+            idle_timeout: req.idle_timeout,
         };
         cfg.check()?;
         let repo = self.open_synced()?;

@@ -116,6 +116,20 @@ impl Shared {
         g.dirty = true;
     }
 
+    /// Write the record now, in this thread: a phase starting or reaching its total (a few
+    /// times per task, so the rate bound holds) is on disk before the job goes on.
+    fn write_now(&self) {
+        let rec = {
+            let mut g = crate::sys::lock(&self.live);
+            if g.done {
+                return;
+            }
+            g.dirty = false;
+            g.rec.clone()
+        };
+        self.write(&rec, false);
+    }
+
     /// Write the record whenever it changed, at most every [`FLUSH_EVERY`], until done.
     fn flush_loop(&self) {
         let mut g = crate::sys::lock(&self.live);
@@ -316,13 +330,22 @@ impl Events for Task {
             };
             r.progress.update_percent();
         });
+        self.shared.write_now();
     }
 
     fn progress(&self, bytes: u64) {
+        let mut complete = false;
         self.shared.update(|r| {
+            let before = r.progress.done;
             r.progress.done = r.progress.done.saturating_add(bytes);
             r.progress.update_percent();
+            complete = r.progress.total > 0
+                && before < r.progress.total
+                && r.progress.done >= r.progress.total;
         });
+        if complete {
+            self.shared.write_now();
+        }
     }
 
     fn log(&self, level: Level, line: &str) {

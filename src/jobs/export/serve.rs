@@ -53,6 +53,9 @@ pub struct ExportConfig {
     pub keep_overlay: Option<PathBuf>,
     /// Memory for decoded chunks.
     pub cache_bytes: u64,
+    /// Close a client that sends nothing for this long (none: never; a VM booted from the
+    /// export may leave its disk idle for hours).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl ExportConfig {
@@ -141,8 +144,12 @@ pub fn serve(
     let opened = open_overlay(cfg, disk.size)?;
     let tmp_dir = opened.as_ref().and_then(|(_, d)| d.clone());
     let export: Arc<dyn Export> = Arc::new(BackupExport::new(reader, opened.map(|(o, _)| o)));
+    let config = ServerConfig {
+        idle_timeout: cfg.idle_timeout,
+        ..ServerConfig::default()
+    };
     let server = Server::new(
-        ServerConfig::default(),
+        config,
         [(String::new(), export.clone()), (disk.name.clone(), export)],
     );
     let mode = if cfg.writable {

@@ -86,7 +86,8 @@ where
         if let Some(Ok(Err(e))) = tasks.try_join_next() {
             break Err(e); // a reply could not be written
         }
-        let req = match next_request(&mut rd, &mut stop).await {
+        let idle = cfg.idle_timeout.filter(|_| tasks.is_empty());
+        let req = match next_request(&mut rd, &mut stop, idle).await {
             Ok(Some(req)) => req,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -104,14 +105,26 @@ where
 
 /// Next request header; `None` on a clean end (EOF, NBD_CMD_DISC, shutdown).
 /// A bad magic is an error (the stream can't be trusted any more).
+/// With `idle`, a client that sends nothing for that long is let go (`None`).
 async fn next_request<R: AsyncRead + Unpin>(
     rd: &mut R,
     stop: &mut watch::Receiver<bool>,
+    idle: Option<std::time::Duration>,
 ) -> io::Result<Option<Request>> {
     let mut hdr = [0u8; REQUEST_LEN];
+    let idle_over = async {
+        match idle {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         biased;
         _ = stop.wait_for(|s| *s) => return Ok(None),
+        _ = idle_over => {
+            tracing::debug!("connection idle for {idle:?}: closing");
+            return Ok(None);
+        }
         r = rd.read_exact(&mut hdr) => match r {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
