@@ -403,3 +403,54 @@ fn wrong_credentials_a_missing_bucket_or_no_server_fail_at_init_and_at_backup_st
     );
     repo.backup("vm", &[("root", &disk)]);
 }
+
+/// No credentials anywhere: the error names what to set, and holdfast never asked the EC2
+/// instance metadata service (a listener standing in for it sees no connection). A bucket
+/// that is gone is named as a missing bucket, not as "not a holdfast repository".
+#[test]
+fn missing_credentials_and_buckets_are_named_and_imds_is_never_asked() {
+    let srv = S3Server::start();
+    let repo = Repo::new_s3(&srv.endpoint(), "creds", &[]);
+    let imds = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    imds.set_nonblocking(true).unwrap();
+    let imds_url = format!("http://{}", imds.local_addr().unwrap());
+    let home = tempfile::tempdir().unwrap();
+    let mut c = repo.cmd(&["--json", "backups"]);
+    for (k, _) in s3::env() {
+        c.env_remove(k);
+    }
+    c.env("HOME", home.path())
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &imds_url)
+        .env("AWS_CONFIG_FILE", home.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.path().join("none"))
+        .env("HOLDFAST_S3_ATTEMPTS", "1");
+    let t = Instant::now();
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+        "{err}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+    assert!(
+        imds.accept().is_err(),
+        "holdfast connected to the instance metadata service"
+    );
+    // The bucket deleted: named as such.
+    let gone = Repo::new_s3(&srv.endpoint(), "gone", &[]);
+    std::fs::write(
+        gone.path().join("store.json"),
+        format!(
+            r#"{{"s3":{{"bucket":"no-such-bucket","prefix":"gone","endpoint":"{}","path_style":true}},"cache_bytes":0}}"#,
+            srv.endpoint()
+        ),
+    )
+    .unwrap();
+    let r = gone.run(&["backups"]);
+    assert!(
+        r.err().contains("bucket no-such-bucket does not exist"),
+        "{}",
+        r.stderr
+    );
+}

@@ -239,6 +239,10 @@ impl Repo {
         let raw = match store.get("config") {
             Ok(b) => b,
             Err(StoreError::NotFound(_)) => {
+                // No config in a bucket may mean no bucket, or credentials it refuses: say that.
+                if let Some(r) = &remote {
+                    S3Store::open(&r.location, S3Options::from_env())?.check()?;
+                }
                 return Err(Error::not_found(
                     What::Repository,
                     where_.clone(),
@@ -248,7 +252,7 @@ impl Repo {
                         where_,
                         dir.display()
                     ),
-                ))
+                ));
             }
             Err(e) => return Err(e.into()),
         };

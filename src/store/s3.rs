@@ -204,9 +204,55 @@ pub struct S3Store {
     pub stats: Arc<RequestStats>,
 }
 
+/// What to set when no credentials are found.
+const NO_CREDENTIALS: &str = "no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY \
+     (or AWS_PROFILE with a profile in ~/.aws, or AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN; \
+     HOLDFAST_S3_IMDS=1 lets holdfast ask the EC2 instance metadata service)";
+
+/// True when an SDK error chain says no provider had credentials.
+fn no_credentials(chain: &str) -> bool {
+    chain.contains("no credentials found in chain")
+        || chain.contains("credentials provider was not enabled")
+        || chain.contains("credential provider was not enabled")
+}
+
+/// Where credentials come from: the environment, the profile files, web identity (and a
+/// container's credentials endpoint when its variables are set). Never the EC2 instance
+/// metadata service, an address off loopback, unless the operator asks (`HOLDFAST_S3_IMDS=1`):
+/// a machine that is not on EC2 must not send requests to 169.254.169.254 looking for keys.
+fn credentials_chain() -> aws_config::meta::credentials::CredentialsProviderChain {
+    use aws_config::meta::credentials::CredentialsProviderChain;
+    let set = |k: &str| std::env::var_os(k).is_some_and(|v| !v.is_empty());
+    let mut chain = CredentialsProviderChain::first_try(
+        "environment",
+        aws_config::environment::EnvironmentVariableCredentialsProvider::new(),
+    )
+    .or_else(
+        "profile",
+        aws_config::profile::ProfileFileCredentialsProvider::builder().build(),
+    )
+    .or_else(
+        "web-identity",
+        aws_config::web_identity_token::WebIdentityTokenCredentialsProvider::builder().build(),
+    );
+    if set("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") || set("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+        chain = chain.or_else(
+            "container",
+            aws_config::ecs::EcsCredentialsProvider::builder().build(),
+        );
+    }
+    if std::env::var("HOLDFAST_S3_IMDS").is_ok_and(|v| v == "1") {
+        chain = chain.or_else(
+            "ec2-instance-metadata",
+            aws_config::imds::credentials::ImdsCredentialsProvider::builder().build(),
+        );
+    }
+    chain
+}
+
 impl S3Store {
-    /// Build a client (credentials from the standard AWS chain: environment, profile, …). No
-    /// request is made; [`S3Store::check`] is the first.
+    /// Build a client (credentials from the environment, the profile files or web identity;
+    /// see [`credentials_chain`]). No request is made; [`S3Store::check`] is the first.
     pub fn open(loc: &S3Location, opts: S3Options) -> StoreResult<S3Store> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -220,7 +266,8 @@ impl S3Store {
             .or_else(|| std::env::var("AWS_REGION").ok())
             .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok());
         let shared = rt.block_on(async {
-            let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest());
+            let mut l = aws_config::defaults(aws_config::BehaviorVersion::latest())
+                .credentials_provider(credentials_chain());
             // A custom endpoint (MinIO, Garage, …) rarely cares about the region, but SigV4 needs one.
             l = l.region(Region::new(
                 region.unwrap_or_else(|| "us-east-1".to_string()),
@@ -322,6 +369,7 @@ impl S3Store {
             msg,
         };
         match (&e, status, code.as_deref()) {
+            _ if no_credentials(&error_chain(&e)) => remote(NO_CREDENTIALS.to_string()),
             (SdkError::DispatchFailure(_) | SdkError::TimeoutError(_), _, _) => remote(format!(
                 "cannot reach the S3 endpoint {endpoint} ({}); check that it is running and reachable, and the --endpoint URL",
                 error_chain(&e)
@@ -563,11 +611,17 @@ enum PartError {
     Panicked,
 }
 
+/// `text` with its lines joined (SDK errors list attempts one per line).
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// An error and its sources on one line.
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
+    let mut s = one_line(&e.to_string());
     let mut cur = e.source();
     while let Some(c) = cur {
-        let m = c.to_string();
+        let m = one_line(&c.to_string());
         if !s.contains(&m) {
             s.push_str(": ");
             s.push_str(&m);
