@@ -37,6 +37,8 @@ pub struct GcReport {
     pub packs_deferred: u64,
     pub bytes_freed: u64,
     pub blobs_restored: u64,
+    /// Condemned packs that could not be read at all: kept.
+    pub packs_damaged_kept: u64,
     pub temp_files_removed: u64,
 }
 
@@ -313,6 +315,16 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
         let entries = match pack::read_footer(repo.store.as_ref(), &key) {
             Ok(e) => e,
             Err(crate::store::StoreError::NotFound(_)) => vec![],
+            // A pack whose footer is gone (salvaged by a rebuild): its blob headers tell what
+            // it holds; a pack that tells nothing is kept, never deleted blind.
+            Err(crate::store::StoreError::Corrupt { .. }) => {
+                let found = pack::scan_blobs(&repo.store.get(&key)?);
+                if found.is_empty() {
+                    rep.packs_damaged_kept += 1;
+                    continue;
+                }
+                found
+            }
             Err(e) => return Err(refuse(e.into())),
         };
         let mut revived = false;

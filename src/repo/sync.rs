@@ -2,6 +2,7 @@
 
 use super::{Manifest, Repo};
 use crate::catalog::{Batch, Catalog, PackId, PackInfo};
+use crate::chunk::{BlobId, BlobKind, Codec};
 use crate::store::{pack, StoreError};
 use crate::{Error, Result};
 use serde::Serialize;
@@ -145,8 +146,16 @@ impl Repo {
             Ok(e) => e,
             Err(StoreError::NotFound(_)) => return Ok(()), // deleted meanwhile
             Err(e @ StoreError::Corrupt { .. }) => {
-                rep.damaged.push(e.to_string());
-                return Ok(());
+                let (found, bad) = self.salvage(&key)?;
+                rep.damaged.push(format!(
+                    "{e}: salvaged {} intact blob(s) by their headers{}; the rest of the pack is lost",
+                    found.len(),
+                    if bad > 0 { format!(", {bad} more failed their hashes") } else { String::new() }
+                ));
+                if found.is_empty() {
+                    return Ok(());
+                }
+                found
             }
             Err(e) => return Err(e.into()),
         };
@@ -171,6 +180,38 @@ impl Repo {
         );
         rep.packs_added += 1;
         Ok(())
+    }
+
+    /// The intact blobs of a pack whose footer is gone, found by its blob headers and each
+    /// checked against its id; and how many failed that check.
+    fn salvage(&self, key: &str) -> Result<(Vec<pack::PackEntry>, usize)> {
+        let bytes = match self.store.get(key) {
+            Ok(b) => b,
+            Err(StoreError::NotFound(_)) => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(e.into()),
+        };
+        let mut good = Vec::new();
+        let mut bad = 0;
+        for e in pack::scan_blobs(&bytes) {
+            let (Some(kind), Some(codec)) = (BlobKind::from_u8(e.kind), Codec::from_u8(e.codec))
+            else {
+                bad += 1;
+                continue;
+            };
+            let stored = &bytes[e.offset as usize..e.offset as usize + e.stored_len as usize];
+            match crate::chunk::decode(
+                &self.keyer,
+                kind,
+                &BlobId(e.id),
+                codec,
+                stored,
+                e.raw_len as usize,
+            ) {
+                Ok(_) => good.push(e),
+                Err(_) => bad += 1,
+            }
+        }
+        Ok((good, bad))
     }
 
     fn sync_manifests(&self, batch: &mut Batch, rep: &mut SyncReport) -> Result<()> {

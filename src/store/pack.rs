@@ -1,17 +1,30 @@
 //! Packs: many blobs followed by a footer that indexes them.
 //!
 //! ```text
-//! "HFPACK01"                                   8-byte header
-//! blob 0 | blob 1 | ...                         stored (compressed) bytes
+//! "HFPACK02"                                   8-byte header
+//! blob header 0 | blob 0 | blob header 1 | blob 1 | ...
+//!                                              a blob header (BLOB_HEADER_LEN bytes) is
+//!                                              "HFB1", id, kind, codec, stored_len, raw_len,
+//!                                              crc32 of the 46 bytes before; then the stored
+//!                                              (compressed) bytes
 //! entry 0 | entry 1 | ...                       ENTRY_LEN bytes each (see `PackEntry`)
 //! entries_len u32 LE | blake3(entries) 32 B | "HFPKEND1"   trailer (TRAILER_LEN bytes)
 //! ```
+//! Entries point at a blob's stored bytes (after its header). The blob headers let a pack
+//! whose footer was lost (a truncated upload or file) give back its intact blobs
+//! ([`scan_blobs`]); packs of format 1 (`HFPACK01`, no blob headers) are still read through
+//! their footers.
 //! A pack is written once under `packs/<first two hex digits>/<pack id>` and never modified.
 //! Footers are parsed with checked arithmetic: a damaged pack is an error, never a panic.
 
 use super::{ObjectStore, StoreError, StoreResult};
 
-pub const HEADER: &[u8; 8] = b"HFPACK01";
+/// The header packs are written with.
+pub const HEADER: &[u8; 8] = b"HFPACK02";
+/// Packs of format 1: no blob headers.
+pub const HEADER_V1: &[u8; 8] = b"HFPACK01";
+pub const BLOB_MAGIC: &[u8; 4] = b"HFB1";
+pub const BLOB_HEADER_LEN: usize = 4 + 32 + 1 + 1 + 4 + 4 + 4;
 pub const END_MAGIC: &[u8; 8] = b"HFPKEND1";
 pub const ENTRY_LEN: usize = 32 + 1 + 1 + 8 + 4 + 4;
 pub const TRAILER_LEN: usize = 4 + 32 + 8;
@@ -100,6 +113,16 @@ impl PackWriter {
         stored: &[u8],
         raw_len: u32,
     ) -> &PackEntry {
+        let mut h = Vec::with_capacity(BLOB_HEADER_LEN);
+        h.extend_from_slice(BLOB_MAGIC);
+        h.extend_from_slice(&id);
+        h.push(kind);
+        h.push(codec);
+        h.extend_from_slice(&(stored.len() as u32).to_le_bytes());
+        h.extend_from_slice(&raw_len.to_le_bytes());
+        let crc = crc32fast::hash(&h);
+        h.extend_from_slice(&crc.to_le_bytes());
+        self.buf.extend_from_slice(&h);
         let offset = self.buf.len() as u64;
         self.buf.extend_from_slice(stored);
         self.entries.push(PackEntry {
@@ -134,6 +157,44 @@ impl PackWriter {
         self.buf.extend_from_slice(END_MAGIC);
         (self.buf, self.entries)
     }
+}
+
+/// The blobs of a format-2 pack found by walking its blob headers from the start: every
+/// complete blob up to the first thing that is not a blob header (the footer, or where the
+/// pack was cut). For a pack whose footer is gone; each blob found must still be checked
+/// against its id (its stored bytes are only as good as the pack). Format 1: none.
+pub fn scan_blobs(pack: &[u8]) -> Vec<PackEntry> {
+    let mut out = Vec::new();
+    if pack.len() < HEADER.len() || &pack[..HEADER.len()] != HEADER {
+        return out;
+    }
+    let mut pos = HEADER.len();
+    while let Some(h) = pack.get(pos..pos + BLOB_HEADER_LEN) {
+        let crc = u32::from_le_bytes([h[46], h[47], h[48], h[49]]);
+        if &h[..4] != BLOB_MAGIC || crc32fast::hash(&h[..46]) != crc {
+            break;
+        }
+        let stored_len = u32::from_le_bytes([h[38], h[39], h[40], h[41]]);
+        let start = pos + BLOB_HEADER_LEN;
+        let Some(end) = start
+            .checked_add(stored_len as usize)
+            .filter(|e| *e <= pack.len())
+        else {
+            break; // cut inside this blob
+        };
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&h[4..36]);
+        out.push(PackEntry {
+            id,
+            kind: h[36],
+            codec: h[37],
+            offset: start as u64,
+            stored_len,
+            raw_len: u32::from_le_bytes([h[42], h[43], h[44], h[45]]),
+        });
+        pos = end;
+    }
+    out
 }
 
 /// Parse the trailer (the last TRAILER_LEN bytes): the length of the entry table.
@@ -233,7 +294,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_pack_cut_short_gives_back_its_complete_blobs() {
+        let mut w = PackWriter::new();
+        let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1000 + usize::from(i)]).collect();
+        for (i, b) in blobs.iter().enumerate() {
+            w.add([i as u8; 32], 0, 1, b, 4000);
+        }
+        let (bytes, entries) = w.finish();
+        // Whole: every blob, as the footer says.
+        assert_eq!(scan_blobs(&bytes), entries);
+        // Cut in the middle of blob 3: blobs 0..3 come back, with the right bytes.
+        let cut = entries[3].offset as usize + 10;
+        let found = scan_blobs(&bytes[..cut]);
+        assert_eq!(found, entries[..3]);
+        for (e, b) in found.iter().zip(&blobs) {
+            let at = e.offset as usize;
+            assert_eq!(&bytes[at..at + e.stored_len as usize], b.as_slice());
+        }
+        // Cut inside a blob header; a flipped header byte stops the walk there.
+        assert_eq!(
+            scan_blobs(&bytes[..entries[2].offset as usize - 5]).len(),
+            1
+        );
+        let mut bad = bytes.clone();
+        bad[entries[1].offset as usize - 20] ^= 1;
+        assert_eq!(scan_blobs(&bad).len(), 1);
+        // Format 1 has no blob headers: nothing to scan.
+        let mut v1 = bytes.clone();
+        v1[..8].copy_from_slice(HEADER_V1);
+        assert!(scan_blobs(&v1).is_empty());
+    }
+
     proptest! {
+        // Any bytes as a pack: scanning finds only blobs inside it, never a panic.
+        #[test]
+        fn hostile_packs_scan_safely(tail in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let mut p = HEADER.to_vec();
+            p.extend_from_slice(&tail);
+            for e in scan_blobs(&p) {
+                prop_assert!(e.offset + u64::from(e.stored_len) <= p.len() as u64);
+            }
+        }
+
         // Any bytes as a footer: an error or a valid table, never a panic or an out-of-bounds entry.
         #[test]
         fn hostile_footers(table in proptest::collection::vec(any::<u8>(), 0..300), size in 0u64..1000) {
