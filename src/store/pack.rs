@@ -315,7 +315,7 @@ mod tests {
         // Cut inside a blob header; a flipped header byte stops the walk there.
         assert_eq!(
             scan_blobs(&bytes[..entries[2].offset as usize - 5]).len(),
-            1
+            2
         );
         let mut bad = bytes.clone();
         bad[entries[1].offset as usize - 20] ^= 1;
