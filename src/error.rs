@@ -33,6 +33,9 @@ pub enum What {
     Socket,
     Mount,
     QemuNode,
+    User,
+    Token,
+    Export,
 }
 
 /// Another operation holds what this one needs.
@@ -129,6 +132,24 @@ pub enum Error {
     Name(#[from] crate::names::NameError),
     #[error(transparent)]
     Qmp(Box<QmpError>),
+    /// The caller did not say who they are, or it did not check out.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role does not allow it.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many attempts (failed logins); wait and retry.
+    #[error("{0}")]
+    RateLimited(String),
+    /// A request body over the limit.
+    #[error("{0}")]
+    TooLarge(String),
+    /// A request body that parses but does not fit (unknown fields, wrong types).
+    #[error("{0}")]
+    InvalidBody(String),
+    /// The backup is protected: unprotect it first.
+    #[error("{0}")]
+    Protected(String),
     /// Something that should not happen (serialization of our own types, no randomness).
     #[error("internal error: {0}")]
     Internal(String),
@@ -202,6 +223,21 @@ pub const CODES: &[(&str, &str)] = &[
         "process-ended",
         "the process running the task died (a task record only)",
     ),
+    (
+        "unauthenticated",
+        "no credentials, or credentials that do not check out",
+    ),
+    ("forbidden", "the caller's role does not allow it"),
+    (
+        "rate-limited",
+        "too many attempts (failed logins); wait and retry",
+    ),
+    ("too-large", "a request body over the limit"),
+    (
+        "invalid-body",
+        "a request body that parses but does not fit: unknown fields, wrong types",
+    ),
+    ("protected", "the backup is protected: unprotect it first"),
     ("internal", "a bug: please report it"),
 ];
 
@@ -316,7 +352,18 @@ impl Error {
             Error::Tool { .. } => "tool",
             Error::Io { .. } => "io",
             Error::Internal(_) => "internal",
+            Error::Unauthenticated(_) => "unauthenticated",
+            Error::Forbidden(_) => "forbidden",
+            Error::RateLimited(_) => "rate-limited",
+            Error::TooLarge(_) => "too-large",
+            Error::InvalidBody(_) => "invalid-body",
+            Error::Protected(_) => "protected",
         }
+    }
+
+    /// The HTTP status the API answers with.
+    pub fn http_status(&self) -> u16 {
+        http_status_of(self.code())
     }
 
     /// Process exit code: 2 for usage errors, 3 for damaged data, 4 for a busy VM or
@@ -329,7 +376,9 @@ impl Error {
     pub fn errno(&self) -> i32 {
         match self.code() {
             "not-found" => libc::ENOENT,
-            "usage" | "invalid-name" => libc::EINVAL,
+            "usage" | "invalid-name" | "too-large" | "invalid-body" => libc::EINVAL,
+            "unauthenticated" | "forbidden" => libc::EACCES,
+            "rate-limited" => libc::EAGAIN,
             "exists" => libc::EEXIST,
             "busy" => libc::EBUSY,
             "cancelled" => libc::EINTR,
@@ -374,12 +423,29 @@ impl Error {
     }
 }
 
+/// The HTTP status for an error code (docs/errors.md has the table).
+pub fn http_status_of(code: &str) -> u16 {
+    match code {
+        "usage" | "invalid-name" => 400,
+        "unauthenticated" => 401,
+        "forbidden" => 403,
+        "not-found" => 404,
+        "exists" | "limit-reached" | "conflict" | "busy" | "cancelled" | "protected" => 409,
+        "too-large" => 413,
+        "unsupported" | "invalid-body" | "guest-fs" => 422,
+        "rate-limited" => 429,
+        "qemu" | "source" | "store-unavailable" => 503,
+        "store-full" => 507,
+        _ => 500,
+    }
+}
+
 /// The exit code for an error code (also for errors read back from task records): 2 for a
 /// request the command line got wrong (as for clap's own parse errors), 3 for damaged data,
 /// 4 busy, 130 cancelled, 1 for everything else.
 pub fn exit_code_of(code: &str) -> i32 {
     match code {
-        "usage" | "invalid-name" => 2,
+        "usage" | "invalid-name" | "invalid-body" | "too-large" => 2,
         "damaged" => 3,
         "busy" => 4,
         "cancelled" => 130,
@@ -388,11 +454,13 @@ pub fn exit_code_of(code: &str) -> i32 {
 }
 
 /// An error as JSON: `{"code": "busy", "message": "…", "details": {…}}`.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// The stable code (docs/errors.md).
     pub code: String,
     pub message: String,
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    #[schema(value_type = Option<Object>)]
     pub details: serde_json::Value,
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Write path: `source` → `chunk` → `store` (packs) → `catalog`.
 //! Read path: `catalog` + `store` → `image`; restore, export, browse and verify consume `image`.
-//! `jobs` do the work, `ops` runs them as tasks behind one typed API, and `cli` (and next the
-//! service) are thin front ends over `ops`. The layers, and what each may import, are in
+//! `jobs` do the work, `ops` runs them as tasks behind one typed API, and `cli` and `api` (the
+//! HTTP service of `holdfast serve`) are thin front ends over `ops`. The layers, and what each may import, are in
 //! docs/architecture.md; `tests/layers.rs` checks the `use` lines against that table.
 //!
 //! The `appliance` feature (on by default) holds everything that needs RocksDB; without it the
@@ -19,6 +19,10 @@ pub mod store;
 pub mod sys;
 pub mod timefmt;
 
+#[cfg(feature = "appliance")]
+pub mod api;
+#[cfg(feature = "appliance")]
+pub mod auth;
 #[cfg(feature = "appliance")]
 pub mod browse;
 #[cfg(feature = "appliance")]

@@ -6,6 +6,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -137,7 +138,8 @@ pub fn fsync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Replace `path` with `bytes` atomically: a temp file beside it, written, optionally fsynced,
 /// renamed over it (and with `durable`, the directory fsynced). Readers see the old or the new
-/// contents, never a mix; the temp file is removed on failure.
+/// contents, never a mix; the temp file is removed on failure. The file is the owner's only
+/// (0600), whatever the umask: these are repository state, user records and keys.
 pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -151,7 +153,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8], durable: bool) -> std::io::Result
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.tmp.{}.{n}", std::process::id()));
     let result = (|| {
-        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         if durable {
             f.sync_all()?;

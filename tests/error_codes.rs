@@ -262,9 +262,20 @@ fn every_code_is_documented() {
     let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/errors.md"))
         .unwrap();
     for (code, _) in holdfast::error::CODES {
-        assert!(
-            doc.contains(&format!("`{code}`")),
-            "docs/errors.md lacks {code}"
+        let row = doc
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{code}` |")))
+            .unwrap_or_else(|| panic!("docs/errors.md lacks a row for {code}"));
+        let cells: Vec<&str> = row.trim_matches('|').split('|').map(str::trim).collect();
+        let (exit, http) = (cells[2], cells[4]);
+        assert_eq!(
+            exit,
+            holdfast::error::exit_code_of(code).to_string(),
+            "exit code of {code}"
         );
+        if http != "—" {
+            let want = holdfast::error::http_status_of(code).to_string();
+            assert_eq!(http, want, "HTTP status of {code} in docs/errors.md");
+        }
     }
 }

@@ -13,12 +13,13 @@ const LAYERS: &[&[&str]] = &[
     &["chunk", "store", "catalog", "nbd", "qmp", "guestfs"],
     &["source"],
     &["error"],
-    &["task", "hooks"],
+    &["task", "hooks", "auth"],
     &["repo"],
     &["image"],
     &["browse"],
     &["jobs", "fuse"],
     &["ops"],
+    &["api"],
     &["cli"],
 ];
 

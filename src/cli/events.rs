@@ -31,6 +31,7 @@ fn note(level: Level, line: &str) {
     let prefix = match level {
         Level::Info => "",
         Level::Warn => "warning: ",
+        Level::Error => "error: ",
     };
     let _ = writeln!(std::io::stderr(), "holdfast: {prefix}{line}");
 }
@@ -61,7 +62,7 @@ impl Term {
 
     fn flush(&self, all: bool) {
         for (level, line) in crate::sys::lock(&self.held).drain(..) {
-            if all || level == Level::Warn {
+            if all || level != Level::Info {
                 note(level, &line);
             }
         }

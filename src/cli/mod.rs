@@ -30,6 +30,7 @@ mod data;
 mod events;
 mod output;
 mod serve;
+mod service;
 mod tasks;
 mod vm;
 
@@ -173,6 +174,21 @@ PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a
     Tasks(tasks::TasksArgs),
     /// Show one operation: its progress, log and outcome; --follow until it ends
     Task(tasks::TaskArgs),
+    /// Run the appliance as a service: the HTTP API, live task progress, users and tokens
+    #[command(after_help = service::SERVE_HELP)]
+    Serve(service::ServeArgs),
+    /// Users of the service: viewers, operators and admins, and the VMs assigned to them
+    User {
+        #[command(subcommand)]
+        cmd: service::UserCmd,
+    },
+    /// API tokens (USER!NAME) for scripts: a secret shown once, narrowed, expiring, revocable
+    Token {
+        #[command(subcommand)]
+        cmd: service::TokenCmd,
+    },
+    /// The audit log: every change made through the service (and by `user`/`token`)
+    Audit(service::AuditArgs),
 }
 
 #[derive(Subcommand)]
@@ -194,6 +210,9 @@ impl Cmd {
                 | Cmd::Umount { .. }
                 | Cmd::Cat { .. }
                 | Cmd::Tasks(_)
+                | Cmd::User { .. }
+                | Cmd::Token { .. }
+                | Cmd::Audit(_)
                 | Cmd::Vm {
                     cmd: vm::VmCmd::List
                 }
@@ -336,6 +355,10 @@ fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
         } => data::rebuild(cx),
         Cmd::Tasks(a) => tasks::tasks(cx, a),
         Cmd::Task(a) => tasks::task(cx, a),
+        Cmd::Serve(a) => service::serve(cx, a),
+        Cmd::User { cmd } => service::user(cx, cmd),
+        Cmd::Token { cmd } => service::token(cx, cmd),
+        Cmd::Audit(a) => service::audit_log(cx, a),
     }
 }
 

@@ -154,7 +154,7 @@ fn print_change(t: &TaskRecord, seen_log: &mut usize) {
 /// The exit code a finished task stands for.
 fn exit_code(t: &TaskRecord) -> i32 {
     match (&t.state, &t.outcome.error) {
-        (State::Ok, _) | (State::Running, _) => 0,
+        (State::Ok, _) | (State::Running, _) | (State::Queued, _) => 0,
         (State::Cancelled, _) => 130,
         (State::Failed, Some(e)) => crate::error::exit_code_of(&e.code),
         (State::Failed, None) => 1,

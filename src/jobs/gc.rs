@@ -42,8 +42,15 @@ pub struct GcReport {
     pub temp_files_removed: u64,
 }
 
-/// Remove backup `m` (the caller holds its VM's lock). Its data goes at the next gc.
+/// Remove backup `m` (the caller holds its VM's lock). Its data goes at the next gc. A
+/// protected backup is refused.
 pub fn forget(repo: &Repo, m: &Manifest) -> Result<()> {
+    if repo.protected(&m.vm)?.contains(&m.id) {
+        return Err(Error::Protected(format!(
+            "backup {}@{} is protected; unprotect it first",
+            m.vm, m.id
+        )));
+    }
     repo.store.delete(&Manifest::key(&m.vm, &m.id))?;
     let mut b = Batch::default();
     b.delete_backup(&m.vm, &m.id);

@@ -76,6 +76,32 @@ impl Drop for Target {
     }
 }
 
+/// Refuse a target that is a directory, or a file that exists (without `force`); a block
+/// device is written in place. Checked again when the target is opened; checking first lets
+/// a request be refused before its task starts.
+pub fn check_target(to: &Path, force: bool) -> Result<()> {
+    let Ok(m) = fs::metadata(to) else {
+        return Ok(());
+    };
+    if m.file_type().is_block_device() {
+        return Ok(());
+    }
+    if m.is_dir() {
+        return Err(Error::usage(format!(
+            "{} is a directory; give the path of the image file to write",
+            to.display()
+        )));
+    }
+    if !force {
+        return Err(Error::exists(
+            What::File,
+            to.display().to_string(),
+            format!("{} exists; pass --force to overwrite it", to.display()),
+        ));
+    }
+    Ok(())
+}
+
 fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
     let meta = fs::metadata(to).ok();
     if let Some(m) = &meta {
@@ -91,19 +117,7 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
                 is_block: true,
             });
         }
-        if m.is_dir() {
-            return Err(Error::usage(format!(
-                "{} is a directory; give the path of the image file to write",
-                to.display()
-            )));
-        }
-        if !force {
-            return Err(Error::exists(
-                What::File,
-                to.display().to_string(),
-                format!("{} exists; pass --force to overwrite it", to.display()),
-            ));
-        }
+        check_target(to, force)?;
     }
     let name = to
         .file_name()

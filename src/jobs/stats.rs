@@ -94,3 +94,110 @@ pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
         backup_puts_per_gb: (new_bytes > 0).then(|| puts as f64 / (new_bytes as f64 / 1e9)),
     })
 }
+
+/// What one backup takes: its sizes, and the stored bytes that it alone references (what
+/// forgetting it, then gc, would free).
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct BackupUsage {
+    pub vm: String,
+    pub id: String,
+    pub logical_bytes: u64,
+    pub data_bytes: u64,
+    /// Stored (compressed) bytes of the blobs no other backup uses.
+    pub exclusive_bytes: u64,
+}
+
+/// What one VM's backups take together: the stored bytes no other VM's backups use.
+#[derive(Debug, Serialize, Clone, PartialEq)]
+pub struct VmUsage {
+    pub vm: String,
+    pub backups: u64,
+    pub logical_bytes: u64,
+    pub exclusive_bytes: u64,
+}
+
+#[derive(Debug, Serialize, Default)]
+pub struct Usage {
+    pub backups: Vec<BackupUsage>,
+    pub vms: Vec<VmUsage>,
+}
+
+/// Every blob a backup references (indexes, segment lists, chunks).
+fn blobs_of(repo: &Repo, m: &crate::repo::Manifest) -> Result<HashSet<[u8; 32]>> {
+    let mut out = HashSet::new();
+    for d in &m.disks {
+        for h in &d.index {
+            out.insert(crate::chunk::BlobId::parse(h)?.0);
+        }
+        let seg = u64::from(d.segment_size);
+        for (i, s) in repo.disk_segments(d)?.iter().enumerate() {
+            let Some(id) = s else { continue };
+            if !out.insert(id.0) {
+                continue;
+            }
+            for e in repo.seglist(id, seg.min(d.size - i as u64 * seg))? {
+                if let crate::repo::format::SegEntry::Chunk(c, _) = e {
+                    out.insert(c.0);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Who uses what: per backup and per VM, the stored bytes only they reference. Reads every
+/// backup's metadata once (like gc).
+pub fn usage(repo: &Repo) -> Result<Usage> {
+    let ms = repo.manifests(None)?;
+    let sets: Vec<HashSet<[u8; 32]>> = ms
+        .iter()
+        .map(|m| blobs_of(repo, m))
+        .collect::<Result<_>>()?;
+    // blob → (backups using it, the VM if all of them are one VM's)
+    let mut users: std::collections::HashMap<[u8; 32], (u32, Option<&str>)> = Default::default();
+    for (m, set) in ms.iter().zip(&sets) {
+        for id in set {
+            let e = users.entry(*id).or_insert((0, Some(m.vm.as_str())));
+            e.0 += 1;
+            if e.1 != Some(m.vm.as_str()) {
+                e.1 = None;
+            }
+        }
+    }
+    let stored = |id: &[u8; 32]| {
+        repo.catalog
+            .chunk(id)
+            .ok()
+            .flatten()
+            .map_or(0, |l| u64::from(l.stored_len))
+    };
+    let mut out = Usage::default();
+    let mut per_vm: std::collections::BTreeMap<&str, VmUsage> = Default::default();
+    for (m, set) in ms.iter().zip(&sets) {
+        let exclusive = set.iter().filter(|id| users[*id].0 == 1).map(stored).sum();
+        out.backups.push(BackupUsage {
+            vm: m.vm.clone(),
+            id: m.id.clone(),
+            logical_bytes: m.stats.logical_bytes,
+            data_bytes: m.stats.data_bytes,
+            exclusive_bytes: exclusive,
+        });
+        let v = per_vm.entry(m.vm.as_str()).or_insert_with(|| VmUsage {
+            vm: m.vm.clone(),
+            backups: 0,
+            logical_bytes: 0,
+            exclusive_bytes: 0,
+        });
+        v.backups += 1;
+        v.logical_bytes += m.stats.logical_bytes;
+    }
+    for (id, (_, only)) in &users {
+        if let Some(vm) = only {
+            if let Some(v) = per_vm.get_mut(vm) {
+                v.exclusive_bytes += stored(id);
+            }
+        }
+    }
+    out.vms = per_vm.into_values().collect();
+    Ok(out)
+}

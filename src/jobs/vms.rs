@@ -61,6 +61,28 @@ pub struct VmConfig {
     pub disks: BTreeMap<String, String>,
 }
 
+/// `[service]`: how `holdfast serve` runs (each can be overridden on its command line).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// `HOST:PORT` [default: 127.0.0.1:8470]; off loopback only HTTPS is served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Jobs run at once [default: 2]; more wait, queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<usize>,
+    /// Directories on the appliance that API restores may write into.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore_dirs: Vec<PathBuf>,
+    /// Storage price for the cost figures, dollars per GB-month [default: 0.05].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub price_per_gb_month: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+}
+
 /// `[tasks]`: how many finished task records to keep.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -77,12 +99,18 @@ pub struct VmsFile {
     pub defaults: Defaults,
     #[serde(default, skip_serializing_if = "is_default")]
     pub tasks: TaskSettings,
+    #[serde(default, skip_serializing_if = "is_default_service")]
+    pub service: ServiceSettings,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
 }
 
 fn is_default(t: &TaskSettings) -> bool {
     *t == TaskSettings::default()
+}
+
+fn is_default_service(t: &ServiceSettings) -> bool {
+    *t == ServiceSettings::default()
 }
 
 /// A VM as the jobs use it: its name and resolved settings.

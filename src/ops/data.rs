@@ -100,6 +100,7 @@ impl Appliance {
         let repo = self.open_synced()?;
         let m = repo.resolve(&req.spec)?;
         let disk = pick_disk(&m, req.disk.as_deref())?.clone();
+        crate::jobs::restore::check_target(&req.to, req.force)?;
         let target = format!(
             "{}@{} disk {} to {}",
             m.vm,

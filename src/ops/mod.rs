@@ -41,6 +41,8 @@ pub struct Appliance {
     config: PathBuf,
     user: String,
     cancel: Cancel,
+    /// A bound on jobs at once (the service's): tasks wait for a slot, queued.
+    slots: Option<crate::task::Slots>,
     /// What the store said that the caller should hear (backups whose manifests are gone or
     /// damaged), gathered while the repository was brought in step.
     warnings: std::sync::Mutex<Vec<String>>,
@@ -59,6 +61,7 @@ impl Appliance {
             config,
             user,
             cancel: Cancel::new(),
+            slots: None,
             warnings: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -69,8 +72,19 @@ impl Appliance {
         self
     }
 
+    /// Jobs that do work wait, queued, for one of `slots` before they run.
+    pub fn with_slots(mut self, slots: crate::task::Slots) -> Appliance {
+        self.slots = Some(slots);
+        self
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// What stops this handle's operations (the CLI's signals, a service's shutdown).
+    pub fn cancel(&self) -> &Cancel {
+        &self.cancel
     }
 
     pub fn config_path(&self) -> &Path {
@@ -157,10 +171,23 @@ impl Appliance {
         job: impl FnOnce(&Task, &Ctx) -> Result<T>,
         summary: impl FnOnce(&T) -> Outcome,
     ) -> Result<T> {
+        let kind = spec.kind;
         let task = Task::start(&self.dir, spec)?;
+        // Queued before anyone hears of the task, so its first reading is the truth.
+        let slot = self.try_slot(kind);
+        if matches!(slot, Some(None)) {
+            task.set_state(crate::task::State::Queued);
+        }
+        events.started(&task.id());
         let tee = crate::task::Tee(events, &task);
         let ctx = Ctx::new(&tee, self.cancel.clone(), task.started_ms());
-        let result = job(&task, &ctx);
+        let result = match slot {
+            None | Some(Some(_)) => job(&task, &ctx),
+            Some(None) => match self.wait_slot(&task) {
+                Ok(_slot) => job(&task, &ctx),
+                Err(e) => Err(e),
+            },
+        };
         let outcome = match &result {
             Ok(v) => summary(v),
             Err(e) => Outcome {
@@ -171,6 +198,32 @@ impl Appliance {
         events.outcome(&outcome);
         task.finish(outcome);
         result
+    }
+}
+
+impl Appliance {
+    /// A job slot for a task of `kind` if one is free: None when no bound applies (no
+    /// slots, or a server or config edit, which is not work that competes), Some(None) when
+    /// the task must wait for one.
+    fn try_slot(&self, kind: Kind) -> Option<Option<crate::task::Slot>> {
+        let slots = self.slots.as_ref()?;
+        if matches!(
+            kind,
+            Kind::Export | Kind::Mount | Kind::VmAdd | Kind::VmRemove | Kind::Forget
+        ) {
+            return None;
+        }
+        Some(slots.try_take())
+    }
+
+    /// Wait, queued, for a slot; running once it has one.
+    fn wait_slot(&self, task: &Task) -> Result<crate::task::Slot> {
+        let slots = self.slots.as_ref().expect("a bound applies");
+        let slot = slots.take(&self.cancel).ok_or_else(|| Error::Cancelled {
+            by: self.cancel.by().unwrap_or_else(|| "request".into()),
+        })?;
+        task.set_state(crate::task::State::Running);
+        Ok(slot)
     }
 }
 

@@ -528,6 +528,32 @@ impl Repo {
         })
     }
 
+    /// The ids of `vm`'s backups that are protected (`protected/<vm>/<id>` in the store: no
+    /// rule and no forget removes them until they are unprotected).
+    pub fn protected(&self, vm: &str) -> Result<std::collections::HashSet<String>> {
+        crate::names::check("VM", vm)?;
+        let prefix = format!("protected/{vm}/");
+        Ok(self
+            .store
+            .list(&prefix)?
+            .into_iter()
+            .filter_map(|k| k.strip_prefix(&prefix).map(String::from))
+            .collect())
+    }
+
+    /// Protect backup `m`, or take its protection away.
+    pub fn set_protected(&self, m: &Manifest, on: bool) -> Result<()> {
+        let key = format!("protected/{}/{}", m.vm, m.id);
+        if on {
+            match self.store.put(&key, b"") {
+                Ok(()) | Err(StoreError::Exists(_)) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        } else {
+            Ok(self.store.delete(&key)?)
+        }
+    }
+
     pub fn new_pack_id() -> Result<PackId> {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).map_err(|e| Error::internal(format!("no randomness: {e}")))?;

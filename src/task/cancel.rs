@@ -28,6 +28,11 @@ impl Cancel {
         self.0.cv.notify_all();
     }
 
+    /// True when both are the same cancel (clones of one another).
+    pub fn same_as(&self, other: &Cancel) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn is_cancelled(&self) -> bool {
         crate::sys::lock(&self.0.by).is_some()
     }

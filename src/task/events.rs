@@ -5,11 +5,13 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Info,
     Warn,
+    /// How a failed task ended (the last line of its record's log).
+    Error,
 }
 
 /// A long-running server is ready (an NBD export, a FUSE mount).
@@ -24,7 +26,7 @@ pub struct Serving {
 }
 
 /// How an operation ended, as its task record keeps it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Outcome {
     /// The backup it committed (`VM@ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -37,6 +39,9 @@ pub struct Outcome {
 }
 
 pub trait Events: Send + Sync {
+    /// The operation's task exists (its VMs are locked); `id` names it. Sent before any work,
+    /// by the layer that runs tasks: the service answers a request with it.
+    fn started(&self, _id: &str) {}
     /// A phase starts (`backup`, `restore`, `verify`, …); `total` is in bytes (0: unknown).
     fn phase(&self, _name: &str, _total: u64) {}
     /// `bytes` more of the current phase are done.
@@ -58,6 +63,10 @@ impl Events for NoEvents {}
 pub struct Tee<'a>(pub &'a dyn Events, pub &'a dyn Events);
 
 impl Events for Tee<'_> {
+    fn started(&self, id: &str) {
+        self.0.started(id);
+        self.1.started(id);
+    }
     fn phase(&self, name: &str, total: u64) {
         self.0.phase(name, total);
         self.1.phase(name, total);

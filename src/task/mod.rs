@@ -18,6 +18,7 @@
 mod cancel;
 mod events;
 mod record;
+mod slots;
 
 pub use cancel::Cancel;
 pub use events::{Events, Level, NoEvents, Outcome, Serving, Tee};
@@ -25,6 +26,7 @@ pub use record::{
     check_id, list, prune, read, running, tasks_dir, to_prune, Kind, LogLine, Progress, State,
     TaskRecord, DEFAULT_KEEP, LOG_LINES, VERSION,
 };
+pub use slots::{Slot, Slots};
 
 use crate::error::Busy;
 use crate::sys::FileLock;
@@ -112,6 +114,7 @@ impl Shared {
 
     fn update(&self, f: impl FnOnce(&mut TaskRecord)) {
         let mut g = crate::sys::lock(&self.live);
+        g.rec.seq += 1;
         f(&mut g.rec);
         g.dirty = true;
     }
@@ -205,6 +208,7 @@ impl Task {
         let rec = TaskRecord {
             version: VERSION,
             id,
+            seq: 1,
             kind: spec.kind,
             vms: spec.vms,
             target: spec.target,
@@ -256,6 +260,12 @@ impl Task {
         crate::sys::lock(&self.shared.live).rec.clone()
     }
 
+    /// Set the task's state while it runs (queued while it waits for a job slot).
+    pub fn set_state(&self, state: State) {
+        self.shared.update(|r| r.state = state);
+        self.shared.write_now();
+    }
+
     /// Also lock `vm` for this task, until [`Task::unlock_vm`] or the end (expiring the
     /// snapshots of many VMs locks each in turn).
     pub fn lock_vm(&self, vm: &str) -> Result<()> {
@@ -286,6 +296,25 @@ impl Task {
     fn end(&mut self, state: State, outcome: Outcome) -> TaskRecord {
         let rec = {
             let mut g = crate::sys::lock(&self.shared.live);
+            g.rec.seq += 1;
+            // The log ends with how the task ended, for people reading it (or its stream).
+            let last = match (&outcome.error, &outcome.summary) {
+                (Some(e), _) => Some((Level::Error, e.message.clone())),
+                (None, Some(s)) => Some((Level::Info, s.clone())),
+                (None, None) => None,
+            };
+            if let Some((level, line)) = last {
+                let seq = g.rec.seq;
+                g.rec.log.push(LogLine {
+                    seq,
+                    ms: crate::timefmt::now_millis(),
+                    level,
+                    line,
+                });
+                let extra = g.rec.log.len().saturating_sub(LOG_LINES);
+                g.rec.log.drain(..extra);
+                g.rec.seq += 1; // the record's seq stays above its lines' (stream ids)
+            }
             g.rec.state = state;
             g.rec.ended_ms = Some(crate::timefmt::now_millis());
             g.rec.outcome = outcome;
@@ -351,6 +380,7 @@ impl Events for Task {
     fn log(&self, level: Level, line: &str) {
         self.shared.update(|r| {
             r.log.push(LogLine {
+                seq: r.seq,
                 ms: crate::timefmt::now_millis(),
                 level,
                 line: line.to_string(),
@@ -359,6 +389,8 @@ impl Events for Task {
                 let extra = r.log.len() - LOG_LINES;
                 r.log.drain(..extra);
             }
+            // Above every line's: a stream sends a line, then the state, with rising ids.
+            r.seq += 1;
         });
     }
 

@@ -20,7 +20,7 @@ pub const LOG_LINES: usize = 50;
 /// Finished records kept per VM (and for tasks without a VM) unless configured.
 pub const DEFAULT_KEEP: usize = 100;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Hash, utoipa::ToSchema)]
 #[serde(rename_all = "kebab-case")]
 pub enum Kind {
     Backup,
@@ -66,9 +66,11 @@ impl Kind {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Waiting for a job slot (the service runs a bounded number at once); its VMs are locked.
+    Queued,
     Running,
     Ok,
     Failed,
@@ -78,6 +80,7 @@ pub enum State {
 impl State {
     pub fn name(self) -> &'static str {
         match self {
+            State::Queued => "queued",
             State::Running => "running",
             State::Ok => "ok",
             State::Failed => "failed",
@@ -86,7 +89,7 @@ impl State {
     }
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct Progress {
     /// The current phase (`backup`, `verify`, …); empty before the first.
     pub phase: String,
@@ -106,17 +109,23 @@ impl Progress {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct LogLine {
+    /// The record's change counter when the line was added (the event id of live streams).
+    #[serde(default)]
+    pub seq: u64,
     pub ms: u64,
     pub level: Level,
     pub line: String,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct TaskRecord {
     pub version: u32,
     pub id: String,
+    /// Counts the record's changes: a live stream's event ids (resume after `Last-Event-ID`).
+    #[serde(default)]
+    pub seq: u64,
     pub kind: Kind,
     /// The VMs it works on (several for a group snapshot; none for gc).
     #[serde(default)]
@@ -127,6 +136,7 @@ pub struct TaskRecord {
     /// The file or directory it writes outside the repository (restore, restore-files): where
     /// `holdfast doctor` looks for what a killed run left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "appliance", schema(value_type = Option<String>))]
     pub output: Option<std::path::PathBuf>,
     /// Who started it: `cli:USER`, or a service user.
     pub user: String,
@@ -149,7 +159,7 @@ pub struct TaskRecord {
 impl TaskRecord {
     /// The record as it stands: a `running` record whose process is gone is `failed`.
     pub fn effective(mut self) -> TaskRecord {
-        if self.state == State::Running && !crate::sys::process_alive(self.pid, self.pid_start) {
+        if self.is_running() && !crate::sys::process_alive(self.pid, self.pid_start) {
             self.state = State::Failed;
             self.outcome.error = Some(ErrorBody {
                 code: "process-ended".into(),
@@ -164,8 +174,9 @@ impl TaskRecord {
         self
     }
 
+    /// Queued or running: not ended.
     pub fn is_running(&self) -> bool {
-        self.state == State::Running
+        matches!(self.state, State::Running | State::Queued)
     }
 
     /// `VM` of a single-VM task, `a,b` for several, `-` for none.
@@ -334,6 +345,7 @@ mod tests {
         TaskRecord {
             version: VERSION,
             id: id.into(),
+            seq: 0,
             kind: Kind::Backup,
             vms: vm.into_iter().map(String::from).collect(),
             target: String::new(),

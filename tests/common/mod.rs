@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 
 pub mod qemu;
 pub mod s3;
+pub mod service;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
