@@ -36,6 +36,8 @@ pub enum What {
     User,
     Token,
     Export,
+    /// A notification target.
+    Target,
 }
 
 /// Another operation holds what this one needs.
@@ -75,6 +77,15 @@ pub enum Error {
     Limit {
         what: What,
         limit: u64,
+        message: String,
+    },
+    /// Every backup slot of the VM is in use and its policy refuses new backups (or every
+    /// backup in them is protected).
+    #[error("{message}")]
+    SlotsFull {
+        vm: String,
+        slots: u64,
+        used: Vec<String>,
         message: String,
     },
     /// The state of the VM or the repository does not allow it now (a disk-only snapshot
@@ -182,6 +193,10 @@ pub const CODES: &[(&str, &str)] = &[
     (
         "limit-reached",
         "a limit (snapshots per VM) would be exceeded",
+    ),
+    (
+        "slots-full",
+        "every backup slot of the VM is in use and its policy refuses new backups",
     ),
     (
         "conflict",
@@ -324,6 +339,7 @@ impl Error {
             Error::NotFound { .. } => "not-found",
             Error::Exists { .. } => "exists",
             Error::Limit { .. } => "limit-reached",
+            Error::SlotsFull { .. } => "slots-full",
             Error::Conflict(_) => "conflict",
             Error::Unsupported(_) => "unsupported",
             Error::Busy(_) => "busy",
@@ -405,6 +421,9 @@ impl Error {
                 serde_json::json!({ "what": what, "name": name })
             }
             Error::Limit { what, limit, .. } => serde_json::json!({ "what": what, "limit": limit }),
+            Error::SlotsFull {
+                vm, slots, used, ..
+            } => serde_json::json!({ "vm": vm, "slots": slots, "used": used }),
             Error::Busy(b) => serde_json::json!({
                 "vm": b.vm, "operation": b.operation, "task": b.task, "pid": b.pid,
                 "percent": b.percent,
@@ -430,7 +449,8 @@ pub fn http_status_of(code: &str) -> u16 {
         "unauthenticated" => 401,
         "forbidden" => 403,
         "not-found" => 404,
-        "exists" | "limit-reached" | "conflict" | "busy" | "cancelled" | "protected" => 409,
+        "exists" | "limit-reached" | "slots-full" | "conflict" | "busy" | "cancelled"
+        | "protected" => 409,
         "too-large" => 413,
         "unsupported" | "invalid-body" | "guest-fs" => 422,
         "rate-limited" => 429,

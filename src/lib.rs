@@ -26,6 +26,8 @@ pub mod auth;
 #[cfg(feature = "appliance")]
 pub mod browse;
 #[cfg(feature = "appliance")]
+pub mod calendar;
+#[cfg(feature = "appliance")]
 pub mod catalog;
 #[cfg(feature = "appliance")]
 pub mod cli;
@@ -40,7 +42,11 @@ pub mod image;
 #[cfg(feature = "appliance")]
 pub mod jobs;
 #[cfg(feature = "appliance")]
+pub mod notify;
+#[cfg(feature = "appliance")]
 pub mod ops;
+#[cfg(feature = "appliance")]
+pub mod policy;
 #[cfg(feature = "appliance")]
 pub mod repo;
 #[cfg(feature = "appliance")]

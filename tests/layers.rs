@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom first. A module may name modules of lower layers only; modules of one
 /// layer never name each other. Keep in step with docs/architecture.md.
 const LAYERS: &[&[&str]] = &[
-    &["sys", "timefmt", "names"],
-    &["chunk", "store", "catalog", "nbd", "qmp", "guestfs"],
+    &["sys", "timefmt", "names", "calendar"],
+    &[
+        "chunk", "store", "catalog", "nbd", "qmp", "guestfs", "policy", "notify",
+    ],
     &["source"],
     &["error"],
     &["task", "hooks", "auth"],

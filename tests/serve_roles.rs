@@ -60,7 +60,7 @@ fn names(v: &Value) -> Vec<String> {
 
 #[test]
 fn every_endpoint_as_every_role() {
-    let repo = Repo::new();
+    let repo = Repo::with_default_policy();
     let img = repo.tmp("root.img");
     service::image(&img, 4, 1);
     let img2 = repo.tmp("db.img");
@@ -142,7 +142,11 @@ fn every_endpoint_as_every_role() {
         )
     );
     assert_eq!(r[1][0]["backups"], 2);
-    assert_eq!(r[1][0]["slots"], json!({"used": 2, "total": 2}));
+    // The built-in policy: 2 slots, manual backups refused once both are used.
+    assert_eq!(
+        r[1][0]["slots"],
+        json!({"used": 2, "total": 2, "full": true})
+    );
     assert_eq!(r[1][0]["declared"], true);
     expect(
         &s,
@@ -450,10 +454,12 @@ fn every_endpoint_as_every_role() {
         Some(json!({})),
         &[(v, 403, "forbidden"), (o, 202, "")],
     );
+    // The operator's backup starts; web's 2 slots are full and the built-in policy refuses
+    // manual backups then, so the task fails before it touches QEMU.
     let t = s.wait_task(r[1]["task"].as_str().unwrap(), o, WAIT);
     assert_eq!(
         (t["state"].as_str(), t["outcome"]["error"]["code"].as_str()),
-        (Some("failed"), Some("qemu")),
+        (Some("failed"), Some("slots-full")),
         "{t}"
     );
     assert_eq!(t["user"], "api:operator!main");

@@ -249,7 +249,11 @@ fn the_lock_names_the_running_task_and_follow_ends_with_its_exit_code() {
 #[test]
 fn old_records_are_pruned_per_vm_as_configured() {
     let repo = Repo::new();
-    std::fs::write(repo.path().join("vms.toml"), "[tasks]\nkeep = 2\n").unwrap();
+    std::fs::write(
+        repo.path().join("vms.toml"),
+        "[tasks]\nkeep = 2\n[policy]\nbackup.slots = 10\n",
+    )
+    .unwrap();
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("a.img");
     std::fs::write(&a, vec![1u8; 1 << 20]).unwrap();

@@ -92,31 +92,30 @@ pub struct Started {
     pub serving: Option<Serving>,
 }
 
-/// Run `job` on a worker thread as `p`; answer once its task exists (and, with `wait_serving`,
-/// once it serves). A job that fails before its task exists fails the request.
-pub async fn start(
+/// What a launched job reports back: its task id (once it exists), where it serves, and an
+/// error from before either.
+struct Launched {
+    started: oneshot::Receiver<String>,
+    serving: oneshot::Receiver<Serving>,
+    failed: oneshot::Receiver<Error>,
+}
+
+/// Run `job` on a worker thread as `user` (a task's user field).
+fn launch(
     s: &Shared,
-    p: &Principal,
-    wait_serving: bool,
+    user: String,
     job: impl FnOnce(&Appliance, &dyn Events) -> Result<()> + Send + 'static,
-) -> ApiResult<Started> {
+) -> Result<Launched> {
     if s.shutdown.is_cancelled() {
-        return Err(ApiError(Error::busy(
-            "service",
-            "the service is shutting down",
-        )));
+        return Err(Error::busy("service", "the service is shutting down"));
     }
     let cancel = Cancel::new();
-    let app = Appliance::new(
-        s.dir.clone(),
-        Some(s.config.clone()),
-        format!("api:{}", p.name),
-    )
-    .with_cancel(cancel.clone())
-    .with_slots(s.slots.clone());
-    let (started_tx, started_rx) = oneshot::channel();
-    let (serving_tx, serving_rx) = oneshot::channel();
-    let (failed_tx, failed_rx) = oneshot::channel::<Error>();
+    let app = Appliance::new(s.dir.clone(), Some(s.config.clone()), user)
+        .with_cancel(cancel.clone())
+        .with_slots(s.slots.clone());
+    let (started_tx, started) = oneshot::channel();
+    let (serving_tx, serving) = oneshot::channel();
+    let (failed_tx, failed) = oneshot::channel::<Error>();
     let starter = Starter {
         s: s.clone(),
         cancel,
@@ -136,15 +135,52 @@ pub async fn start(
         })
         .map_err(|e| Error::io("start a job thread", e))?;
     crate::sys::lock(&s.jobs.threads).push(thread);
-    let mut failed_rx = failed_rx;
-    let lost = || Error::internal("the job ended without a word");
+    Ok(Launched {
+        started,
+        serving,
+        failed,
+    })
+}
+
+fn lost() -> Error {
+    Error::internal("the job ended without a word")
+}
+
+/// [`start`] for a caller off the async runtime (the scheduler): the task id once the task
+/// exists, or the error from before.
+pub fn start_blocking(
+    s: &Shared,
+    user: &str,
+    job: impl FnOnce(&Appliance, &dyn Events) -> Result<()> + Send + 'static,
+) -> Result<String> {
+    let l = launch(s, user.to_string(), job)?;
+    match l.started.blocking_recv() {
+        Ok(id) => Ok(id),
+        // The job ended before its task existed: its error says why.
+        Err(_) => Err(l.failed.blocking_recv().unwrap_or_else(|_| lost())),
+    }
+}
+
+/// Run `job` on a worker thread as `p`; answer once its task exists (and, with `wait_serving`,
+/// once it serves). A job that fails before its task exists fails the request.
+pub async fn start(
+    s: &Shared,
+    p: &Principal,
+    wait_serving: bool,
+    job: impl FnOnce(&Appliance, &dyn Events) -> Result<()> + Send + 'static,
+) -> ApiResult<Started> {
+    let Launched {
+        started,
+        serving,
+        mut failed,
+    } = launch(s, format!("api:{}", p.name), job).map_err(ApiError)?;
     let task = tokio::select! {
         biased;
-        id = started_rx => match id {
+        id = started => match id {
             Ok(id) => id,
-            Err(_) => return Err(ApiError((&mut failed_rx).await.unwrap_or_else(|_| lost()))),
+            Err(_) => return Err(ApiError((&mut failed).await.unwrap_or_else(|_| lost()))),
         },
-        e = &mut failed_rx => return Err(ApiError(e.unwrap_or_else(|_| lost()))),
+        e = &mut failed => return Err(ApiError(e.unwrap_or_else(|_| lost()))),
     };
     if !wait_serving {
         return Ok(Started {
@@ -154,10 +190,10 @@ pub async fn start(
     }
     tokio::select! {
         biased;
-        sv = serving_rx => match sv {
+        sv = serving => match sv {
             Ok(sv) => Ok(Started { task, serving: Some(sv) }),
-            Err(_) => Err(ApiError(failed_rx.await.unwrap_or_else(|_| lost()))),
+            Err(_) => Err(ApiError(failed.await.unwrap_or_else(|_| lost()))),
         },
-        e = &mut failed_rx => Err(ApiError(e.unwrap_or_else(|_| lost()))),
+        e = &mut failed => Err(ApiError(e.unwrap_or_else(|_| lost()))),
     }
 }

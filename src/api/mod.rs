@@ -15,6 +15,8 @@ pub mod auth;
 mod backups;
 pub mod jobs;
 mod openapi;
+mod policy;
+pub mod schedule;
 pub mod server;
 mod snapshots;
 mod stats;
@@ -237,6 +239,21 @@ pub fn router(s: Shared) -> axum::Router {
         )
         .route("/users/{user}/tokens/{token}", delete(users::remove_token))
         .route("/audit", get(users::audit))
+        .route("/policy", get(policy::show).put(policy::set))
+        .route(
+            "/vms/{vm}/policy",
+            get(policy::vm_show)
+                .put(policy::vm_set)
+                .delete(policy::vm_reset),
+        )
+        .route("/schedule", get(policy::schedule))
+        .route("/prune", post(policy::prune))
+        .route("/notifications", get(policy::targets))
+        .route(
+            "/notifications/targets/{target}",
+            put(policy::set_target).delete(policy::remove_target),
+        )
+        .route("/notifications/targets/{target}/test", post(policy::test))
         .route("/openapi.json", get(openapi::document));
     axum::Router::new()
         .nest("/api/v1", api)

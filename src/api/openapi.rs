@@ -107,6 +107,10 @@ impl Modify for Security {
         super::users::list, super::users::show, super::users::add, super::users::update,
         super::users::remove, super::users::tokens, super::users::add_token,
         super::users::remove_token, super::users::audit,
+        super::policy::show, super::policy::set, super::policy::vm_show,
+        super::policy::vm_set, super::policy::vm_reset, super::policy::schedule,
+        super::policy::prune, super::policy::targets, super::policy::set_target,
+        super::policy::remove_target, super::policy::test,
         super::system::healthz, super::system::metrics, document,
     )
 )]

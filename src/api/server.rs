@@ -203,6 +203,13 @@ async fn serve(
         down_rx.clone(),
     ));
     let unix_loop = tokio::spawn(accept_unix(unix, router, conns.clone(), down_rx.clone()));
+    let scheduler = {
+        let s = s.clone();
+        std::thread::Builder::new()
+            .name("holdfast-schedule".into())
+            .spawn(move || super::schedule::run(s))
+            .map_err(|e| Error::io("start the scheduler", e))?
+    };
 
     let by = {
         let stop = stop.clone();
@@ -216,6 +223,8 @@ async fn serve(
     tracing::info!("stopping ({by})");
     let _ = down_tx.send(true);
     s.shutdown.cancel(&by);
+    // The scheduler starts nothing more once shutdown fired; it ends within a second.
+    let _ = tokio::task::spawn_blocking(move || scheduler.join()).await;
     s.jobs.cancel_all(&format!("service shutdown ({by})"));
     let s2 = s.clone();
     let all_stopped = tokio::task::spawn_blocking(move || s2.jobs.join_all(JOB_STOP_LIMIT))

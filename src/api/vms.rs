@@ -15,9 +15,6 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// Backup slots of a VM unless its policy says otherwise.
-pub const DEFAULT_SLOTS: u64 = 2;
-
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct LastBackup {
     pub id: String,
@@ -26,10 +23,15 @@ pub struct LastBackup {
     pub age_seconds: u64,
 }
 
+/// The "1 / 2" counter: backups held, and the slots the VM's policy gives (None: the VM
+/// keeps backups by keep rules, not slots).
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct SlotUse {
     pub used: u64,
-    pub total: u64,
+    pub total: Option<u64>,
+    /// A manual backup would be refused now (`slots-full`): every slot is used and the
+    /// policy refuses, or every backup in them is protected.
+    pub full: bool,
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
@@ -72,8 +74,15 @@ fn item(
     declared: Option<&crate::jobs::vms::VmConfig>,
     backups: &[&Manifest],
     running: &[TaskRecord],
+    policy: &crate::policy::Effective,
 ) -> VmItem {
     let now = crate::timefmt::now_secs();
+    let total = match policy.retention {
+        crate::policy::Retention::Slots(n) => Some(u64::from(n)),
+        crate::policy::Retention::Keep(_) => None,
+    };
+    let full = total.is_some_and(|n| backups.len() as u64 >= n)
+        && policy.on_full(false) == crate::policy::OnFull::Refuse;
     VmItem {
         name: name.to_string(),
         declared: declared.is_some(),
@@ -85,7 +94,8 @@ fn item(
         }),
         slots: SlotUse {
             used: backups.len() as u64,
-            total: DEFAULT_SLOTS,
+            total,
+            full,
         },
         running_task: running
             .iter()
@@ -116,7 +126,7 @@ fn items(s: &Shared, p: &Principal, only: Option<&str>) -> ApiResult<Vec<VmItem>
         .into_iter()
         .map(|n| {
             let bs: Vec<&Manifest> = all.iter().filter(|m| m.vm == n).collect();
-            item(n, file.vm.get(n), &bs, &running)
+            item(n, file.vm.get(n), &bs, &running, &file.policy.effective(n))
         })
         .collect())
 }

@@ -64,6 +64,7 @@ pub fn backup(cx: &Cmdline, a: BackupArgs) -> Result<i32> {
         agent: a.agent,
         quiesce: a.quiesce,
         full: a.full,
+        scheduled: false,
     };
     let r = cx.app.backup(req, &cx.term())?;
     cx.out.backup(&r.manifest);

@@ -29,6 +29,7 @@ mod backup;
 mod data;
 mod events;
 mod output;
+mod policy;
 mod serve;
 mod service;
 mod tasks;
@@ -189,6 +190,18 @@ PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a
     },
     /// The audit log: every change made through the service (and by `user`/`token`)
     Audit(service::AuditArgs),
+    /// Policies: schedules, backup slots or keep rules, snapshot lifespans
+    #[command(after_help = policy::POLICY_HELP)]
+    Policy {
+        #[command(subcommand)]
+        cmd: policy::PolicyCmd,
+    },
+    /// Apply the retention rules now: which backups each rule keeps, and why
+    #[command(after_help = policy::PRUNE_HELP)]
+    Prune(policy::PruneArgs),
+    /// The next times a calendar expression names (as `systemd-analyze calendar` does)
+    #[command(after_help = policy::CALENDAR_HELP)]
+    Calendar(policy::CalendarArgs),
 }
 
 #[derive(Subcommand)]
@@ -213,6 +226,8 @@ impl Cmd {
                 | Cmd::User { .. }
                 | Cmd::Token { .. }
                 | Cmd::Audit(_)
+                | Cmd::Policy { .. }
+                | Cmd::Calendar(_)
                 | Cmd::Vm {
                     cmd: vm::VmCmd::List
                 }
@@ -359,6 +374,9 @@ fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
         Cmd::User { cmd } => service::user(cx, cmd),
         Cmd::Token { cmd } => service::token(cx, cmd),
         Cmd::Audit(a) => service::audit_log(cx, a),
+        Cmd::Policy { cmd } => policy::policy(cx, cmd),
+        Cmd::Prune(a) => policy::prune(cx, a),
+        Cmd::Calendar(a) => policy::calendar(cx, a),
     }
 }
 

@@ -19,7 +19,7 @@ fn rate(bytes: u64, secs: f64) -> String {
 }
 
 impl Out {
-    fn json<T: Serialize>(&self, v: &T) -> bool {
+    pub(crate) fn json<T: Serialize>(&self, v: &T) -> bool {
         if self.json {
             say!(
                 "{}",

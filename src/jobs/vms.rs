@@ -101,8 +101,22 @@ pub struct VmsFile {
     pub tasks: TaskSettings,
     #[serde(default, skip_serializing_if = "is_default_service")]
     pub service: ServiceSettings,
+    /// Schedules, retention, snapshot lifespans ([`crate::policy`]).
+    #[serde(default, skip_serializing_if = "is_default_policy")]
+    pub policy: crate::policy::PolicyConfig,
+    /// Where events go ([`crate::notify`]).
+    #[serde(default, skip_serializing_if = "is_default_notify")]
+    pub notify: crate::notify::NotifyConfig,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
+}
+
+fn is_default_notify(p: &crate::notify::NotifyConfig) -> bool {
+    p.target.is_empty()
+}
+
+fn is_default_policy(p: &crate::policy::PolicyConfig) -> bool {
+    *p == crate::policy::PolicyConfig::default()
 }
 
 fn is_default(t: &TaskSettings) -> bool {
@@ -125,30 +139,11 @@ pub struct Vm {
     pub disks: Vec<(String, String)>,
     pub snapshot_ttl: Duration,
     pub snapshot_limit: u32,
+    /// No snapshot of this VM lives longer; a longer `--ttl` is refused.
+    pub snapshot_max_lifespan: Duration,
 }
 
-/// `30m`, `12h`, `10d`, `2w` (or plain seconds).
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let bad = || format!("{s:?} is not a duration; write e.g. 12h, 10d or 2w");
-    let (num, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
-        _ => (t, 's'),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let mul = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86400,
-        'w' => 7 * 86400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mul)
-        .filter(|&x| x > 0)
-        .map(Duration::from_secs)
-        .ok_or_else(bad)
-}
+pub use crate::policy::parse_duration;
 
 impl VmsFile {
     /// The config file `path`; a missing file is an empty one.
@@ -192,6 +187,10 @@ impl VmsFile {
                 })?;
             }
         }
+        f.policy
+            .check()
+            .and_then(|_| f.notify.check())
+            .map_err(|e| Error::config(path, format!("{}: {e}", path.display())))?;
         Ok(f)
     }
 
@@ -247,10 +246,13 @@ impl VmsFile {
             .transpose()
             .map_err(Error::Usage)?
             .unwrap_or(DEFAULT_TTL);
+        let policy = self.policy.effective(name);
         let limit = c
             .snapshot_limit
+            .or(policy.snapshot_limit)
             .or(self.defaults.snapshot_limit)
             .unwrap_or(DEFAULT_LIMIT);
+        let ttl = ttl.min(policy.max_lifespan());
         let work = c
             .work_dir
             .clone()
@@ -270,6 +272,7 @@ impl VmsFile {
                 .collect(),
             snapshot_ttl: ttl,
             snapshot_limit: limit,
+            snapshot_max_lifespan: policy.max_lifespan(),
         })
     }
 }

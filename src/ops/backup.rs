@@ -31,6 +31,9 @@ pub struct BackupRequest {
     pub quiesce: bool,
     /// Read every allocated extent, ignoring the dirty bitmap (a VM in QEMU).
     pub full: bool,
+    /// Started by a schedule: a VM whose slots are full rotates unless its policy says
+    /// `on_full = "refuse"` (a manual backup is refused unless it says `rotate`).
+    pub scheduled: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +57,25 @@ fn backup_outcome(m: &Manifest) -> Outcome {
             indicatif::HumanBytes(s.new_stored_bytes)
         )),
         error: None,
+        sizes: Some(crate::notify::Sizes {
+            read_bytes: s.read_bytes,
+            new_bytes: s.new_raw_bytes,
+            stored_bytes: s.new_stored_bytes,
+        }),
+    }
+}
+
+/// Retention after a commit: a failure there is a warning in the task's log, never the
+/// backup's failure (the backup is committed).
+fn rotate(
+    repo: &crate::repo::Repo,
+    file: &VmsFile,
+    m: &Manifest,
+    scheduled: bool,
+    ctx: &crate::task::Ctx,
+) {
+    if let Err(e) = super::prune::after_commit(repo, file, m, scheduled, ctx) {
+        ctx.warn(&format!("retention after {}@{} failed: {e}", m.vm, m.id));
     }
 }
 
@@ -80,6 +102,8 @@ impl Appliance {
                 )));
             }
         }
+        let file = self.vms_file()?;
+        let eff = file.policy.effective(&req.vm);
         let repo = self.open()?;
         let target = req
             .disks
@@ -93,6 +117,7 @@ impl Appliance {
             target,
             events,
             |_, ctx| {
+                super::prune::check_slots(&repo, &req.vm, &eff, req.scheduled)?;
                 let mut specs = Vec::new();
                 for (name, source) in &req.disks {
                     specs.push(DiskSpec {
@@ -103,7 +128,9 @@ impl Appliance {
                         origin: None,
                     });
                 }
-                backup::backup(&repo, &req.vm, specs, ctx)
+                let m = backup::backup(&repo, &req.vm, specs, ctx)?;
+                rotate(&repo, &file, &m, req.scheduled, ctx);
+                Ok(m)
             },
             backup_outcome,
         )?;
@@ -145,6 +172,8 @@ impl Appliance {
 
     fn backup_vm(&self, req: BackupRequest, events: &dyn Events) -> Result<BackupReport> {
         let vm = self.vm_to_back_up(&req)?;
+        let file = self.vms_file()?;
+        let eff = file.policy.effective(&vm.name);
         let repo = self.open()?;
         let opts = VmBackupOptions {
             quiesce: req.quiesce,
@@ -156,7 +185,12 @@ impl Appliance {
             vec![vm.name.clone()],
             target,
             events,
-            |_, ctx| vmbackup::backup_vm(&repo, &vm, &opts, ctx),
+            |_, ctx| {
+                super::prune::check_slots(&repo, &vm.name, &eff, req.scheduled)?;
+                let r = vmbackup::backup_vm(&repo, &vm, &opts, ctx)?;
+                rotate(&repo, &file, &r.manifest, req.scheduled, ctx);
+                Ok(r)
+            },
             |r| backup_outcome(&r.manifest),
         )?;
         Ok(BackupReport {

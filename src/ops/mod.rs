@@ -13,13 +13,16 @@
 //! Queries (listings, `show`, `stats`, task records) are not tasks: they change nothing.
 
 mod backup;
+mod config;
 mod data;
+mod prune;
 mod serve;
 mod tasks;
 mod vms;
 
 pub use backup::{BackupReport, BackupRequest};
 pub use data::{InitReport, InitRequest, RestoreRequest, S3Init, VerifyRequest};
+pub use prune::{schedules, NextRun, PolicyShow, PruneReport, PruneRequest, VmPrune};
 pub use serve::{CatRequest, ExportRequest, MountRequest, RestoreFilesRequest, UmountReport};
 pub use tasks::TaskFilter;
 pub use vms::{
@@ -196,7 +199,8 @@ impl Appliance {
             },
         };
         events.outcome(&outcome);
-        task.finish(outcome);
+        let record = task.finish(outcome);
+        self.notify_end(&record);
         result
     }
 }
@@ -224,6 +228,48 @@ impl Appliance {
         })?;
         task.set_state(crate::task::State::Running);
         Ok(slot)
+    }
+}
+
+impl Appliance {
+    /// Queue the notification of a task that ended (kinds people are told about only).
+    fn notify_end(&self, r: &crate::task::TaskRecord) {
+        let kind = match r.kind {
+            Kind::Backup => "backup",
+            Kind::Restore | Kind::RestoreFiles => "restore",
+            Kind::SnapshotCreate | Kind::SnapshotRevert | Kind::SnapshotDelete => "snapshot",
+            Kind::Prune => "prune",
+            Kind::Verify => "verify",
+            Kind::Gc => "gc",
+            _ => return,
+        };
+        let outcome = match (&r.state, &r.outcome.error) {
+            (crate::task::State::Ok, _) => "ok",
+            (crate::task::State::Cancelled, _) => "cancelled",
+            (_, Some(e)) if kind == "verify" && e.code == "damaged" => "damage",
+            _ => "failed",
+        };
+        let mut e = crate::notify::Event::new(kind, outcome, r.vms.clone());
+        e.task = Some(r.id.clone());
+        e.backup = r.outcome.backup.clone();
+        e.summary = r.outcome.summary.clone();
+        e.error_code = r.outcome.error.as_ref().map(|x| x.code.clone());
+        e.error_message = r.outcome.error.as_ref().map(|x| x.message.clone());
+        e.sizes = r.outcome.sizes.clone();
+        e.duration_ms = r.ended_ms.map(|end| end.saturating_sub(r.started_ms));
+        self.notify(&e);
+    }
+
+    /// Queue `e` for every target that wants it; a failure to queue is logged, never the
+    /// operation's failure.
+    pub fn notify(&self, e: &crate::notify::Event) {
+        let Ok(file) = self.vms_file() else { return };
+        if file.notify.target.is_empty() {
+            return;
+        }
+        if let Err(x) = crate::notify::emit(&self.dir, &file.notify, e) {
+            tracing::warn!("could not queue the notification {}: {x}", e.id);
+        }
     }
 }
 

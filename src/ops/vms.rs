@@ -259,6 +259,16 @@ impl Appliance {
             .iter()
             .map(|n| self.declared(n))
             .collect::<Result<_>>()?;
+        if let Some(ttl) = req.ttl {
+            if let Some(v) = targets.iter().find(|v| ttl > v.snapshot_max_lifespan) {
+                return Err(Error::usage(format!(
+                    "--ttl {} is longer than a snapshot of {} may live ({},                      snapshot.max_lifespan in the policy; at most 10 days)",
+                    crate::policy::show_duration(ttl),
+                    v.name,
+                    crate::policy::show_duration(v.snapshot_max_lifespan)
+                )));
+            }
+        }
         let repo = self.open()?;
         let args = CreateArgs {
             name: req.name.clone(),
@@ -348,6 +358,13 @@ impl Appliance {
             |_, _| snapshot::delete(&repo, &v, name, forget),
             |_| summary(format!("deleted snapshot {name} of VM {vm}")),
         )
+    }
+
+    /// How many snapshots are past their lifespan now (a query: the sweep runs the task only
+    /// when there is something to do).
+    pub fn expired_snapshots(&self) -> Result<usize> {
+        let repo = self.open()?;
+        Ok(snapshot::expired(&repo, crate::timefmt::now_millis())?.len())
     }
 
     /// Delete every snapshot past its lifespan, each under its VM's lock in turn.

@@ -36,6 +36,9 @@ pub struct Outcome {
     pub summary: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<crate::error::ErrorBody>,
+    /// What a backup read and stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes: Option<crate::notify::Sizes>,
 }
 
 pub trait Events: Send + Sync {

@@ -178,7 +178,28 @@ impl Repo {
             env: Vec::new(),
         };
         r.run(&["init"]).ok();
+        r.keep_every_backup();
         r
+    }
+
+    /// A repository with the built-in policy (2 backup slots, manual backups refused when
+    /// full): for the tests of policies.
+    pub fn with_default_policy() -> Repo {
+        let r = Repo {
+            dir: tempfile::tempdir().unwrap(),
+            env: Vec::new(),
+        };
+        r.run(&["init"]).ok();
+        r
+    }
+
+    /// Tests that are not about retention back a VM up more often than its 2 default slots
+    /// allow: give them room.
+    fn keep_every_backup(&self) {
+        let path = self.path().join("vms.toml");
+        let mut text = std::fs::read_to_string(&path).unwrap_or_default();
+        text.push_str("\n[policy]\nbackup.slots = 10000\n");
+        std::fs::write(&path, text).unwrap();
     }
 
     /// A repository whose store is `s3://bkt/PREFIX` at `endpoint` (a test S3 server or proxy).
@@ -191,6 +212,7 @@ impl Repo {
         let mut args = vec!["init", "--s3", &url, "--endpoint", endpoint, "--path-style"];
         args.extend_from_slice(extra);
         r.run(&args).ok();
+        r.keep_every_backup();
         r
     }
     pub fn path(&self) -> PathBuf {

@@ -215,6 +215,7 @@ mod tests {
             disks: vec![],
             snapshot_ttl: Duration::from_secs(10),
             snapshot_limit: limit,
+            snapshot_max_lifespan: crate::policy::MAX_LIFESPAN,
         }
     }
 
