@@ -332,7 +332,12 @@ impl Event {
     /// The mail body, for a person.
     pub fn text(&self) -> String {
         let mut t = format!("{}\n\n", self.subject());
-        let mut line = |k: &str, v: &str| t.push_str(&format!("{k:<10} {v}\n"));
+        let mut line = |k: &str, v: &str| {
+            for (i, l) in wrap(v, 64).iter().enumerate() {
+                let k = if i == 0 { k } else { "" };
+                t.push_str(&format!("{k:<10} {l}\n"));
+            }
+        };
         if !self.vms.is_empty() {
             line("VM:", &self.vms.join(", "));
         }
@@ -367,6 +372,42 @@ impl Event {
         line("Event id:", &self.id);
         t
     }
+}
+
+/// `text` in lines of at most `width` characters, broken at spaces (a longer word alone on
+/// its line is cut).
+fn wrap(text: &str, width: usize) -> Vec<String> {
+    let mut lines = vec![String::new()];
+    for word in text.split(' ') {
+        let mut word = word.to_string();
+        loop {
+            let cur = lines.last_mut().expect("never empty");
+            let need = if cur.is_empty() { 0 } else { 1 } + word.chars().count();
+            if cur.chars().count() + need <= width {
+                if !cur.is_empty() {
+                    cur.push(' ');
+                }
+                cur.push_str(&word);
+                break;
+            }
+            if cur.is_empty() {
+                let cut: String = word.chars().take(width).collect();
+                word = word.chars().skip(width).collect();
+                cur.push_str(&cut);
+                lines.push(String::new());
+                if word.is_empty() {
+                    break;
+                }
+                continue;
+            }
+            lines.push(String::new());
+        }
+    }
+    lines.retain(|l| !l.is_empty());
+    if lines.is_empty() {
+        lines.push(String::new());
+    }
+    lines
 }
 
 /// The outbox directory of a repository.
@@ -436,8 +477,8 @@ pub fn signature(key: &[u8], body: &[u8]) -> String {
     format!("sha256={}", hex::encode(m.finalize().into_bytes()))
 }
 
-/// Send `e` to `t` once; Ok when the target accepted it.
-pub fn deliver(t: &Target, e: &Event) -> Result<(), String> {
+/// Send `e` to target `name` once; Ok when the target accepted it.
+pub fn deliver(name: &str, t: &Target, e: &Event) -> Result<(), String> {
     if let Some(url) = &t.webhook {
         let body = serde_json::to_vec(e).map_err(|x| x.to_string())?;
         let agent = ureq::AgentBuilder::new().timeout(t.timeout()).build();
@@ -446,6 +487,7 @@ pub fn deliver(t: &Target, e: &Event) -> Result<(), String> {
             .set("Content-Type", "application/json")
             .set("X-Holdfast-Event", &e.event)
             .set("X-Holdfast-Id", &e.id)
+            .set("X-Holdfast-Target", name)
             .set(
                 "User-Agent",
                 concat!("holdfast/", env!("CARGO_PKG_VERSION")),
@@ -478,6 +520,8 @@ fn mail(m: &EmailTarget, e: &Event, timeout: Duration) -> Result<(), String> {
     for to in &m.to {
         b = b.to(to.parse().map_err(|x| format!("to {to:?}: {x}"))?);
     }
+    // Lines of at most 76 characters ([`Event::text`] wraps them): sent as 7bit, readable
+    // as sent, with no quoted-printable soft breaks in paths and messages.
     let msg = b.body(e.text()).map_err(|x| x.to_string())?;
     let (host, port) = m
         .smtp
@@ -545,6 +589,27 @@ mod tests {
             Event::new("verify", "damage", vec![]).event,
             "verify.damage"
         );
+    }
+
+    #[test]
+    fn mail_lines_are_wrapped_at_spaces() {
+        let w = wrap(
+            "cannot open disk image /nonexistent/disk.img: No such file",
+            24,
+        );
+        assert_eq!(
+            w,
+            [
+                "cannot open disk image",
+                "/nonexistent/disk.img:",
+                "No such file"
+            ]
+        );
+        assert_eq!(wrap(&"x".repeat(10), 4), ["xxxx", "xxxx", "xx"]);
+        let mut e = Event::new("backup", "failed", vec!["web".into()]);
+        e.error_code = Some("source".into());
+        e.error_message = Some("a ".repeat(100));
+        assert!(e.text().lines().all(|l| l.len() <= 76), "{}", e.text());
     }
 
     #[test]

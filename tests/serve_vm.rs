@@ -152,3 +152,101 @@ fn sigterm_during_a_vm_backup_tears_its_read_point_down() {
     // The VM is free again: the CLI backs it up.
     repo.run(&["backup", "web"]).ok();
 }
+
+/// Internal snapshot tags QEMU has on node `node`.
+fn qemu_tags(vm: &Vm, node: &str) -> Vec<String> {
+    let nodes = vm.qmp("query-named-block-nodes", json!({ "flat": true }));
+    let n = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == node)
+        .unwrap()
+        .clone();
+    n["image"]["snapshots"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so() {
+    let repo = Repo::new();
+    let vm = Vm::start(&[("qcow2", 16)], false);
+    let hook = common::hook::Hook::start();
+    let p = repo.path().join("vms.toml");
+    let mut cfg = std::fs::read_to_string(&p).unwrap();
+    cfg.push_str(&format!(
+        "[notify.target.hook]\nwebhook = \"{}\"\nevents = [\"snapshot\"]\n",
+        hook.url
+    ));
+    std::fs::write(&p, cfg).unwrap();
+    repo.run(&[
+        "vm",
+        "add",
+        "web",
+        "--qmp",
+        vm.qmp.to_str().unwrap(),
+        "--disk",
+        "root=disk0",
+    ])
+    .ok();
+    let admin = service::user(&repo, "admin", "admin", &[]);
+    let s = Service::start(&repo);
+    // A lifespan beyond the policy's most (10 days) is refused.
+    let r = s.post(
+        "/api/v1/vms/web/snapshots",
+        &admin,
+        json!({"name": "long", "ttl": "30d"}),
+    );
+    assert_eq!((r.status, r.code()), (400, "usage"), "{:?}", r.body);
+    let r = s.post(
+        "/api/v1/vms/web/snapshots",
+        &admin,
+        json!({"name": "brief", "ttl": "5s"}),
+    );
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    assert_eq!(
+        s.wait_task(r.body["task"].as_str().unwrap(), &admin, WAIT)["state"],
+        "ok"
+    );
+    let made = Instant::now();
+    assert_eq!(qemu_tags(&vm, "disk0").len(), 1);
+    // Gone within a minute of its expiry (the sweep runs every 10 s).
+    loop {
+        let list = s.get("/api/v1/vms/web/snapshots", &admin).body;
+        if list.as_array().unwrap().is_empty() {
+            break;
+        }
+        assert!(
+            made.elapsed() < Duration::from_secs(65),
+            "still there: {list}\n{}",
+            s.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        made.elapsed() >= Duration::from_secs(5),
+        "not before its time"
+    );
+    assert!(qemu_tags(&vm, "disk0").is_empty(), "QEMU no longer has it");
+    let got = hook.wait(WAIT, "the expired event", |d| {
+        d.iter().any(|x| x.json()["event"] == "snapshot.expired")
+    });
+    let e = got
+        .iter()
+        .map(|d| d.json())
+        .find(|e| e["event"] == "snapshot.expired")
+        .unwrap();
+    assert_eq!(
+        (e["vm"].as_str(), e["title"].as_str()),
+        (Some("web"), Some("Snapshot Expired"))
+    );
+    assert!(e["summary"].as_str().unwrap().contains("brief"), "{e}");
+    // The creation was an event too.
+    assert!(got
+        .iter()
+        .any(|d| d.json()["event"] == "snapshot.completed"));
+}

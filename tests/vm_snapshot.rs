@@ -314,3 +314,74 @@ fn raw_disks_get_external_overlays() {
         ],
     );
 }
+
+#[test]
+fn group_snapshots_are_reverted_and_deleted_as_a_group_and_orphans_can_be_forgotten() {
+    let repo = Repo::new();
+    let mut a = Vm::start(&[("qcow2", 16)], false);
+    let mut b = Vm::start(&[("qcow2", 16)], false);
+    declare(&repo, &a, "a", &[]);
+    declare(&repo, &b, "b", &[]);
+    a.write(0, 0x21, 0, 64 << 10);
+    b.write(0, 0x31, 0, 64 << 10);
+    repo.run(&["snapshot", "create", "--vm", "a", "--vm", "b", "G"])
+        .ok();
+    a.write(0, 0x77, 0, 64 << 10);
+    b.write(0, 0x78, 0, 64 << 10);
+    // A member that does not exist: refused before anything is reverted.
+    err(
+        &repo,
+        &["snapshot", "revert", "--vm", "a", "--vm", "c", "G"],
+        "not-found",
+        "VM \"c\" is not declared",
+    );
+    a.io(0, "read -P 0x77 0 64k");
+    // Both shut down: both disks go back to G, in one task.
+    a.shutdown();
+    b.shutdown();
+    let r = repo
+        .run(&[
+            "--json", "snapshot", "revert", "--vm", "a", "--vm", "b", "G",
+        ])
+        .ok()
+        .json();
+    assert_eq!(r.as_array().unwrap().len(), 2, "{r}");
+    assert!(r.as_array().unwrap().iter().all(|x| x["online"] == false));
+    let tasks = repo.run(&["--json", "tasks"]).ok().json();
+    let revert = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .rfind(|t| t["kind"] == "snapshot-revert")
+        .unwrap();
+    assert_eq!(revert["vms"], json!(["a", "b"]));
+    assert_eq!(revert["state"], "ok");
+    a.boot();
+    b.boot();
+    a.io(0, "read -P 0x21 0 64k");
+    b.io(0, "read -P 0x31 0 64k");
+    // `snapshot list` says how long each took to take.
+    let l = list(&repo, "a");
+    assert!(l[0]["took_ms"].as_u64().is_some(), "{l:?}");
+    let text = repo.run(&["snapshot", "list"]).ok().stdout;
+    assert!(text.contains("TOOK"), "{text}");
+    // Deleted from every member.
+    repo.run(&["snapshot", "delete", "--vm", "a", "--vm", "b", "G"])
+        .ok();
+    assert!(qemu_tags(&a, "disk0").is_empty());
+    assert!(qemu_tags(&b, "disk0").is_empty());
+    assert!(list(&repo, "b").is_empty());
+    // A record whose VM is no longer declared: only --forget removes it.
+    repo.run(&["snapshot", "create", "b", "Orphan"]).ok();
+    repo.run(&["vm", "remove", "b"]).ok();
+    err(
+        &repo,
+        &["snapshot", "delete", "b", "Orphan"],
+        "not-found",
+        "VM \"b\" is not declared",
+    );
+    repo.run(&["snapshot", "delete", "b", "Orphan", "--forget"])
+        .ok();
+    let all = repo.run(&["--json", "snapshot", "list"]).ok().json();
+    assert!(all.as_array().unwrap().is_empty(), "{all}");
+}

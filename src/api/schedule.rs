@@ -1,7 +1,7 @@
 //! The scheduler of `holdfast serve`: policies that run by themselves. Once a second it
 //! looks at every schedule of the config (backups, snapshots, group snapshots, gc, verify)
 //! and starts what is due through the same job path as the API (the global job limit, the
-//! per-VM lock); twice a minute it removes expired snapshots; it delivers the notification
+//! per-VM lock); every 10 seconds it removes expired snapshots; it delivers the notification
 //! outbox.
 //!
 //! Invariants:
@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// How often expired snapshots are looked for (at most a minute, per the policy's promise).
-const SWEEP: Duration = Duration::from_secs(30);
+const SWEEP: Duration = Duration::from_secs(10);
 
 /// One schedule's state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
@@ -98,12 +98,19 @@ pub fn run(s: Shared) {
         match VmsFile::load(&s.config) {
             Ok(file) => {
                 said.clear();
-                tick(&s, &file, &mut st);
-                if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP) {
-                    last_sweep = Some(Instant::now());
-                    sweep(&s);
+                // A bug in one round must not end scheduling for good: it is logged, and
+                // the next round runs.
+                let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    tick(&s, &file, &mut st);
+                    if last_sweep.is_none_or(|t| t.elapsed() >= SWEEP) {
+                        last_sweep = Some(Instant::now());
+                        sweep(&s);
+                    }
+                    deliver.round(&s.dir, &file);
+                }));
+                if round.is_err() {
+                    tracing::error!("a scheduler round failed (a bug); the next one runs");
                 }
-                deliver.round(&s.dir, &file);
             }
             Err(e) => {
                 let m = e.to_string();
@@ -365,7 +372,7 @@ impl Deliverer {
                         continue;
                     }
                 };
-                match crate::notify::deliver(t, &ev) {
+                match crate::notify::deliver(&target, t, &ev) {
                     Ok(()) => {
                         let _ = std::fs::remove_file(&path);
                         self.waits.remove(&target);

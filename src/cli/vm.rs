@@ -94,7 +94,14 @@ snapshot. QEMU reverts disk-only snapshots only while the VM is shut down: shut 
 this, start it again. The next backup of the VM reads every disk whole (a revert is invisible\n\
 to dirty bitmaps)."
     )]
-    Revert { vm: String, name: String },
+    Revert {
+        /// VM NAME, or just NAME with --vm
+        #[arg(value_name = "VM NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Revert these VMs to one group snapshot (repeat): all are checked first
+        #[arg(long = "vm", value_name = "VM")]
+        vms: Vec<String>,
+    },
     /// Give a snapshot another name (QEMU's tag stays)
     Rename {
         vm: String,
@@ -103,9 +110,14 @@ to dirty bitmaps)."
     },
     /// Delete a snapshot (the VM keeps its current state)
     Delete {
-        vm: String,
-        name: String,
-        /// Only drop holdfast's record; QEMU and the image files are not touched
+        /// VM NAME, or just NAME with --vm
+        #[arg(value_name = "VM NAME", num_args = 1..=2, required = true)]
+        args: Vec<String>,
+        /// Delete one group snapshot from these VMs (repeat)
+        #[arg(long = "vm", value_name = "VM")]
+        vms: Vec<String>,
+        /// Only drop holdfast's record (also of a VM no longer declared); QEMU and the image
+        /// files are not touched
         #[arg(long)]
         forget: bool,
     },
@@ -239,19 +251,28 @@ pub fn snapshot(cx: &Cmdline, cmd: SnapshotCmd) -> Result<i32> {
             ttl,
         } => create(cx, args, vms, memory, quiesce, description, ttl)?,
         SnapshotCmd::List { vm } => list(cx, vm.as_deref())?,
-        SnapshotCmd::Revert { vm, name } => {
-            let r = cx.app.snapshot_revert(&vm, &name, &cx.term())?;
+        SnapshotCmd::Revert { args, vms } => {
+            let (vms, name) = vms_and_name(args, vms, "revert")?;
+            let rs = cx.app.snapshot_revert_group(&vms, &name, &cx.term())?;
             if cx.json {
-                print_json(serde_json::to_value(&r).unwrap_or_default());
-            } else if r.online {
-                let state = if r.running_after == Some(true) {
-                    "running"
-                } else {
-                    "paused"
+                // One VM: its report, as before groups could be reverted; several: a list.
+                let v = match rs.as_slice() {
+                    [one] => serde_json::to_value(one),
+                    _ => serde_json::to_value(&rs),
                 };
-                say!("VM {vm} reverted to snapshot {name}; it is {state}");
-            } else {
-                say!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
+                print_json(v.unwrap_or_default());
+            }
+            for (vm, r) in vms.iter().zip(&rs).filter(|_| !cx.json) {
+                if r.online {
+                    let state = if r.running_after == Some(true) {
+                        "running"
+                    } else {
+                        "paused"
+                    };
+                    say!("VM {vm} reverted to snapshot {name}; it is {state}");
+                } else {
+                    say!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
+                }
             }
         }
         SnapshotCmd::Rename { vm, old, new } => {
@@ -260,15 +281,31 @@ pub fn snapshot(cx: &Cmdline, cmd: SnapshotCmd) -> Result<i32> {
                 say!("snapshot {old} of VM {vm} is now {new}");
             }
         }
-        SnapshotCmd::Delete { vm, name, forget } => {
-            cx.app.snapshot_delete(&vm, &name, forget, &cx.term())?;
+        SnapshotCmd::Delete { args, vms, forget } => {
+            let (vms, name) = vms_and_name(args, vms, "delete")?;
+            cx.app
+                .snapshot_delete_group(&vms, &name, forget, &cx.term())?;
             if !cx.json {
-                say!("deleted snapshot {name} of VM {vm}");
+                say!("deleted snapshot {name} of VM {}", vms.join(", "));
             }
         }
         SnapshotCmd::Expire => expire(cx)?,
     }
     Ok(0)
+}
+
+/// `VM NAME`, or `NAME` with `--vm A --vm B`.
+fn vms_and_name(args: Vec<String>, vms: Vec<String>, verb: &str) -> Result<(Vec<String>, String)> {
+    match (vms.is_empty(), args.as_slice()) {
+        (true, [vm, name]) => Ok((vec![vm.clone()], name.clone())),
+        (false, [name]) => Ok((vms, name.clone())),
+        (true, _) => Err(usage(format!(
+            "give VM NAME, e.g. `holdfast snapshot {verb} web-01 PreUpdate`"
+        ))),
+        (false, _) => Err(usage(format!(
+            "with --vm, give only the snapshot NAME, e.g. `holdfast snapshot {verb} --vm a --vm b PreUpdate`"
+        ))),
+    }
 }
 
 fn create(
@@ -340,11 +377,12 @@ fn list(cx: &Cmdline, vm: Option<&str>) -> Result<()> {
         return Ok(());
     }
     say!(
-        "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} STATE",
+        "{:<14} {:<20} {:<20} {:>10} {:>7} {:<7} {:<20} STATE",
         "VM",
         "NAME",
         "CREATED",
         "SIZE",
+        "TOOK",
         "MEMORY",
         "EXPIRES"
     );
@@ -360,11 +398,14 @@ fn list(cx: &Cmdline, vm: Option<&str>) -> Result<()> {
             .map(|d| format!("  {d}"))
             .unwrap_or_default();
         say!(
-            "{:<14} {:<20} {:<20} {:>10} {:<7} {:<20} {}{desc}",
+            "{:<14} {:<20} {:<20} {:>10} {:>7} {:<7} {:<20} {}{desc}",
             s.vm,
             s.name,
             when(s.created_ms),
             size,
+            s.took_ms
+                .map(|t| format!("{:.1}s", t as f64 / 1000.0))
+                .unwrap_or_else(|| "-".into()),
             if s.memory { "yes" } else { "no" },
             s.expires_ms.map(when).unwrap_or_else(|| "never".into()),
             x.state

@@ -42,7 +42,11 @@ fn plan(repo: &Repo, vm: &str, eff: &Effective, file: &VmsFile) -> Result<VmPrun
         .iter()
         .map(|m| policy::Item {
             id: m.id.clone(),
-            time_ms: if m.time_ms > 0 { m.time_ms } else { m.time * 1000 },
+            time_ms: if m.time_ms > 0 {
+                m.time_ms
+            } else {
+                m.time * 1000
+            },
             protected: protected.contains(&m.id),
         })
         .collect();

@@ -340,7 +340,132 @@ impl Appliance {
         )
     }
 
-    /// Delete a snapshot (with `forget`: only holdfast's record).
+    /// Return several VMs to one group snapshot: every VM is checked to have it first (so
+    /// nothing is reverted when one lacks it), then each is reverted in turn; a failure names
+    /// the VM and the ones already reverted.
+    pub fn snapshot_revert_group(
+        &self,
+        vms: &[String],
+        name: &str,
+        events: &dyn Events,
+    ) -> Result<Vec<RevertReport>> {
+        if let [one] = vms {
+            return self.snapshot_revert(one, name, events).map(|r| vec![r]);
+        }
+        snapshot::check_name(name)?;
+        let targets: Vec<Vm> = vms
+            .iter()
+            .map(|n| self.declared(n))
+            .collect::<Result<_>>()?;
+        let repo = self.open()?;
+        self.run(
+            Kind::SnapshotRevert,
+            vms.to_vec(),
+            name.to_string(),
+            events,
+            |_, ctx| {
+                for v in &targets {
+                    snapshot::record(&repo, &v.name, name)?;
+                }
+                let mut done: Vec<RevertReport> = Vec::new();
+                for v in &targets {
+                    match snapshot::revert(&repo, v, name) {
+                        Ok(r) => {
+                            ctx.info(&format!("VM {} reverted to {name}", v.name));
+                            done.push(r);
+                        }
+                        Err(e) if done.is_empty() => return Err(e),
+                        Err(e) => {
+                            return Err(Error::Conflict(format!(
+                                "reverting VM {} to snapshot {name} failed ({e}); {} reverted                                  already: fix it and revert VM {} alone",
+                                v.name,
+                                targets[..done.len()]
+                                    .iter()
+                                    .map(|t| t.name.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                v.name
+                            )))
+                        }
+                    }
+                }
+                Ok(done)
+            },
+            |r| summary(format!("reverted {} VM(s) to snapshot {name}", r.len())),
+        )
+    }
+
+    /// Delete one group snapshot from each VM: every one is tried; a failure names the VMs
+    /// whose part is left.
+    pub fn snapshot_delete_group(
+        &self,
+        vms: &[String],
+        name: &str,
+        forget: bool,
+        events: &dyn Events,
+    ) -> Result<Vec<Snapshot>> {
+        if let [one] = vms {
+            return self
+                .snapshot_delete(one, name, forget, events)
+                .map(|s| vec![s]);
+        }
+        snapshot::check_name(name)?;
+        let targets: Vec<Vm> = vms
+            .iter()
+            .map(|n| self.declared_or_orphan(n, forget))
+            .collect::<Result<_>>()?;
+        let repo = self.open()?;
+        self.run(
+            Kind::SnapshotDelete,
+            vms.to_vec(),
+            name.to_string(),
+            events,
+            |_, ctx| {
+                let (mut done, mut failed) = (Vec::new(), Vec::new());
+                for v in &targets {
+                    match snapshot::delete(&repo, v, name, forget) {
+                        Ok(s) => {
+                            ctx.info(&format!("deleted snapshot {name} of VM {}", v.name));
+                            done.push(s);
+                        }
+                        Err(e) => failed.push(format!("VM {}: {e}", v.name)),
+                    }
+                }
+                match failed.is_empty() {
+                    true => Ok(done),
+                    false => Err(Error::Conflict(format!(
+                        "snapshot {name} is left on {} VM(s): {}",
+                        failed.len(),
+                        failed.join("; ")
+                    ))),
+                }
+            },
+            |r| summary(format!("deleted snapshot {name} of {} VM(s)", r.len())),
+        )
+    }
+
+    /// A declared VM; with `forget`, also one that is no longer declared (its snapshot
+    /// records can still be dropped).
+    fn declared_or_orphan(&self, vm: &str, forget: bool) -> Result<Vm> {
+        match self.declared(vm) {
+            Err(Error::NotFound { .. }) if forget => {
+                let c = VmConfig {
+                    qmp: PathBuf::new(),
+                    agent: None,
+                    work_dir: None,
+                    nbd_socket: None,
+                    snapshot_ttl: None,
+                    snapshot_limit: None,
+                    disks: BTreeMap::new(),
+                };
+                crate::jobs::vms::VmsFile::default().resolve(vm, &c, &self.dir)
+            }
+            r => r,
+        }
+    }
+
+    /// Delete a snapshot (with `forget`: only holdfast's record, also of a VM that is no
+    /// longer declared).
     pub fn snapshot_delete(
         &self,
         vm: &str,
@@ -348,7 +473,7 @@ impl Appliance {
         forget: bool,
         events: &dyn Events,
     ) -> Result<Snapshot> {
-        let v = self.declared(vm)?;
+        let v = self.declared_or_orphan(vm, forget)?;
         let repo = self.open()?;
         self.run(
             Kind::SnapshotDelete,

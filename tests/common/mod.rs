@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub mod hook;
 pub mod qemu;
 pub mod s3;
 pub mod service;

@@ -219,6 +219,14 @@ impl Service {
         self.wait_exit(limit)
     }
 
+    /// SIGKILL: the service dies with no chance to clean up (as in a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Wait for the service to exit (at most `limit`, then kill it and fail); the exit code.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let mut child = self.child.take()?;

@@ -190,6 +190,7 @@ fn new_record(
         vmstate,
         disks,
         group: group.to_vec(),
+        took_ms: None,
     })
 }
 
@@ -333,6 +334,7 @@ fn create_one(
         }
         return Err(e);
     }
+    snap.took_ms = Some(crate::timefmt::now_millis().saturating_sub(snap.created_ms));
     if let Err(e) = save(repo, &snap) {
         if let Err(u) = remove(repo, vm, &snap) {
             ctx.warn(&format!(

@@ -202,6 +202,7 @@ mod tests {
             vmstate: None,
             disks: vec![],
             group: vec![],
+            took_ms: None,
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Snapshot {
     /// VMs snapshotted together (a group snapshot).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub group: Vec<String>,
+    /// How long taking it took (QEMU's part, freeze and thaw included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub took_ms: Option<u64>,
 }
 
 pub(super) fn key(vm: &str, name: &str) -> String {
