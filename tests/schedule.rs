@@ -365,16 +365,23 @@ fn a_killed_service_runs_its_missed_slot_once_at_restart() {
     let repo = Repo::new();
     let img = repo.tmp("root.img");
     service::image(&img, 2, 13);
+    let hook = Hook::start();
+    hook.set_up(false);
     config(
         &repo,
         &format!(
-            "[policy.vm.web]\nbackup.schedule = \"*:*:0/5\"\nbackup.sources = {{ root = \"{}\" }}\n",
-            img.display()
+            "[policy.vm.web]\nbackup.schedule = \"*:*:0/5\"\nbackup.sources = {{ root = \"{}\" }}\n\
+             [notify.target.hook]\nwebhook = \"{}\"\nretry_max = \"1s\"\n",
+            img.display(),
+            hook.url
         ),
     );
     let admin = service::user(&repo, "admin", "admin", &[]);
     let mut s = Service::start(&repo);
-    wait_runs(&s, &admin, "web", 1, WAIT);
+    let first = wait_runs(&s, &admin, "web", 1, WAIT)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     s.kill();
     // Down for more than two slots.
     std::thread::sleep(Duration::from_secs(11));
@@ -417,4 +424,83 @@ fn a_killed_service_runs_its_missed_slot_once_at_restart() {
         .clone();
     assert_eq!(web["state"], "idle", "{web}");
     assert_eq!(web["last_task"], after[0]["id"]);
+    // What the killed service had queued is delivered by the new one, once.
+    hook.set_up(true);
+    let second = after[0]["id"].as_str().unwrap().to_string();
+    let got = hook.wait(WAIT, "both runs' events", |d| {
+        let tasks: Vec<String> = d
+            .iter()
+            .map(|x| x.json()["task"].as_str().unwrap_or("").to_string())
+            .collect();
+        tasks.contains(&first) && tasks.contains(&second)
+    });
+    let ids: BTreeSet<String> = got
+        .iter()
+        .map(|d| d.json()["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), got.len(), "each once");
+}
+
+#[test]
+fn a_scheduled_run_whose_vm_is_busy_waits_queued_and_then_runs() {
+    let repo = Repo::new();
+    let img = repo.tmp("root.img");
+    service::image(&img, 2, 17);
+    config(
+        &repo,
+        &format!(
+            "[policy.vm.web]\nbackup.schedule = \"*:*:0/2\"\nbackup.sources = {{ root = \"{}\" }}\n",
+            img.display()
+        ),
+    );
+    let admin = service::user(&repo, "admin", "admin", &[]);
+    // A CLI backup holds the VM (paused before its commit) while the schedule comes due.
+    let flag = repo.tmp("go");
+    let mut cli = repo
+        .cmd(&[
+            "backup",
+            "web",
+            "--disk",
+            &format!("root={}", img.display()),
+        ])
+        .env("HOLDFAST_TEST_PAUSE_BEFORE_COMMIT", &flag)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !flag.with_extension("waiting").exists() {
+        assert!(t.elapsed() < WAIT, "the CLI backup never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = Service::start(&repo);
+    let t = Instant::now();
+    let queued = loop {
+        let st = s.get("/api/v1/schedule", &admin).body;
+        let web = st
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["what"] == "backup web")
+            .cloned()
+            .unwrap();
+        if web["state"] == "queued" {
+            break web;
+        }
+        assert!(t.elapsed() < WAIT, "never queued: {web}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        queued["why"].as_str().unwrap().contains("busy")
+            || queued["why"].as_str().unwrap().contains("backup"),
+        "{queued}"
+    );
+    assert!(
+        scheduled(&s, &admin, "web").is_empty(),
+        "nothing ran beside the CLI's backup"
+    );
+    std::fs::write(&flag, b"").unwrap();
+    assert!(cli.wait().unwrap().success());
+    let runs = wait_runs(&s, &admin, "web", 1, WAIT);
+    assert_eq!(runs[0]["state"], "ok", "{}", runs[0]);
 }

@@ -153,24 +153,6 @@ fn sigterm_during_a_vm_backup_tears_its_read_point_down() {
     repo.run(&["backup", "web"]).ok();
 }
 
-/// Internal snapshot tags QEMU has on node `node`.
-fn qemu_tags(vm: &Vm, node: &str) -> Vec<String> {
-    let nodes = vm.qmp("query-named-block-nodes", json!({ "flat": true }));
-    let n = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .unwrap()
-        .clone();
-    n["image"]["snapshots"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so() {
     let repo = Repo::new();
@@ -179,7 +161,7 @@ fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so()
     let p = repo.path().join("vms.toml");
     let mut cfg = std::fs::read_to_string(&p).unwrap();
     cfg.push_str(&format!(
-        "[notify.target.hook]\nwebhook = \"{}\"\nevents = [\"snapshot\"]\n",
+        "[notify.target.hook]\nwebhook = \"{}\"\nevents = [\"snapshot\", \"schedule\"]\n",
         hook.url
     ));
     std::fs::write(&p, cfg).unwrap();
@@ -213,7 +195,7 @@ fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so()
         "ok"
     );
     let made = Instant::now();
-    assert_eq!(qemu_tags(&vm, "disk0").len(), 1);
+    assert_eq!(vm.snapshot_tags("disk0").len(), 1);
     // Gone within a minute of its expiry (the sweep runs every 10 s).
     loop {
         let list = s.get("/api/v1/vms/web/snapshots", &admin).body;
@@ -231,7 +213,10 @@ fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so()
         made.elapsed() >= Duration::from_secs(5),
         "not before its time"
     );
-    assert!(qemu_tags(&vm, "disk0").is_empty(), "QEMU no longer has it");
+    assert!(
+        vm.snapshot_tags("disk0").is_empty(),
+        "QEMU no longer has it"
+    );
     let got = hook.wait(WAIT, "the expired event", |d| {
         d.iter().any(|x| x.json()["event"] == "snapshot.expired")
     });
@@ -249,4 +234,43 @@ fn a_snapshot_past_its_lifespan_is_removed_by_the_service_and_an_event_says_so()
     assert!(got
         .iter()
         .any(|d| d.json()["event"] == "snapshot.completed"));
+
+    // A snapshot schedule set through the API: the first run takes one; the next finds the
+    // VM at its limit (1) and is skipped, with an event that says why.
+    let r = s.call(
+        "PUT",
+        "/api/v1/vms/web/policy",
+        &admin,
+        Some(&json!({"snapshot": {"schedule": "*:*:0/2", "name": "auto-%H%M%S"}})),
+    );
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.body["snapshot_schedule"], "*:*:0/2");
+    let t = Instant::now();
+    let auto = loop {
+        let list = s.get("/api/v1/vms/web/snapshots", &admin).body;
+        if let Some(x) = list.as_array().unwrap().first() {
+            break x.clone();
+        }
+        assert!(t.elapsed() < WAIT, "no scheduled snapshot");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        auto["name"].as_str().unwrap().starts_with("auto-"),
+        "{auto}"
+    );
+    let got = hook.wait(WAIT, "a skipped run", |d| {
+        d.iter().any(|x| x.json()["event"] == "schedule.skipped")
+    });
+    let e = got
+        .iter()
+        .map(|d| d.json())
+        .find(|e| e["event"] == "schedule.skipped")
+        .unwrap();
+    assert_eq!(e["error_code"], "limit-reached", "{e}");
+    assert!(
+        e["error_message"].as_str().unwrap().contains("its limit"),
+        "{e}"
+    );
+    let r = s.call("DELETE", "/api/v1/vms/web/policy", &admin, None);
+    assert_eq!(r.status, 200, "{:?}", r.body);
 }

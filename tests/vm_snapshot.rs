@@ -33,23 +33,6 @@ fn list(repo: &Repo, vm: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
-/// Internal snapshot tags QEMU has on node `node`.
-fn qemu_tags(vm: &Vm, node: &str) -> Vec<String> {
-    let nodes = vm.qmp("query-named-block-nodes", json!({ "flat": true }));
-    let n = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == node)
-        .unwrap();
-    n["image"]["snapshots"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// `args` fail with the one-line error `want` and, through --json, the stable `code`.
 fn err(repo: &Repo, args: &[&str], code: &str, want: &str) {
     let r = repo.run(args);
@@ -92,7 +75,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
         .json();
     let tag = made[0]["tag"].as_str().unwrap().to_string();
     assert!(tag.starts_with("holdfast-snap-"));
-    assert_eq!(qemu_tags(&vm, "disk0"), vec![tag.clone()]);
+    assert_eq!(vm.snapshot_tags("disk0"), vec![tag.clone()]);
     err(
         &repo,
         &["snapshot", "create", "web", "Second"],
@@ -153,7 +136,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     repo.run(&["snapshot", "rename", "web", "PreUpdate", "BeforeUpgrade"])
         .ok();
     assert_eq!(list(&repo, "web")[0]["name"], "BeforeUpgrade");
-    assert_eq!(qemu_tags(&vm, "disk0"), vec![tag.clone()]);
+    assert_eq!(vm.snapshot_tags("disk0"), vec![tag.clone()]);
     err(
         &repo,
         &["snapshot", "delete", "web", "PreUpdate"],
@@ -162,7 +145,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     );
     repo.run(&["snapshot", "delete", "web", "BeforeUpgrade"])
         .ok();
-    assert!(qemu_tags(&vm, "disk0").is_empty());
+    assert!(vm.snapshot_tags("disk0").is_empty());
     assert!(list(&repo, "web").is_empty());
 
     // A lifespan: expire removes what is past it, and only that.
@@ -173,7 +156,7 @@ fn memory_snapshots_revert_a_running_vm_and_live_through_rename_delete_and_expir
     std::thread::sleep(Duration::from_millis(2100));
     let e = repo.run(&["snapshot", "expire"]).ok().stdout;
     assert!(e.contains("expired snapshot Short of VM web"), "{e}");
-    assert!(qemu_tags(&vm, "disk0").is_empty());
+    assert!(vm.snapshot_tags("disk0").is_empty());
     // Backups keep working beside snapshots.
     repo.backup_args(&["web"]);
     err(
@@ -202,8 +185,8 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
         .json();
     assert_eq!(made.as_array().unwrap().len(), 2);
     assert_eq!(made[0]["group"], json!(["a", "b"]));
-    assert_eq!(qemu_tags(&a, "disk0").len(), 1);
-    assert_eq!(qemu_tags(&b, "disk0").len(), 1);
+    assert_eq!(a.snapshot_tags("disk0").len(), 1);
+    assert_eq!(b.snapshot_tags("disk0").len(), 1);
     // b is at its limit: the group is refused before anything is taken.
     err(
         &repo,
@@ -222,7 +205,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
         "cannot connect to QMP socket",
     );
     assert_eq!(list(&repo, "a").len(), 1, "no H left on a");
-    assert_eq!(qemu_tags(&a, "disk0").len(), 1);
+    assert_eq!(a.snapshot_tags("disk0").len(), 1);
     b.boot();
 
     // A disk-only snapshot cannot be reverted while the VM runs; shut down, it can.
@@ -249,7 +232,7 @@ fn disk_only_snapshots_revert_offline_and_group_snapshots_are_all_or_nothing() {
         "a full read after an offline revert: {after}"
     );
     repo.run(&["snapshot", "delete", "a", "G"]).ok();
-    assert!(qemu_tags(&a, "disk0").is_empty());
+    assert!(a.snapshot_tags("disk0").is_empty());
 }
 
 #[test]
@@ -368,8 +351,8 @@ fn group_snapshots_are_reverted_and_deleted_as_a_group_and_orphans_can_be_forgot
     // Deleted from every member.
     repo.run(&["snapshot", "delete", "--vm", "a", "--vm", "b", "G"])
         .ok();
-    assert!(qemu_tags(&a, "disk0").is_empty());
-    assert!(qemu_tags(&b, "disk0").is_empty());
+    assert!(a.snapshot_tags("disk0").is_empty());
+    assert!(b.snapshot_tags("disk0").is_empty());
     assert!(list(&repo, "b").is_empty());
     // A record whose VM is no longer declared: only --forget removes it.
     repo.run(&["snapshot", "create", "b", "Orphan"]).ok();

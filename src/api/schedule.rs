@@ -272,6 +272,22 @@ fn launch(s: &Shared, file: &VmsFile, what: &str, tz: &jiff::tz::TimeZone) -> Re
                     .unwrap_or_else(|| crate::policy::DEFAULT_SNAPSHOT_NAME.into());
                 (g.vms, pattern)
             };
+            // A VM at its snapshot limit is skipped (an event says so), not failed.
+            let app = app(s);
+            for v in &vms {
+                let limit = app.declared(v)?.snapshot_limit as usize;
+                let have = app.snapshot_list(Some(v))?.len();
+                if have >= limit {
+                    return Err(Error::Limit {
+                        what: crate::error::What::Snapshot,
+                        limit: limit as u64,
+                        message: format!(
+                            "VM {v} already has {have} snapshot(s), its limit: the scheduled \
+                             snapshot ({what}) is skipped"
+                        ),
+                    });
+                }
+            }
             let snap = crate::policy::expand_name(&pattern, now, tz).map_err(Error::Usage)?;
             let req = SnapshotCreateRequest {
                 vms,
@@ -393,5 +409,24 @@ impl Deliverer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn random_delays_are_stable_and_within_bounds() {
+        assert_eq!(super::delay("backup web", 1000, 0), 0);
+        let d = super::delay("backup web", 1_800_000_000, 1800);
+        assert!(d < 1800);
+        assert_eq!(
+            d,
+            super::delay("backup web", 1_800_000_000, 1800),
+            "the same after a restart"
+        );
+        let spread: std::collections::BTreeSet<u64> = (0..50)
+            .map(|i| super::delay(&format!("backup vm-{i}"), 1_800_000_000, 1800))
+            .collect();
+        assert!(spread.len() > 40, "a fleet is spread: {spread:?}");
     }
 }

@@ -244,9 +244,9 @@ impl Appliance {
             _ => return,
         };
         let outcome = match (&r.state, &r.outcome.error) {
+            (_, Some(e)) if kind == "verify" && e.code == "damaged" => "damage",
             (crate::task::State::Ok, _) => "ok",
             (crate::task::State::Cancelled, _) => "cancelled",
-            (_, Some(e)) if kind == "verify" && e.code == "damaged" => "damage",
             _ => "failed",
         };
         let mut e = crate::notify::Event::new(kind, outcome, r.vms.clone());

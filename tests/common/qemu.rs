@@ -65,6 +65,24 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Internal snapshot tags QEMU has on node `node`.
+    pub fn snapshot_tags(&self, node: &str) -> Vec<String> {
+        let nodes = self.qmp("query-named-block-nodes", json!({ "flat": true }));
+        let n = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == node)
+            .unwrap()
+            .clone();
+        n["image"]["snapshots"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// A VM with disks of (format, MiB), each filled with a pattern per 4 MiB (so restores
     /// have something to compare), on nodes disk0, disk1, …
     pub fn start(disks: &[(&str, u64)], agent: bool) -> Vm {
