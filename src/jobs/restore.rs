@@ -12,7 +12,7 @@ use crate::task::{Ctx, Events};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -76,19 +76,75 @@ impl Drop for Target {
     }
 }
 
-/// Refuse a target that is a directory, or a file that exists (without `force`); a block
-/// device is written in place. Checked again when the target is opened; checking first lets
-/// a request be refused before its task starts.
+/// Refuse a target a restore must not destroy: a directory; a symlink (a dangling one would
+/// be silently replaced, a live one replaced instead of what it names); a character device,
+/// FIFO or socket (only regular files and block devices take images); a file or block device
+/// another process holds a lock on (QEMU locks the images it has open: overwriting one is
+/// destroying a running VM's disk); a qcow2 or other container (a raw image would replace it,
+/// with its snapshots and backing chain). `force` overrides only "the file exists". Checked
+/// again when the target is opened; checking first refuses a request before its task starts.
 pub fn check_target(to: &Path, force: bool) -> Result<()> {
-    let Ok(m) = fs::metadata(to) else {
-        return Ok(());
+    let lm = match fs::symlink_metadata(to) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("look at {}", to.display()), e)),
     };
-    if m.file_type().is_block_device() {
-        return Ok(());
+    if lm.file_type().is_symlink() {
+        let link = fs::read_link(to)
+            .map(|l| l.display().to_string())
+            .unwrap_or_else(|_| "?".into());
+        let says = match fs::metadata(to) {
+            Ok(_) => format!(
+                "{} is a symlink to {link}; give the real path (a restore would replace the \
+                 link, not what it names)",
+                to.display()
+            ),
+            Err(_) => format!(
+                "{} is a symlink to {link}, which does not exist; nothing is written to a \
+                 dangling link: give the real path",
+                to.display()
+            ),
+        };
+        return Err(Error::usage(says));
     }
-    if m.is_dir() {
+    let ft = lm.file_type();
+    if lm.is_dir() {
         return Err(Error::usage(format!(
             "{} is a directory; give the path of the image file to write",
+            to.display()
+        )));
+    }
+    if !ft.is_file() && !ft.is_block_device() {
+        let what = if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::usage(format!(
+            "{} is {what}: a restore writes only to an image file or a block device",
+            to.display()
+        )));
+    }
+    if let Some(holder) = lock_holder(to)? {
+        return Err(Error::Conflict(format!(
+            "{} is in use: {holder} holds a lock on it (QEMU locks the images of running VMs); \
+             restoring over it would destroy that disk. Shut the VM down first, or restore to \
+             another path",
+            to.display()
+        )));
+    }
+    if ft.is_block_device() {
+        return Ok(());
+    }
+    if let Some(format) = container(to) {
+        return Err(Error::Conflict(format!(
+            "{} is a {format} image: a restore writes a raw image and would replace it, with \
+             any snapshots and backing chain in it; --force does not override this. Remove it \
+             first, or restore to another path",
             to.display()
         )));
     }
@@ -102,14 +158,86 @@ pub fn check_target(to: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// Who holds a lock on `path` (any process, POSIX or OFD locks), if anyone.
+fn lock_holder(path: &Path) -> Result<Option<String>> {
+    use std::os::fd::AsRawFd;
+    let f = match OpenOptions::new().read(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
+        Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value that is filled in below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 0;
+    fl.l_len = 0; // the whole file
+                  // SAFETY: F_OFD_GETLK reads and writes the flock struct we own; the fd is open.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("check the locks on {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if fl.l_type == libc::F_UNLCK as libc::c_short {
+        return Ok(None);
+    }
+    // OFD locks belong to open files, not processes (l_pid is -1): name the holder if a
+    // process lock says who it is.
+    Ok(Some(match fl.l_pid {
+        p if p > 0 => format!("process {p}"),
+        _ => "another process".to_string(),
+    }))
+}
+
+/// The container format of an existing image file, by its magic (None: raw or unknown).
+fn container(path: &Path) -> Option<&'static str> {
+    let mut head = [0u8; 8];
+    let f = File::open(path).ok()?;
+    let n = f.read_at(&mut head, 0).ok()?;
+    let h = &head[..n];
+    [
+        (&b"QFI\xfb"[..], "qcow2"),
+        (&b"KDMV"[..], "vmdk"),
+        (&b"QED\0"[..], "qed"),
+        (&b"vhdxfile"[..], "vhdx"),
+        (&b"conectix"[..], "vpc"),
+    ]
+    .into_iter()
+    .find(|(magic, _)| h.starts_with(magic))
+    .map(|(_, name)| name)
+    .or_else(|| {
+        // VDI: "<<< " at 0 and the signature at 64.
+        let mut sig = [0u8; 4];
+        (f.read_at(&mut sig, 64).ok()? == 4 && sig == [0x7f, 0x10, 0xda, 0xbe]).then_some("vdi")
+    })
+}
+
 fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
     let meta = fs::metadata(to).ok();
     if let Some(m) = &meta {
         if m.file_type().is_block_device() {
+            check_target(to, force)?;
+            // O_EXCL: refused (EBUSY) while the device is mounted or held exclusively.
             let file = OpenOptions::new()
                 .write(true)
+                .custom_flags(libc::O_EXCL)
                 .open(to)
-                .map_err(|e| Error::io(format!("open {}", to.display()), e))?;
+                .map_err(|e| Error::io(format!("open {} (in use?)", to.display()), e))?;
+            let have = {
+                use std::io::Seek;
+                (&file)
+                    .seek(std::io::SeekFrom::End(0))
+                    .map_err(|e| Error::io(format!("size {}", to.display()), e))?
+            };
+            if have < size {
+                return Err(Error::usage(format!(
+                    "{} holds {have} bytes, the disk {size}: a smaller target is refused \
+                     before a byte is written",
+                    to.display()
+                )));
+            }
             return Ok(Target {
                 file,
                 final_path: to.into(),
