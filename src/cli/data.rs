@@ -80,7 +80,8 @@ pub struct RestoreArgs {
     /// Disk name (may be left out when the backup has one disk)
     #[arg(long)]
     disk: Option<String>,
-    /// Where to write the image (a new file, or a block device)
+    /// Where to write the image: a new file, a block device, or an NBD export
+    /// (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT) of a raw or qcow2 image
     #[arg(long)]
     to: PathBuf,
     /// Overwrite an existing file

@@ -61,11 +61,117 @@ pub fn pick_disk<'m>(m: &'m Manifest, name: Option<&str>) -> Result<&'m DiskEntr
     }
 }
 
+/// Where a restore writes.
+enum Sink {
+    File(File),
+    Nbd(NbdSink),
+}
+
+/// An NBD export written to (qemu-nbd or qemu-storage-daemon serving raw or qcow2, RBD, …):
+/// data runs are written, holes become WRITE_ZEROES (the target may hold old data), and the
+/// end is a flush.
+struct NbdSink {
+    rt: tokio::runtime::Runtime,
+    client: std::sync::Arc<crate::nbd::Client>,
+}
+
 struct Target {
-    file: File,
+    sink: Sink,
     final_path: PathBuf,
     temp: Option<PathBuf>,
+    /// Holes are written too (zeros on a block device, WRITE_ZEROES over NBD): the target is
+    /// not a new sparse file.
     is_block: bool,
+}
+
+/// `nbd://…` or `nbd+unix://…`: an NBD export, not a file path.
+pub fn is_nbd(to: &Path) -> bool {
+    to.to_str().is_some_and(crate::source::is_nbd_uri)
+}
+
+impl Target {
+    fn write(&self, b: &[u8], at: u64) -> Result<()> {
+        match &self.sink {
+            Sink::File(f) => f
+                .write_all_at(b, at)
+                .map_err(|e| Error::io(format!("write {}", self.final_path.display()), e)),
+            Sink::Nbd(n) => {
+                let max = crate::nbd::proto::MAX_PAYLOAD as usize;
+                for (i, part) in b.chunks(max).enumerate() {
+                    let off = at + (i * max) as u64;
+                    n.rt.block_on(n.client.write(off, part)).map_err(|e| {
+                        Error::io(
+                            format!("write {} at {off}", self.final_path.display()),
+                            std::io::Error::other(e.to_string()),
+                        )
+                    })?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Zeros over `len` bytes at `at`: on NBD a WRITE_ZEROES (explicit zeros where the server
+    /// has none); on a block device plain zeros; nothing in a new sparse file.
+    fn zero(&self, at: u64, len: u64, zeros: &[u8]) -> Result<()> {
+        match &self.sink {
+            Sink::Nbd(n) if n.client.flags() & crate::nbd::proto::FLAG_SEND_WRITE_ZEROES != 0 => {
+                let r = n.rt.block_on(n.client.write_zeroes(at, len as u32, false));
+                r.map_err(|e| {
+                    Error::io(
+                        format!("zero {} at {at}", self.final_path.display()),
+                        std::io::Error::other(e.to_string()),
+                    )
+                })
+            }
+            _ if self.is_block => self.write(&zeros[..len as usize], at),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Connect to the NBD export `uri` for writing `size` bytes: refused before a byte is
+/// written when it is read-only or smaller.
+fn open_nbd(uri: &str, size: u64) -> Result<Target> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start the NBD client", e))?;
+    let opts = crate::nbd::ConnectOptions {
+        structured_replies: true,
+        meta_contexts: Vec::new(),
+        max_in_flight: 16,
+    };
+    let client = rt
+        .block_on(crate::nbd::Client::connect(uri, &opts))
+        .map_err(|e| {
+            Error::Source(crate::source::SourceError::Nbd {
+                uri: uri.to_string(),
+                msg: format!("cannot connect ({e}); is the NBD server running and the URI right?"),
+            })
+        })?;
+    if client.is_read_only() {
+        return Err(Error::usage(format!(
+            "{uri} is a read-only export; serve it writable (qemu-nbd without -r)"
+        )));
+    }
+    if client.size() < size {
+        return Err(Error::usage(format!(
+            "{uri} holds {} bytes, the disk {size}: a smaller target is refused before a byte \
+             is written",
+            client.size()
+        )));
+    }
+    Ok(Target {
+        sink: Sink::Nbd(NbdSink {
+            rt,
+            client: std::sync::Arc::new(client),
+        }),
+        final_path: PathBuf::from(uri),
+        temp: None,
+        is_block: true,
+    })
 }
 
 impl Drop for Target {
@@ -84,6 +190,9 @@ impl Drop for Target {
 /// with its snapshots and backing chain). `force` overrides only "the file exists". Checked
 /// again when the target is opened; checking first refuses a request before its task starts.
 pub fn check_target(to: &Path, force: bool) -> Result<()> {
+    if is_nbd(to) {
+        return Ok(()); // checked when connected: writable, large enough
+    }
     let lm = match fs::symlink_metadata(to) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -215,6 +324,9 @@ fn container(path: &Path) -> Option<&'static str> {
 }
 
 fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
+    if is_nbd(to) {
+        return open_nbd(&to.to_string_lossy(), size);
+    }
     let meta = fs::metadata(to).ok();
     if let Some(m) = &meta {
         if m.file_type().is_block_device() {
@@ -239,7 +351,7 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
                 )));
             }
             return Ok(Target {
-                file,
+                sink: Sink::File(file),
                 final_path: to.into(),
                 temp: None,
                 is_block: true,
@@ -279,16 +391,14 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
         .truncate(true)
         .open(&temp)
         .map_err(|e| Error::io(format!("create {}", temp.display()), e))?;
-    let t = Target {
-        file,
+    file.set_len(size)
+        .map_err(|e| Error::io(format!("size {}", to.display()), e))?;
+    Ok(Target {
+        sink: Sink::File(file),
         final_path: to.into(),
         temp: Some(temp),
         is_block: false,
-    };
-    t.file
-        .set_len(size)
-        .map_err(|e| Error::io(format!("size {}", to.display()), e))?;
-    Ok(t)
+    })
 }
 
 /// The name a restore to a file named `name` writes first: `.NAME.holdfast-partial.PID`.
@@ -325,7 +435,15 @@ pub fn stale_partials(to: &Path) -> Vec<PathBuf> {
 impl Target {
     fn commit(mut self) -> Result<()> {
         let what = || format!("write {}", self.final_path.display());
-        self.file.sync_all().map_err(|e| Error::io(what(), e))?;
+        match &self.sink {
+            Sink::File(f) => f.sync_all().map_err(|e| Error::io(what(), e))?,
+            Sink::Nbd(n) => {
+                if n.client.flags() & crate::nbd::proto::FLAG_SEND_FLUSH != 0 {
+                    n.rt.block_on(n.client.flush())
+                        .map_err(|e| Error::io(what(), std::io::Error::other(e.to_string())))?;
+                }
+            }
+        }
         if let Some(t) = self.temp.take() {
             fs::rename(&t, &self.final_path).map_err(|e| Error::io(what(), e))?;
             let dir = self
@@ -420,19 +538,12 @@ fn restore_segment(
     buf: &mut Vec<u8>,
     progress: &dyn Events,
 ) -> Result<()> {
-    let write = |b: &[u8], at: u64| {
-        t.file
-            .write_all_at(b, at)
-            .map_err(|e| Error::io(format!("write {}", t.final_path.display()), e))
-    };
+    let write = |b: &[u8], at: u64| t.write(b, at);
+    let nbd = matches!(t.sink, Sink::Nbd(_));
     buf.clear();
     buf.resize(len as usize, 0);
     let Some(id) = seglist else {
-        return if t.is_block {
-            write(buf, start)
-        } else {
-            Ok(())
-        };
+        return t.zero(start, len, buf);
     };
     let entries = repo.seglist(id, len)?;
     // All of the segment's chunks in one go: a remote store fetches neighbours in one request.
@@ -452,12 +563,18 @@ fn restore_segment(
         .into_iter();
     let mut at = 0usize;
     let mut run: Option<usize> = None; // start of the current data run inside buf
+                                       // Over NBD, data runs are written and holes zeroed, each as it ends; a block device
+                                       // takes the whole segment in one write (zeros included); a new file only the data.
+    let runs = nbd || !t.is_block;
     for e in entries {
         let l = e.len() as usize;
         match e {
             SegEntry::Hole(_) => {
-                if let (Some(r), false) = (run.take(), t.is_block) {
+                if let (Some(r), true) = (run.take(), runs) {
                     write(&buf[r..at], start + r as u64)?;
+                }
+                if nbd {
+                    t.zero(start + at as u64, l as u64, &buf[at..at + l])?;
                 }
             }
             SegEntry::Chunk(..) => {
@@ -469,10 +586,10 @@ fn restore_segment(
         }
         at += l;
     }
-    match (run, t.is_block) {
-        (_, true) => write(buf, start),
-        (Some(r), false) => write(&buf[r..at], start + r as u64),
-        (None, false) => Ok(()),
+    match (run, runs) {
+        (_, false) => write(buf, start),
+        (Some(r), true) => write(&buf[r..at], start + r as u64),
+        (None, true) => Ok(()),
     }
 }
 

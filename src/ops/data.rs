@@ -109,7 +109,9 @@ impl Appliance {
             req.to.display()
         );
         let mut spec = self.spec(Kind::Restore, vec![m.vm.clone()], target);
-        spec.output = Some(std::path::absolute(&req.to).unwrap_or_else(|_| req.to.clone()));
+        if !crate::jobs::restore::is_nbd(&req.to) {
+            spec.output = Some(std::path::absolute(&req.to).unwrap_or_else(|_| req.to.clone()));
+        }
         self.run_spec(
             spec,
             events,

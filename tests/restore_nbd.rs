@@ -1,0 +1,115 @@
+//! Restores into NBD targets (qemu-nbd serving raw and qcow2 images filled with old data):
+//! the result equals the backed-up disk byte for byte (holes read as zeros), and a target
+//! that is read-only or smaller than the disk is refused before a byte is written.
+#![allow(clippy::unwrap_used)] // test code: unwrap says where a step failed
+
+mod common;
+#[path = "nbd_common/mod.rs"]
+mod nbd_common;
+
+use common::Repo;
+use nbd_common::{make_sparse_image, spawn_qemu_nbd, IMG_SIZE};
+use std::path::Path;
+
+fn qemu_img(args: &[&str]) -> String {
+    common::qemu::run("qemu-img", args)
+}
+
+/// A target image of `format` and `size` bytes, every byte 0xee (old data a restore must
+/// overwrite, holes included).
+fn old_image(path: &Path, format: &str, size: u64) {
+    let raw = path.with_extension("fill");
+    std::fs::write(&raw, vec![0xeeu8; size as usize]).unwrap();
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        format,
+        raw.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(raw).unwrap();
+}
+
+#[test]
+fn restores_into_nbd_targets_of_any_format_and_refuses_small_or_read_only_ones() {
+    let repo = Repo::new();
+    let img = repo.tmp("disk.img");
+    make_sparse_image(&img);
+    repo.backup("web", &[("root", &img)]);
+    for format in ["raw", "qcow2"] {
+        let target = repo.tmp(&format!("target.{format}"));
+        old_image(&target, format, IMG_SIZE);
+        let sock = repo.tmp(&format!("{format}.sock"));
+        let server = spawn_qemu_nbd(&sock, &["-f", format, "-t", target.to_str().unwrap()]);
+        let uri = format!("nbd+unix:///?socket={}", sock.display());
+        let r = repo
+            .run(&["--json", "restore", "web", "--to", &uri])
+            .ok()
+            .json();
+        assert_eq!(r["size"], IMG_SIZE, "{r}");
+        drop(server);
+        let cmp = qemu_img(&[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            format,
+            img.to_str().unwrap(),
+            target.to_str().unwrap(),
+        ]);
+        assert!(cmp.contains("identical"), "{format}: {cmp}");
+        // The task names the target; no output file is recorded for a URI.
+        let t = repo.run(&["--json", "tasks", "--vm", "web"]).ok().json();
+        let last = t.as_array().unwrap().last().unwrap().clone();
+        assert_eq!(last["kind"], "restore");
+        assert!(
+            last["target"].as_str().unwrap().contains("nbd+unix"),
+            "{last}"
+        );
+        assert!(last.get("output").is_none(), "{last}");
+    }
+    // Smaller than the disk: refused, and the target keeps every old byte.
+    let small = repo.tmp("small.raw");
+    old_image(&small, "raw", IMG_SIZE / 2);
+    let sock = repo.tmp("small.sock");
+    let server = spawn_qemu_nbd(&sock, &["-f", "raw", "-t", small.to_str().unwrap()]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let r = repo.run(&["--json", "restore", "web", "--to", &uri]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("a smaller target is refused"));
+    drop(server);
+    assert!(
+        std::fs::read(&small).unwrap().iter().all(|b| *b == 0xee),
+        "nothing written"
+    );
+    // Read-only: refused.
+    let ro = repo.tmp("ro.raw");
+    old_image(&ro, "raw", IMG_SIZE);
+    let sock = repo.tmp("ro.sock");
+    let _server = spawn_qemu_nbd(&sock, &["-r", "-f", "raw", "-t", ro.to_str().unwrap()]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let r = repo.run(&["--json", "restore", "web", "--to", &uri]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("read-only export"));
+    // No server at all: a clear error naming the URI.
+    let gone = format!("nbd+unix:///?socket={}", repo.tmp("gone.sock").display());
+    let r = repo.run(&["--json", "restore", "web", "--to", &gone]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{}",
+        r.stdout
+    );
+}
