@@ -71,6 +71,68 @@ fn restores_into_nbd_targets_of_any_format_and_refuses_small_or_read_only_ones()
         );
         assert!(last.get("output").is_none(), "{last}");
     }
+    // A new qcow2 image ("a new VM from this backup"): the same bytes, holes unallocated.
+    let new = repo.tmp("new.qcow2");
+    repo.run(&[
+        "restore",
+        "web",
+        "--to",
+        new.to_str().unwrap(),
+        "--format",
+        "qcow2",
+    ])
+    .ok();
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["info", "--output=json", new.to_str().unwrap()])).unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["virtual-size"], IMG_SIZE);
+    let cmp = qemu_img(&[
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        img.to_str().unwrap(),
+        new.to_str().unwrap(),
+    ]);
+    assert!(cmp.contains("identical"), "{cmp}");
+    let map: serde_json::Value =
+        serde_json::from_str(&qemu_img(&["map", "--output=json", new.to_str().unwrap()])).unwrap();
+    let allocated: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    let data: u64 = nbd_common::DATA.iter().map(|(_, l)| l).sum();
+    assert!(
+        allocated <= data + (1 << 20),
+        "holes stay unallocated: {allocated} of {data}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(repo.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("holdfast-partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    for (args, says) in [
+        (vec!["--format", "vmdk"], "raw or qcow2"),
+        (vec!["--format", "qcow2", "--force"], "is a qcow2 image"),
+    ] {
+        let mut a = vec!["--json", "restore", "web", "--to", new.to_str().unwrap()];
+        a.extend(args);
+        let r = repo.run(&a);
+        assert_ne!(r.code, 0);
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(says),
+            "{}",
+            r.stdout
+        );
+    }
     // Smaller than the disk: refused, and the target keeps every old byte.
     let small = repo.tmp("small.raw");
     old_image(&small, "raw", IMG_SIZE / 2);

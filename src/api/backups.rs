@@ -266,6 +266,16 @@ pub struct RestoreBody {
     /// Overwrite an existing file.
     #[serde(default)]
     pub force: bool,
+    /// `raw` (the default, sparse) or `qcow2`: a new qcow2 image.
+    #[serde(default)]
+    pub format: Option<RestoreFormat>,
+}
+
+#[derive(Deserialize, Clone, Copy, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreFormat {
+    Raw,
+    Qcow2,
 }
 
 /// `to` when it lies inside one of `dirs` (after resolving links in its directory); its name
@@ -341,6 +351,10 @@ pub async fn restore(
         disk: b.disk,
         to,
         force: b.force,
+        format: b.format.map(|f| match f {
+            RestoreFormat::Raw => "raw".to_string(),
+            RestoreFormat::Qcow2 => "qcow2".to_string(),
+        }),
     };
     let r = jobs::start(&s, &p, false, move |app, ev| {
         app.restore(&req, ev).map(|_| ())

@@ -87,6 +87,9 @@ pub struct RestoreArgs {
     /// Overwrite an existing file
     #[arg(long)]
     force: bool,
+    /// The image format of a new file: raw (sparse) or qcow2 ("a new VM from this backup")
+    #[arg(long, value_name = "raw|qcow2")]
+    format: Option<String>,
 }
 
 pub fn restore(cx: &Cmdline, a: RestoreArgs) -> Result<i32> {
@@ -95,6 +98,7 @@ pub fn restore(cx: &Cmdline, a: RestoreArgs) -> Result<i32> {
         disk: a.disk,
         to: a.to,
         force: a.force,
+        format: a.format,
     };
     cx.out.restore(&cx.app.restore(&req, &cx.term())?);
     Ok(0)

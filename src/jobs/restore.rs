@@ -459,6 +459,124 @@ impl Target {
     }
 }
 
+/// Restore `disk` of backup `m` into a new qcow2 image at `to` ("a new VM from this
+/// backup"): an empty qcow2 is created beside it under a partial name, served by a qemu-nbd
+/// holdfast starts (on a private socket) and stops, written through NBD (only data; holes stay
+/// unallocated), then renamed into place. Nothing is left behind on failure.
+pub fn restore_qcow2(
+    repo: &Repo,
+    m: &Manifest,
+    disk: &DiskEntry,
+    to: &Path,
+    force: bool,
+    ctx: &Ctx,
+) -> Result<RestoreReport> {
+    check_target(to, force)?;
+    let (Some(name), dir) = (
+        to.file_name(),
+        to.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    ) else {
+        return Err(Error::usage(format!("{} is not a file path", to.display())));
+    };
+    if !dir.is_dir() {
+        return Err(Error::not_found(
+            What::Directory,
+            dir.display().to_string(),
+            format!(
+                "directory {} does not exist; create it first",
+                dir.display()
+            ),
+        ));
+    }
+    for stale in stale_partials(to) {
+        let _ = fs::remove_file(stale);
+    }
+    let temp = dir.join(format!(
+        "{}{}",
+        partial_prefix(&name.to_string_lossy()),
+        std::process::id()
+    ));
+    let guard = Partial(temp.clone());
+    tool(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&temp)
+            .arg(disk.size.to_string()),
+        "qemu-img",
+    )?;
+    let mut r = [0u8; 6];
+    getrandom::fill(&mut r).map_err(|e| Error::internal(format!("no randomness: {e}")))?;
+    let sock = std::env::temp_dir().join(format!("holdfast-restore-{}.sock", hex::encode(r)));
+    let mut server = std::process::Command::new("qemu-nbd")
+        .args(["-f", "qcow2", "--discard=unmap", "-k"])
+        .arg(&sock)
+        .arg(&temp)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::Tool {
+            tool: "qemu-nbd",
+            message: format!("qemu-nbd: {e}; install qemu-utils"),
+        })?;
+    let stop = |server: &mut std::process::Child| {
+        // SAFETY: kill(2) takes no pointers; the pid is our child, not yet reaped.
+        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+        let _ = server.wait();
+        let _ = fs::remove_file(&sock);
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() {
+        if Instant::now() > deadline || server.try_wait().ok().flatten().is_some() {
+            stop(&mut server);
+            return Err(Error::Tool {
+                tool: "qemu-nbd",
+                message: format!("qemu-nbd did not serve {} within 10 s", temp.display()),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = PathBuf::from(format!("nbd+unix:///?socket={}", sock.display()));
+    let result = restore(repo, m, disk, &uri, true, ctx);
+    stop(&mut server);
+    let mut report = result?;
+    let what = |e| Error::io(format!("write {}", to.display()), e);
+    File::open(&temp).and_then(|f| f.sync_all()).map_err(what)?;
+    fs::rename(&temp, to).map_err(what)?;
+    std::mem::forget(guard);
+    File::open(dir).and_then(|d| d.sync_all()).map_err(what)?;
+    report.to = to.display().to_string();
+    Ok(report)
+}
+
+/// A partial file removed unless the restore completed.
+struct Partial(PathBuf);
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Run a tool to completion; its stderr is the error.
+fn tool(cmd: &mut std::process::Command, name: &'static str) -> Result<()> {
+    let out = cmd.output().map_err(|e| Error::Tool {
+        tool: name,
+        message: format!("{name}: {e}; install qemu-utils"),
+    })?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool: name,
+            message: format!(
+                "{name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Restore `disk` of backup `m` to `to` (stops at the next segment when cancelled, and leaves
 /// nothing behind).
 pub fn restore(

@@ -55,6 +55,8 @@ pub struct RestoreRequest {
     pub to: PathBuf,
     /// Overwrite an existing file.
     pub force: bool,
+    /// `qcow2`: write a new qcow2 image (a file path only); None or `raw`: a raw image.
+    pub format: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +102,17 @@ impl Appliance {
         let repo = self.open_synced()?;
         let m = repo.resolve(&req.spec)?;
         let disk = pick_disk(&m, req.disk.as_deref())?.clone();
+        let qcow2 = match req.format.as_deref() {
+            None | Some("raw") => false,
+            Some("qcow2") if crate::jobs::restore::is_nbd(&req.to) => {
+                return Err(Error::usage(
+                    "--format is for a new image file; an NBD target keeps the format its server \
+                     serves",
+                ))
+            }
+            Some("qcow2") => true,
+            Some(f) => return Err(Error::usage(format!("--format {f:?}: raw or qcow2"))),
+        };
         crate::jobs::restore::check_target(&req.to, req.force)?;
         let target = format!(
             "{}@{} disk {} to {}",
@@ -115,7 +128,12 @@ impl Appliance {
         self.run_spec(
             spec,
             events,
-            |_, ctx| crate::jobs::restore::restore(&repo, &m, &disk, &req.to, req.force, ctx),
+            |_, ctx| match qcow2 {
+                true => {
+                    crate::jobs::restore::restore_qcow2(&repo, &m, &disk, &req.to, req.force, ctx)
+                }
+                false => crate::jobs::restore::restore(&repo, &m, &disk, &req.to, req.force, ctx),
+            },
             |r| {
                 summary(format!(
                     "restored {}@{} disk {} to {} ({} data)",
