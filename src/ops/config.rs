@@ -10,7 +10,7 @@ use crate::{Error, Result};
 
 impl Appliance {
     /// Load, change and save the config under its lock; `edit` sees the current file.
-    fn edit_config<T>(&self, edit: impl FnOnce(&mut VmsFile) -> Result<T>) -> Result<T> {
+    pub(super) fn edit_config<T>(&self, edit: impl FnOnce(&mut VmsFile) -> Result<T>) -> Result<T> {
         let lock_path = self.config.with_extension("toml.lock");
         let _lock = crate::sys::FileLock::acquire(&lock_path)
             .map_err(|e| Error::io(format!("lock {}", lock_path.display()), e))?;

@@ -86,7 +86,7 @@ impl Appliance {
     /// Declare a VM that runs in QEMU (checking its socket and nodes unless told not to).
     pub fn vm_add(&self, req: VmAddRequest, events: &dyn Events) -> Result<Vm> {
         crate::names::check("VM", &req.name)?;
-        let mut f = self.vms_file()?;
+        let f = self.vms_file()?;
         if f.vm.contains_key(&req.name) {
             return Err(Error::exists(
                 What::Vm,
@@ -129,8 +129,12 @@ impl Appliance {
                 if req.check {
                     check_nodes(&vm)?;
                 }
-                f.vm.insert(req.name.clone(), c);
-                f.save(&self.config)?;
+                // Under the config's lock, on the file as it is now (an admin may have
+                // changed a policy meanwhile).
+                self.edit_config(|now| {
+                    now.vm.insert(req.name.clone(), c);
+                    Ok(())
+                })?;
                 Ok(vm)
             },
             |v| {
@@ -152,7 +156,7 @@ impl Appliance {
 
     /// Forget a VM's declaration (its backups and snapshots stay).
     pub fn vm_remove(&self, name: &str, events: &dyn Events) -> Result<VmRemoved> {
-        let mut f = self.vms_file()?;
+        let f = self.vms_file()?;
         if !f.vm.contains_key(name) {
             return Err(Error::not_found(
                 What::Vm,
@@ -166,8 +170,10 @@ impl Appliance {
             self.config.display().to_string(),
             events,
             |_, _| {
-                f.vm.remove(name);
-                f.save(&self.config)?;
+                self.edit_config(|now| {
+                    now.vm.remove(name);
+                    Ok(())
+                })?;
                 Ok(VmRemoved {
                     name: name.to_string(),
                     config: self.config.clone(),
