@@ -161,3 +161,69 @@ fn restores_refuse_what_they_would_destroy() {
         "nothing past the disk"
     );
 }
+
+#[test]
+fn a_restore_in_place_waits_for_the_vm_to_be_down_and_then_writes_its_own_disks() {
+    let repo = Repo::new();
+    let mut vm = Vm::start(&[("qcow2", 16), ("raw", 16)], false);
+    let mut args = vec!["vm".to_string(), "add".into(), "web".into(), "--qmp".into()];
+    args.push(vm.qmp.to_str().unwrap().into());
+    for (i, d) in vm.disks.iter().enumerate() {
+        args.push("--disk".into());
+        args.push(format!("d{i}={}", d.node));
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    repo.run(&a).ok();
+    vm.write(0, 0x41, 0, 1 << 20);
+    vm.write(1, 0x42, 1 << 20, 1 << 20);
+    let m = repo.backup_args(&["web"]);
+    let id = m["id"].as_str().unwrap().to_string();
+    vm.write(0, 0x99, 0, 1 << 20);
+    vm.write(1, 0x98, 1 << 20, 1 << 20);
+    // Running: refused, nothing touched.
+    let r = repo.run(&["--json", "restore", &format!("web@{id}"), "--in-place"]);
+    assert_ne!(r.code, 0);
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "conflict", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is running"),
+        "{e}"
+    );
+    vm.io(0, "read -P 0x99 0 1M");
+    // Down: both disks, each in its own format, back to the backup.
+    vm.shutdown();
+    let r = repo
+        .run(&["--json", "restore", &format!("web@{id}"), "--in-place"])
+        .ok()
+        .json();
+    assert_eq!(r["disk"], "d0, d1", "{r}");
+    let t = repo.run(&["--json", "tasks", "--vm", "web"]).ok().json();
+    let last = t.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["kind"].as_str(), last["state"].as_str()),
+        (Some("restore"), Some("ok"))
+    );
+    assert!(
+        last["target"].as_str().unwrap().ends_with("in place"),
+        "{last}"
+    );
+    let info = common::qemu::run(
+        "qemu-img",
+        &["info", "--output=json", vm.disks[0].file.to_str().unwrap()],
+    );
+    assert!(
+        info.contains("\"format\": \"qcow2\""),
+        "still qcow2: {info}"
+    );
+    vm.boot();
+    vm.io(0, "read -P 0x41 0 1M");
+    vm.io(1, "read -P 0x42 1M 1M");
+    // --in-place with --to, or with --disk: usage errors.
+    let r = repo.run(&["restore", "web", "--in-place", "--to", "/tmp/x.img"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = repo.run(&["--json", "restore", "web", "--in-place", "--disk", "d0"]);
+    assert_eq!(r.code, 2, "{}", r.stdout);
+}

@@ -355,6 +355,7 @@ pub async fn restore(
             RestoreFormat::Raw => "raw".to_string(),
             RestoreFormat::Qcow2 => "qcow2".to_string(),
         }),
+        in_place: false,
     };
     let r = jobs::start(&s, &p, false, move |app, ev| {
         app.restore(&req, ev).map(|_| ())

@@ -82,8 +82,15 @@ pub struct RestoreArgs {
     disk: Option<String>,
     /// Where to write the image: a new file, a block device, or an NBD export
     /// (nbd+unix:///EXPORT?socket=PATH, nbd://HOST:PORT/EXPORT) of a raw or qcow2 image
+    #[arg(
+        long,
+        required_unless_present = "in_place",
+        conflicts_with = "in_place"
+    )]
+    to: Option<PathBuf>,
+    /// Overwrite the declared VM's own disks with the backup (the VM shut down first)
     #[arg(long)]
-    to: PathBuf,
+    in_place: bool,
     /// Overwrite an existing file
     #[arg(long)]
     force: bool,
@@ -96,9 +103,10 @@ pub fn restore(cx: &Cmdline, a: RestoreArgs) -> Result<i32> {
     let req = RestoreRequest {
         spec: a.spec,
         disk: a.disk,
-        to: a.to,
+        to: a.to.unwrap_or_default(),
         force: a.force,
         format: a.format,
+        in_place: a.in_place,
     };
     cx.out.restore(&cx.app.restore(&req, &cx.term())?);
     Ok(0)

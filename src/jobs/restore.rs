@@ -506,13 +506,32 @@ pub fn restore_qcow2(
             .arg(disk.size.to_string()),
         "qemu-img",
     )?;
+    let result = through_qemu_nbd(&temp, "qcow2", |uri| restore(repo, m, disk, uri, true, ctx));
+    let mut report = result?;
+    let what = |e| Error::io(format!("write {}", to.display()), e);
+    File::open(&temp).and_then(|f| f.sync_all()).map_err(what)?;
+    fs::rename(&temp, to).map_err(what)?;
+    std::mem::forget(guard);
+    File::open(dir).and_then(|d| d.sync_all()).map_err(what)?;
+    report.to = to.display().to_string();
+    Ok(report)
+}
+
+/// Serve `image` (of `format`) with a qemu-nbd of our own on a private socket, run `f` with
+/// its URI, stop it (whatever `f` returned). qemu-nbd takes the image's write lock: an image
+/// another process has open is refused by it.
+fn through_qemu_nbd<T>(
+    image: &Path,
+    format: &str,
+    f: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
     let mut r = [0u8; 6];
     getrandom::fill(&mut r).map_err(|e| Error::internal(format!("no randomness: {e}")))?;
     let sock = std::env::temp_dir().join(format!("holdfast-restore-{}.sock", hex::encode(r)));
     let mut server = std::process::Command::new("qemu-nbd")
-        .args(["-f", "qcow2", "--discard=unmap", "-k"])
+        .args(["-f", format, "--discard=unmap", "-k"])
         .arg(&sock)
-        .arg(&temp)
+        .arg(image)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -532,22 +551,126 @@ pub fn restore_qcow2(
             stop(&mut server);
             return Err(Error::Tool {
                 tool: "qemu-nbd",
-                message: format!("qemu-nbd did not serve {} within 10 s", temp.display()),
+                message: format!(
+                    "qemu-nbd could not serve {} (in use, or not a {format} image?)",
+                    image.display()
+                ),
             });
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let uri = PathBuf::from(format!("nbd+unix:///?socket={}", sock.display()));
-    let result = restore(repo, m, disk, &uri, true, ctx);
+    let result = f(&uri);
     stop(&mut server);
-    let mut report = result?;
-    let what = |e| Error::io(format!("write {}", to.display()), e);
-    File::open(&temp).and_then(|f| f.sync_all()).map_err(what)?;
-    fs::rename(&temp, to).map_err(what)?;
-    std::mem::forget(guard);
-    File::open(dir).and_then(|d| d.sync_all()).map_err(what)?;
-    report.to = to.display().to_string();
-    Ok(report)
+    result
+}
+
+/// The image file a disk of a VM backup was read from (`qemu node N file F`).
+fn origin_file(d: &DiskEntry) -> Option<PathBuf> {
+    let o = d.origin.as_deref()?;
+    o.split_once(" file ").map(|(_, f)| PathBuf::from(f))
+}
+
+/// The format of an image file, as qemu-img says.
+fn image_format(image: &Path) -> Result<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(image)
+        .output()
+        .map_err(|e| Error::Tool {
+            tool: "qemu-img",
+            message: format!("qemu-img: {e}; install qemu-utils"),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Conflict(format!(
+            "cannot open {} for the restore: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(Error::internal)?;
+    Ok(v["format"].as_str().unwrap_or("raw").to_string())
+}
+
+/// Restore backup `m` over the disks of the declared VM `vm`, in place. Refused while QEMU
+/// is up (running, paused, or just holding the images); with it down, each disk's image
+/// (where the backup read it) is written through a qemu-nbd holdfast starts and stops, so
+/// any format QEMU reads works. A failure says which disks are complete; a re-run does the
+/// whole job again.
+pub fn restore_in_place(
+    repo: &Repo,
+    vm: &super::vms::Vm,
+    m: &Manifest,
+    ctx: &Ctx,
+) -> Result<Vec<RestoreReport>> {
+    if let Some(s) = super::vmsession::VmSession::try_connect(vm)? {
+        let st = s.run("query-status", |c| async move {
+            crate::qmp::ops::run_state(c).await
+        });
+        s.close();
+        let status = st.map(|x| x.status).unwrap_or_else(|_| "up".into());
+        return Err(Error::Conflict(format!(
+            "VM {} is {status} (its QEMU answers on {}): a restore in place overwrites its \
+             disks, so shut it down first (quit QEMU), then run this again",
+            vm.name,
+            vm.qmp.display()
+        )));
+    }
+    let mut plan = Vec::new();
+    for (name, _) in &vm.disks {
+        let d = m.disks.iter().find(|d| &d.name == name).ok_or_else(|| {
+            Error::not_found(
+                What::Disk,
+                name,
+                format!("backup {}@{} has no disk {name}", m.vm, m.id),
+            )
+        })?;
+        let file = origin_file(d).ok_or_else(|| {
+            Error::usage(format!(
+                "backup {}@{} does not say which image disk {name} was read from (not a \
+                 backup through QEMU); restore it with --to PATH",
+                m.vm, m.id
+            ))
+        })?;
+        if let Some(holder) = lock_holder(&file)? {
+            return Err(Error::Conflict(format!(
+                "{} (disk {name}) is in use: {holder} holds a lock on it; shut the VM down first",
+                file.display()
+            )));
+        }
+        let format = image_format(&file)?;
+        plan.push((d, file, format));
+    }
+    let mut done: Vec<RestoreReport> = Vec::new();
+    for (d, file, format) in plan {
+        ctx.info(&format!(
+            "restoring disk {} into {} ({format})",
+            d.name,
+            file.display()
+        ));
+        let r = through_qemu_nbd(&file, &format, |uri| restore(repo, m, d, uri, true, ctx));
+        match r {
+            Ok(mut r) => {
+                ctx.info(&format!("disk {} complete", d.name));
+                r.to = file.display().to_string();
+                done.push(r);
+            }
+            Err(e) => {
+                let complete: Vec<&str> = done.iter().map(|r| r.disk.as_str()).collect();
+                ctx.warn(&format!(
+                    "disk {} is incomplete; complete: {}; run the restore again to finish",
+                    d.name,
+                    if complete.is_empty() {
+                        "none".into()
+                    } else {
+                        complete.join(", ")
+                    }
+                ));
+                return Err(e);
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// A partial file removed unless the restore completed.

@@ -57,6 +57,8 @@ pub struct RestoreRequest {
     pub force: bool,
     /// `qcow2`: write a new qcow2 image (a file path only); None or `raw`: a raw image.
     pub format: Option<String>,
+    /// Overwrite the declared VM's own disks (`to` is not used).
+    pub in_place: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +101,9 @@ impl Appliance {
 
     /// Restore one disk of a backup to a sparse image or a block device.
     pub fn restore(&self, req: &RestoreRequest, events: &dyn Events) -> Result<RestoreReport> {
+        if req.in_place {
+            return self.restore_in_place(req, events);
+        }
         let repo = self.open_synced()?;
         let m = repo.resolve(&req.spec)?;
         let disk = pick_disk(&m, req.disk.as_deref())?.clone();
@@ -141,6 +146,54 @@ impl Appliance {
                     r.backup,
                     r.disk,
                     r.to,
+                    HumanBytes(r.data_bytes)
+                ))
+            },
+        )
+    }
+
+    /// Restore a backup over its declared VM's own disks (the VM shut down).
+    fn restore_in_place(&self, req: &RestoreRequest, events: &dyn Events) -> Result<RestoreReport> {
+        if req.disk.is_some() || req.format.is_some() {
+            return Err(Error::usage(
+                "--in-place restores every disk of the VM into its own images: no --disk or --format",
+            ));
+        }
+        let repo = self.open_synced()?;
+        let m = repo.resolve(&req.spec)?;
+        let vm = self.declared(&m.vm)?;
+        let target = format!("{}@{} in place", m.vm, m.id);
+        self.run(
+            Kind::Restore,
+            vec![m.vm.clone()],
+            target,
+            events,
+            |_, ctx| {
+                let rs = crate::jobs::restore::restore_in_place(&repo, &vm, &m, ctx)?;
+                Ok(RestoreReport {
+                    vm: m.vm.clone(),
+                    backup: m.id.clone(),
+                    disk: rs
+                        .iter()
+                        .map(|r| r.disk.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    to: rs
+                        .iter()
+                        .map(|r| r.to.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    size: rs.iter().map(|r| r.size).sum(),
+                    data_bytes: rs.iter().map(|r| r.data_bytes).sum(),
+                    seconds: rs.iter().map(|r| r.seconds).sum(),
+                })
+            },
+            |r| {
+                summary(format!(
+                    "restored {}@{} in place: disk(s) {} ({} data)",
+                    r.vm,
+                    r.backup,
+                    r.disk,
                     HumanBytes(r.data_bytes)
                 ))
             },
