@@ -149,7 +149,7 @@ impl Target {
             }
         }
         for d in [&self.timeout, &self.retry_max].into_iter().flatten() {
-            parse_secs(d).map_err(|e| format!("{at}: {e}"))?;
+            crate::timefmt::parse_duration(d).map_err(|e| format!("{at}: {e}"))?;
         }
         Ok(())
     }
@@ -166,7 +166,7 @@ impl Target {
     fn timeout(&self) -> Duration {
         self.timeout
             .as_deref()
-            .and_then(|t| parse_secs(t).ok())
+            .and_then(|t| crate::timefmt::parse_duration(t).ok())
             .unwrap_or(Duration::from_secs(10))
     }
 
@@ -176,7 +176,7 @@ impl Target {
         let max = self
             .retry_max
             .as_deref()
-            .and_then(|t| parse_secs(t).ok())
+            .and_then(|t| crate::timefmt::parse_duration(t).ok())
             .unwrap_or(Duration::from_secs(300));
         Duration::from_secs(1u64 << failures.min(20)).min(max)
     }
@@ -204,26 +204,6 @@ fn check_name(name: &str) -> Result<(), String> {
             "notify target {name:?}: letters, digits, - and _ only (at most 64)"
         )),
     }
-}
-
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, mul) = match t.strip_suffix("ms") {
-        Some(n) => (n, 0),
-        None => match t.char_indices().last() {
-            Some((i, 's')) => (&t[..i], 1),
-            Some((i, 'm')) => (&t[..i], 60),
-            Some((i, 'h')) => (&t[..i], 3600),
-            _ => (t, 1),
-        },
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 5m)"))?;
-    Ok(match mul {
-        0 => Duration::from_millis(n),
-        m => Duration::from_secs(n * m),
-    })
 }
 
 /// Sizes of what a backup read and stored.

@@ -384,28 +384,7 @@ pub fn expand_name(pattern: &str, at: Timestamp, tz: &TimeZone) -> Result<String
     jiff::fmt::strtime::format(pattern, &z).map_err(|e| format!("{pattern:?}: {e}"))
 }
 
-/// `30m`, `12h`, `10d`, `2w` (or plain seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let bad = || format!("{s:?} is not a duration; write e.g. 12h, 10d or 2w");
-    let (num, unit) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
-        _ => (t, 's'),
-    };
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let mul = match unit {
-        's' => 1,
-        'm' => 60,
-        'h' => 3600,
-        'd' => 86400,
-        'w' => 7 * 86400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(mul)
-        .filter(|&x| x > 0)
-        .map(Duration::from_secs)
-        .ok_or_else(bad)
-}
+pub use crate::timefmt::parse_duration;
 
 /// `10d`, `36h`, `90m`, `45s`: the largest unit that divides it.
 pub fn show_duration(d: Duration) -> String {

@@ -50,6 +50,29 @@ pub fn compact(secs: u64) -> String {
     format!("{y:04}{mo:02}{d:02}-{h:02}{mi:02}{s:02}")
 }
 
+/// `30m`, `12h`, `10d`, `2w` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let bad = || format!("{s:?} is not a duration; write e.g. 12h, 10d or 2w");
+    let (num, unit) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&t[..i], c),
+        _ => (t, 's'),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mul = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86400,
+        'w' => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mul)
+        .filter(|&x| x > 0)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(bad)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

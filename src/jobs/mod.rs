@@ -11,6 +11,7 @@ pub mod files;
 pub mod gc;
 mod packs;
 pub mod restore;
+pub mod restore_vm;
 pub mod snapshot;
 pub mod stats;
 pub mod verify;

@@ -134,9 +134,9 @@ impl Appliance {
             spec,
             events,
             |_, ctx| match qcow2 {
-                true => {
-                    crate::jobs::restore::restore_qcow2(&repo, &m, &disk, &req.to, req.force, ctx)
-                }
+                true => crate::jobs::restore_vm::restore_qcow2(
+                    &repo, &m, &disk, &req.to, req.force, ctx,
+                ),
                 false => crate::jobs::restore::restore(&repo, &m, &disk, &req.to, req.force, ctx),
             },
             |r| {
@@ -169,7 +169,7 @@ impl Appliance {
             target,
             events,
             |_, ctx| {
-                let rs = crate::jobs::restore::restore_in_place(&repo, &vm, &m, ctx)?;
+                let rs = crate::jobs::restore_vm::restore_in_place(&repo, &vm, &m, ctx)?;
                 Ok(RestoreReport {
                     vm: m.vm.clone(),
                     backup: m.id.clone(),
