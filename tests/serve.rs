@@ -462,6 +462,19 @@ fn sessions_need_csrf_tokens_and_logins_are_rate_limited() {
     assert_eq!(r.body["role"], "operator");
     let get = s.raw("GET", "/api/v1/vms", "", None, &[("Cookie", &cookie)]);
     assert_eq!(get.status, 200);
+    // A reloaded page gets its session's CSRF token back; a bearer token has none.
+    let who = s.raw("GET", "/api/v1/whoami", "", None, &[("Cookie", &cookie)]);
+    assert_eq!(who.body["csrf"], csrf.as_str(), "{:?}", who.body);
+    let bearer = service::token(&repo, "alice", "t", &[]);
+    let who = s.raw(
+        "GET",
+        "/api/v1/whoami",
+        &bearer,
+        None,
+        &[("Cookie", &cookie)],
+    );
+    assert_eq!(who.status, 200);
+    assert!(who.body.get("csrf").is_none(), "{:?}", who.body);
     let path = format!("/api/v1/vms/web/backups/{id}/protected");
     let body = r#"{"protected": true}"#;
     let r = s.raw("PUT", &path, "", Some(body), &[("Cookie", &cookie)]);

@@ -12,23 +12,7 @@ use std::time::{Duration, Instant};
 const SEG: u64 = 4 << 20;
 
 fn declare(repo: &Repo, vm: &Vm, name: &str) {
-    let mut args = vec![
-        "vm".to_string(),
-        "add".into(),
-        name.into(),
-        "--qmp".into(),
-        vm.qmp.display().to_string(),
-    ];
-    for (i, d) in vm.disks.iter().enumerate() {
-        args.push("--disk".into());
-        args.push(format!("{}={}", ["root", "data"][i], d.node));
-    }
-    if let Some(a) = &vm.agent {
-        args.push("--agent".into());
-        args.push(a.display().to_string());
-    }
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    repo.run(&a).ok();
+    vm.declare(repo, name);
 }
 
 /// Seeded regions (offset, len) inside a disk of `size` bytes.

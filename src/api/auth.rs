@@ -334,20 +334,48 @@ pub struct WhoAmI {
     /// The VMs the caller may see; absent: all.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vms: Option<Vec<String>>,
+    /// With a session cookie: the session's CSRF token (a reloaded page gets it back here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub csrf: Option<String>,
+    /// Where API restores may write (operators and admins; `[service] restore_dirs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restore_dirs: Vec<String>,
 }
 
 /// Who the credentials name, with their rights.
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "auth",
     responses((status = 200, body = WhoAmI), (status = 401, body = super::openapi::ErrorReply)))]
-pub async fn whoami(Caller(p): Caller) -> ApiResult<Response> {
+pub async fn whoami(
+    State(s): State<Shared>,
+    Caller(p): Caller,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
     let vms = match (&p.scope, p.role) {
         (_, Role::Admin) | (Scope::All, _) => None,
         (Scope::Only(v), _) => Some(v.clone()),
+    };
+    // Only a session's own cookie gets its token back (a bearer token has none).
+    let csrf = match headers.get(header::AUTHORIZATION) {
+        Some(_) => None,
+        None => cookie(&headers, COOKIE)
+            .and_then(|id| s.sessions.find(&id))
+            .map(|(_, csrf)| csrf),
+    };
+    let restore_dirs = if p.role == Role::Viewer {
+        Vec::new()
+    } else {
+        s.settings
+            .restore_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect()
     };
     ok(WhoAmI {
         name: p.name,
         user: p.user,
         role: p.role,
         vms,
+        csrf,
+        restore_dirs,
     })
 }

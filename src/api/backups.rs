@@ -262,7 +262,12 @@ pub struct RestoreBody {
     #[serde(default)]
     pub disk: Option<String>,
     /// A file inside one of the configured restore directories (`[service] restore_dirs`).
-    pub to: String,
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Instead of `to`: overwrite the declared VM's own disks with the backup (every disk, or
+    /// `disk`). Refused while the VM runs; shut it down first.
+    #[serde(default)]
+    pub in_place: bool,
     /// Overwrite an existing file.
     #[serde(default)]
     pub force: bool,
@@ -345,7 +350,18 @@ pub async fn restore(
     Body(b): Body<RestoreBody>,
 ) -> ApiResult<Response> {
     check(&p, Need::Operate, &vm)?;
-    let to = confine(&b.to, &s.settings.restore_dirs)?;
+    let to = match (&b.to, b.in_place) {
+        (Some(to), false) => confine(to, &s.settings.restore_dirs)?,
+        (None, true) => PathBuf::new(),
+        _ => {
+            return Err(Error::InvalidBody(
+                "the request body: give either `to` (a file in a restore directory) or \
+                 `in_place: true`"
+                    .into(),
+            )
+            .into())
+        }
+    };
     let req = RestoreRequest {
         spec: format!("{vm}@{id}"),
         disk: b.disk,
@@ -355,7 +371,7 @@ pub async fn restore(
             RestoreFormat::Raw => "raw".to_string(),
             RestoreFormat::Qcow2 => "qcow2".to_string(),
         }),
-        in_place: false,
+        in_place: b.in_place,
     };
     let r = jobs::start(&s, &p, false, move |app, ev| {
         app.restore(&req, ev).map(|_| ())

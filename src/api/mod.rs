@@ -13,6 +13,7 @@
 mod audit;
 pub mod auth;
 mod backups;
+mod dashboard;
 pub mod jobs;
 mod openapi;
 mod policy;
@@ -192,7 +193,7 @@ pub fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
         .map_err(|e| ApiError(Error::InvalidBody(format!("the request body: {e}"))))
 }
 
-/// The routes of `/api/v1`, plus `/healthz` and `/metrics`.
+/// The routes of `/api/v1`, plus `/healthz`, `/metrics` and the dashboard (`/`, `/ui/…`).
 pub fn router(s: Shared) -> axum::Router {
     use axum::routing::{delete, get, post, put};
     let api = axum::Router::new()
@@ -257,6 +258,10 @@ pub fn router(s: Shared) -> axum::Router {
         .route("/openapi.json", get(openapi::document));
     axum::Router::new()
         .nest("/api/v1", api)
+        .route("/", get(dashboard::index))
+        .route("/ui/app.js", get(dashboard::script))
+        .route("/ui/app.css", get(dashboard::style))
+        .route("/ui/icon.svg", get(dashboard::icon))
         .route("/healthz", get(system::healthz))
         .route("/metrics", get(system::metrics))
         .fallback(system::not_found)

@@ -67,6 +67,11 @@ pub struct VmItem {
     pub running_task: Option<TaskBrief>,
     /// Disk name → QEMU block node (declared VMs).
     pub disks: BTreeMap<String, String>,
+    /// What the VM's backups added to the store when they were taken (cheap to list for a
+    /// fleet; `/vms/{vm}/stats` says what they alone hold now).
+    pub stored_bytes: u64,
+    /// `stored_bytes` at `[service] price_per_gb_month`.
+    pub cost_per_month: f64,
 }
 
 fn item(
@@ -75,6 +80,7 @@ fn item(
     backups: &[&Manifest],
     running: &[TaskRecord],
     policy: &crate::policy::Effective,
+    price: f64,
 ) -> VmItem {
     let now = crate::timefmt::now_secs();
     let total = match policy.retention {
@@ -83,6 +89,7 @@ fn item(
     };
     let full = total.is_some_and(|n| backups.len() as u64 >= n)
         && policy.on_full(false) == crate::policy::OnFull::Refuse;
+    let stored: u64 = backups.iter().map(|m| m.stats.new_stored_bytes).sum();
     VmItem {
         name: name.to_string(),
         declared: declared.is_some(),
@@ -102,6 +109,8 @@ fn item(
             .find(|t| t.vms.iter().any(|v| v == name))
             .map(TaskBrief::of),
         disks: declared.map(|c| c.disks.clone()).unwrap_or_default(),
+        stored_bytes: stored,
+        cost_per_month: stored as f64 / 1e9 * price,
     }
 }
 
@@ -126,7 +135,8 @@ fn items(s: &Shared, p: &Principal, only: Option<&str>) -> ApiResult<Vec<VmItem>
         .into_iter()
         .map(|n| {
             let bs: Vec<&Manifest> = all.iter().filter(|m| m.vm == n).collect();
-            item(n, file.vm.get(n), &bs, &running, &file.policy.effective(n))
+            let policy = file.policy.effective(n);
+            item(n, file.vm.get(n), &bs, &running, &policy, s.price())
         })
         .collect())
 }

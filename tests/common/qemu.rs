@@ -65,6 +65,27 @@ pub struct Vm {
 }
 
 impl Vm {
+    /// Declare it in `repo` as VM `name` (`vm add`): its disks as root, data; its agent.
+    pub fn declare(&self, repo: &super::Repo, name: &str) {
+        let mut args = vec![
+            "vm".to_string(),
+            "add".into(),
+            name.into(),
+            "--qmp".into(),
+            self.qmp.display().to_string(),
+        ];
+        for (i, d) in self.disks.iter().enumerate() {
+            args.push("--disk".into());
+            args.push(format!("{}={}", ["root", "data"][i], d.node));
+        }
+        if let Some(a) = &self.agent {
+            args.push("--agent".into());
+            args.push(a.display().to_string());
+        }
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        repo.run(&a).ok();
+    }
+
     /// Internal snapshot tags QEMU has on node `node`.
     pub fn snapshot_tags(&self, node: &str) -> Vec<String> {
         let nodes = self.qmp("query-named-block-nodes", json!({ "flat": true }));
