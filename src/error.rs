@@ -161,6 +161,10 @@ pub enum Error {
     /// The backup is protected: unprotect it first.
     #[error("{0}")]
     Protected(String),
+    /// An encrypted store's key is missing or wrong: a passphrase that opens none of its
+    /// keys, a key file that is gone or belongs to another store, a secret file others can read.
+    #[error("{0}")]
+    Key(String),
     /// Something that should not happen (serialization of our own types, no randomness).
     #[error("internal error: {0}")]
     Internal(String),
@@ -374,6 +378,7 @@ impl Error {
             Error::TooLarge(_) => "too-large",
             Error::InvalidBody(_) => "invalid-body",
             Error::Protected(_) => "protected",
+            Error::Key(_) => "key",
         }
     }
 
@@ -454,7 +459,7 @@ pub fn http_status_of(code: &str) -> u16 {
         "too-large" => 413,
         "unsupported" | "invalid-body" | "guest-fs" => 422,
         "rate-limited" => 429,
-        "qemu" | "source" | "store-unavailable" => 503,
+        "qemu" | "source" | "store-unavailable" | "key" => 503,
         "store-full" => 507,
         _ => 500,
     }

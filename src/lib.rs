@@ -10,6 +10,7 @@
 //! crate is just the protocol and format leaves, which is what the fuzz targets build.
 
 pub mod chunk;
+pub mod crypto;
 pub mod guestfs;
 pub mod names;
 pub mod nbd;

@@ -289,6 +289,56 @@ pub fn default_repo() -> PathBuf {
     home.join(".local/share/holdfast")
 }
 
+/// True when standard input is a terminal (a person can be asked).
+pub fn stdin_is_terminal() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdin())
+}
+
+/// Standard input on a terminal: read a line with echo off (the prompt on stderr).
+pub fn prompt_hidden(prompt: &str) -> std::io::Result<String> {
+    use std::io::{BufRead, Write};
+    // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed termios they fill.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(0, &mut t) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let saved = t;
+        t.c_lflag &= !libc::ECHO;
+        libc::tcsetattr(0, libc::TCSANOW, &t);
+        let mut e = std::io::stderr();
+        let _ = write!(e, "{prompt}");
+        let _ = e.flush();
+        let mut line = String::new();
+        let r = std::io::stdin().lock().read_line(&mut line);
+        libc::tcsetattr(0, libc::TCSANOW, &saved);
+        let _ = writeln!(e);
+        r?;
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+}
+
+/// Why a secret file (key, passphrase) may not be used: others than its owner may read it.
+pub fn secret_file_problem(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    (md.mode() & 0o077 != 0).then(|| {
+        format!(
+            "{} is readable by others (mode {:o}): a secret must be 0600 (chmod 600 {})",
+            path.display(),
+            md.mode() & 0o777,
+            path.display()
+        )
+    })
+}
+
+/// This machine's host name (for records that say where something was made).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom first. A module may name modules of lower layers only; modules of one
 /// layer never name each other. Keep in step with docs/architecture.md.
 const LAYERS: &[&[&str]] = &[
-    &["sys", "timefmt", "names", "calendar"],
+    &["sys", "timefmt", "names", "calendar", "crypto"],
     &[
         "chunk", "store", "catalog", "nbd", "qmp", "guestfs", "policy", "notify",
     ],

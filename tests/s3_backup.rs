@@ -229,6 +229,8 @@ fn the_catalog_rebuilds_from_the_bucket_alone() {
         "--endpoint",
         &srv.endpoint(),
         "--path-style",
+        "--encryption",
+        "none",
     ]);
     assert!(e.err().contains("already holds a holdfast repository; attach to it with `holdfast init --s3 s3://bkt/site1 --existing`"), "{}", e.stderr);
     assert!(!other.path().exists(), "a refused init writes nothing");
@@ -333,7 +335,16 @@ fn wrong_credentials_a_missing_bucket_or_no_server_fail_at_init_and_at_backup_st
             env: s3::env(),
         };
         let out = r.run_env(
-            &["init", "--s3", url, "--endpoint", endpoint, "--path-style"],
+            &[
+                "init",
+                "--s3",
+                url,
+                "--endpoint",
+                endpoint,
+                "--path-style",
+                "--encryption",
+                "none",
+            ],
             env,
         );
         let e = out.err().to_string();

@@ -119,8 +119,19 @@ pub fn run(
     stop: Cancel,
     ready: impl FnOnce(&Ready),
 ) -> Result<()> {
-    crate::repo::Repo::open(&dir)?; // a clear error now, not on the first request
     let settings = settings(&config, &opts)?;
+    // Secrets others can read: refused before anything listens (the store's key file, the
+    // users and their hashes, the TLS key).
+    let secrets = [
+        Some(dir.join(crate::repo::keys::KEYFILE)),
+        Some(crate::auth::users_path(&config)),
+        settings.tls_key.clone(),
+        Some(dir.join("tls").join("key.pem")),
+    ];
+    for p in secrets.iter().flatten().filter(|p| p.exists()) {
+        crate::repo::keys::check_secret_file(p)?;
+    }
+    crate::repo::Repo::open(&dir)?; // a clear error now, not on the first request
     let addr = parse_listen(settings.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
     let given_cert = settings.tls_cert.is_some() || settings.tls_key.is_some();
     let tls = if opts.tls || given_cert || !addr.ip().is_loopback() {

@@ -45,6 +45,13 @@ pub struct InitArgs {
     /// losing this machine): the catalog is rebuilt from the bucket alone
     #[arg(long, requires = "s3")]
     existing: bool,
+    /// How the store is encrypted: `repokey` (the key in the store, wrapped by a passphrase:
+    /// HOLDFAST_PASSPHRASE, --passphrase-file or a terminal), `keyfile` (the key in
+    /// REPO/keyfile on this appliance, mode 0600: keep `holdfast key export`'s copy safe) or
+    /// `none` (whoever reads the store reads every disk). An S3 store needs it said; a local
+    /// store is `none` unless told
+    #[arg(long, value_name = "repokey|keyfile|none")]
+    encryption: Option<String>,
 }
 
 pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
@@ -59,7 +66,23 @@ pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
         }),
         None => None,
     };
+    use crate::repo::keys::Choice;
+    let encryption =
+        match (a.encryption.as_deref(), &s3) {
+            (Some(e), _) => Choice::parse(e).ok_or_else(|| {
+                crate::Error::usage(format!(
+                    "--encryption {e:?}: choose repokey, keyfile or none"
+                ))
+            })?,
+            (None, Some(s)) if !s.existing => return Err(crate::Error::usage(
+                "an S3 store needs --encryption: repokey (a passphrase), keyfile (a key file on \
+                 this appliance) or none (whoever can read the bucket reads every disk)",
+            )),
+            (None, _) => Choice::None,
+        };
+    let clear = encryption == Choice::None && !s3.as_ref().is_some_and(|s| s.existing);
     let req = InitRequest {
+        encryption,
         chunker: ChunkerParams {
             segment_size: a.segment_size,
             min_size: a.chunk_min,
@@ -70,6 +93,12 @@ pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
         s3,
     };
     cx.out.init(&cx.app.init(&req)?);
+    if clear {
+        note!(
+            "holdfast: the store is not encrypted: whoever can read it reads every disk backed \
+             up to it (--encryption repokey or keyfile encrypts it)"
+        );
+    }
     Ok(0)
 }
 

@@ -28,6 +28,7 @@ macro_rules! note {
 mod backup;
 mod data;
 mod events;
+mod key;
 mod output;
 mod policy;
 mod serve;
@@ -70,6 +71,14 @@ pub struct Cli {
     /// The VM declarations (QMP sockets, disks) [default: REPO/vms.toml]
     #[arg(long, global = true, env = "HOLDFAST_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
+    /// The passphrase of an encrypted (repokey) store, in a file of mode 0600 [or the
+    /// HOLDFAST_PASSPHRASE variable, or asked on a terminal; never on the command line]
+    #[arg(long, global = true, value_name = "FILE")]
+    passphrase_file: Option<PathBuf>,
+    /// A new passphrase (init, key add, key passwd), in a file of mode 0600 [or
+    /// HOLDFAST_NEW_PASSPHRASE, or asked twice on a terminal]
+    #[arg(long, global = true, value_name = "FILE")]
+    new_passphrase_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -202,6 +211,13 @@ PART is p1, p2, ... (as `holdfast mount` shows them), or fs for a disk without a
     /// The next times a calendar expression names (as `systemd-analyze calendar` does)
     #[command(after_help = policy::CALENDAR_HELP)]
     Calendar(policy::CalendarArgs),
+    /// The keys of an encrypted store: passphrases (list, add, remove, passwd) and the key
+    /// itself (export a paper copy, import it on a new machine)
+    #[command(after_help = key::KEY_HELP)]
+    Key {
+        #[command(subcommand)]
+        cmd: key::KeyCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -228,6 +244,7 @@ impl Cmd {
                 | Cmd::Audit(_)
                 | Cmd::Policy { .. }
                 | Cmd::Calendar(_)
+                | Cmd::Key { .. }
                 | Cmd::Vm {
                     cmd: vm::VmCmd::List
                 }
@@ -325,6 +342,10 @@ fn catch_signals() -> Cancel {
 /// Run the command line; returns the process exit code.
 pub fn run(cli: Cli) -> Result<i32> {
     let dir = cli.repo.clone().unwrap_or_else(crate::sys::default_repo);
+    crate::repo::keys::set_passphrase_files(
+        cli.passphrase_file.clone(),
+        cli.new_passphrase_file.clone(),
+    );
     let mut app = Appliance::new(
         dir,
         cli.config.clone(),
@@ -349,6 +370,7 @@ pub fn run(cli: Cli) -> Result<i32> {
 fn dispatch(cx: &Cmdline, cmd: Cmd) -> Result<i32> {
     match cmd {
         Cmd::Init(a) => data::init(cx, a),
+        Cmd::Key { cmd } => key::run(cx, cmd),
         Cmd::Backup(a) => backup::backup(cx, a),
         Cmd::Backups { vm } => backup::backups(cx, vm),
         Cmd::Show { spec } => backup::show(cx, &spec),

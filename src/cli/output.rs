@@ -52,10 +52,17 @@ impl Out {
             HumanBytes(c.max_size.into()),
             r.compression.level
         );
-        say!(
-            "  keep a copy of {}/config: its id key is needed to read the backups",
-            r.store
-        );
+        match r.encryption.as_str() {
+            "none" => say!(
+                "  keep a copy of {}/config: its id key is needed to read the backups",
+                r.store
+            ),
+            mode => say!(
+                "  encrypted ({mode}, format {}): keep `holdfast key export`'s copy of the key \
+                 offline; without the key nothing in the store can be read",
+                r.format_version
+            ),
+        }
     }
 
     pub fn backup(&self, m: &Manifest) {
@@ -301,6 +308,12 @@ impl Out {
         if self.json(s) {
             return;
         }
+        say!(
+            "store            {} (format {}, encryption {})",
+            s.store,
+            s.format_version,
+            s.encryption
+        );
         say!("backups          {} of {} VM(s)", s.backups, s.vms);
         say!("logical          {}", HumanBytes(s.logical_bytes));
         say!("data             {}", HumanBytes(s.data_bytes));

@@ -175,36 +175,8 @@ fn audit(cx: &Cmdline, what: String) {
     }
 }
 
-/// Standard input on a terminal: read a line with echo off.
 fn prompt_hidden(prompt: &str) -> Result<String> {
-    // SAFETY: tcgetattr/tcsetattr on fd 0 with a zeroed termios they fill; isatty has no
-    // preconditions.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(0, &mut t) != 0 {
-            return Err(Error::io(
-                "read the terminal",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        let saved = t;
-        t.c_lflag &= !libc::ECHO;
-        libc::tcsetattr(0, libc::TCSANOW, &t);
-        note_inline(prompt);
-        let mut line = String::new();
-        let r = std::io::stdin().lock().read_line(&mut line);
-        libc::tcsetattr(0, libc::TCSANOW, &saved);
-        note!("");
-        r.map_err(|e| Error::io("read the password", e))?;
-        Ok(line.trim_end_matches(['\r', '\n']).to_string())
-    }
-}
-
-fn note_inline(s: &str) {
-    use std::io::Write;
-    let mut e = std::io::stderr();
-    let _ = write!(e, "{s}");
-    let _ = e.flush();
+    crate::sys::prompt_hidden(prompt).map_err(|e| Error::io("read the terminal", e))
 }
 
 /// A password: from FILE's first line, from a terminal (twice), or from standard input's first

@@ -287,6 +287,8 @@ fn copy_live(
         let stored = repo
             .store
             .get_range(&key, loc.offset, loc.stored_len as usize)?;
+        // Sealed again in the new pack (a fresh nonce), so opened here.
+        let stored = repo.open_stored(kind, &bid, stored)?;
         let codec = Codec::from_u8(loc.codec).unwrap_or(Codec::Raw);
         // The old location is still in the catalog, so add directly (not through the dedup check).
         sink.add_unchecked(NewBlobRef {
@@ -319,7 +321,7 @@ fn delete_condemned(repo: &Repo, rep: &mut GcReport) -> Result<()> {
     let mut batch = Batch::default();
     for (pid, _) in ready {
         let key = pack::pack_key(&hex::encode(pid));
-        let entries = match pack::read_footer(repo.store.as_ref(), &key) {
+        let entries = match pack::read_footer(repo.store.as_ref(), &key, repo.keys.as_deref()) {
             Ok(e) => e,
             Err(crate::store::StoreError::NotFound(_)) => vec![],
             // A pack whose footer is gone (salvaged by a rebuild): its blob headers tell what

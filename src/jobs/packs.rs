@@ -43,7 +43,10 @@ impl<'a> PackSink<'a> {
 
     fn fresh_writer(repo: &Repo) -> PackWriter {
         // Room for a full pack, its last blob and the footer, so the buffer never doubles.
-        PackWriter::with_capacity(repo.config.pack_target as usize + (2 << 20))
+        PackWriter::with_capacity(
+            repo.config.pack_target as usize + (2 << 20),
+            repo.keys.clone(),
+        )
     }
 
     /// Packs uploading at once: each holds a pack's bytes in memory.
@@ -88,9 +91,9 @@ impl<'a> PackSink<'a> {
         if self.writer.is_empty() {
             return Ok(());
         }
-        let (bytes, entries) =
-            std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish();
         let pack_id = Repo::new_pack_id()?;
+        let (bytes, entries) =
+            std::mem::replace(&mut self.writer, Self::fresh_writer(self.repo)).finish(&pack_id);
         let store = self.repo.store.clone();
         let size = bytes.len() as u64;
         let done = std::thread::Builder::new()

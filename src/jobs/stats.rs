@@ -10,6 +10,10 @@ use std::collections::HashSet;
 pub struct Stats {
     /// The store: a directory, or s3://BUCKET/PREFIX.
     pub store: String,
+    /// The store's format version: 1 unencrypted, 2 encrypted.
+    pub format_version: u32,
+    /// `none`, `repokey` or `keyfile`.
+    pub encryption: String,
     pub vms: u64,
     pub backups: u64,
     /// Sum of the disk sizes of every backup.
@@ -76,6 +80,12 @@ pub fn stats(repo: &Repo, price_per_gb_month: f64) -> Result<Stats> {
         .fold((0u64, 0u64), |(p, b), (pp, bb)| (p + pp, b + bb));
     Ok(Stats {
         store: repo.store_url(),
+        format_version: repo.config.version,
+        encryption: repo
+            .config
+            .encryption
+            .as_ref()
+            .map_or("none".into(), |e| format!("{} ({})", e.mode, e.aead)),
         vms: vms.len() as u64,
         backups: ms.len() as u64,
         logical_bytes: ms.iter().map(|m| m.stats.logical_bytes).sum(),

@@ -33,6 +33,8 @@ pub struct InitRequest {
     pub compression_level: i32,
     /// Keep the store in an S3 bucket instead of the repository directory.
     pub s3: Option<S3Init>,
+    /// How the store is encrypted (a new store; attaching reads it from the store).
+    pub encryption: crate::repo::keys::Choice,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +46,10 @@ pub struct InitReport {
     /// The local read cache of an S3 store, in bytes.
     #[serde(skip)]
     pub cache_bytes: Option<u64>,
+    /// `repokey`, `keyfile` or `none`.
+    pub encryption: String,
+    /// The store's format version (1 unencrypted, 2 encrypted).
+    pub format_version: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -86,9 +92,15 @@ impl Appliance {
                     req.compression_level,
                     s3.cache_bytes,
                     s3.existing,
+                    req.encryption,
                 )?
             }
-            None => Repo::init(&self.dir, req.chunker, req.compression_level)?,
+            None => Repo::init_with(
+                &self.dir,
+                req.chunker,
+                req.compression_level,
+                req.encryption,
+            )?,
         };
         Ok(InitReport {
             repo: repo.dir.clone(),
@@ -96,6 +108,12 @@ impl Appliance {
             chunker: repo.config.chunker,
             compression: repo.config.compression.clone(),
             cache_bytes: repo.remote.as_ref().map(|r| r.cache_bytes),
+            encryption: repo
+                .config
+                .encryption
+                .as_ref()
+                .map_or("none".into(), |e| e.mode.clone()),
+            format_version: repo.config.version,
         })
     }
 

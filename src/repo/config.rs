@@ -4,15 +4,25 @@ use crate::chunk::ChunkerParams;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT: &str = "holdfast-store";
+/// Unencrypted stores: still read and written.
 pub const VERSION: u32 = 1;
+/// Encrypted stores (docs/encryption.md): no id key in the config, sealed objects and packs.
+pub const VERSION_ENCRYPTED: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Config {
     pub format: String,
     pub version: u32,
     pub chunker: ChunkerParams,
-    /// Secret key for blob ids (hex, 32 bytes).
-    pub id_key: String,
+    /// Secret key for blob ids (hex, 32 bytes): unencrypted stores only (an encrypted store
+    /// derives it from its master key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_key: Option<String>,
+    /// A random id (hex): binds key files and wrapped keys to this store (encrypted stores).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<super::keys::Encryption>,
     pub compression: Compression,
     /// Packs are closed once they reach this many bytes.
     pub pack_target: u32,
@@ -31,7 +41,9 @@ impl Config {
             format: FORMAT.into(),
             version: VERSION,
             chunker,
-            id_key: hex::encode(key),
+            id_key: Some(hex::encode(key)),
+            store_id: None,
+            encryption: None,
             compression: Compression {
                 codec: "zstd".into(),
                 level,
@@ -41,17 +53,44 @@ impl Config {
         }
     }
 
+    /// An encrypted store's config: its keys live elsewhere (`keys/`, or a key file).
+    pub fn new_encrypted(
+        chunker: ChunkerParams,
+        level: i32,
+        store_id: &str,
+        encryption: super::keys::Encryption,
+    ) -> Self {
+        let mut c = Config::new(chunker, level, [0; 32]);
+        c.version = VERSION_ENCRYPTED;
+        c.id_key = None;
+        c.store_id = Some(store_id.to_string());
+        c.encryption = Some(encryption);
+        c
+    }
+
     /// Parse and check; the error says what is wrong (the caller adds where and what to do).
-    pub fn parse(b: &[u8]) -> Result<(Self, [u8; 32]), String> {
+    /// The id key comes back for unencrypted stores (an encrypted one derives it).
+    pub fn parse(b: &[u8]) -> Result<(Self, Option<[u8; 32]>), String> {
         let c: Config = serde_json::from_slice(b).map_err(|e| format!("not valid JSON ({e})"))?;
         if c.format != FORMAT {
             return Err(format!("format is {:?}, not {FORMAT:?}", c.format));
         }
-        if c.version != VERSION {
-            return Err(format!(
-                "format version {} is not supported by this holdfast (knows {VERSION})",
-                c.version
-            ));
+        match (c.version, &c.encryption, &c.store_id) {
+            (VERSION, None, _) => {}
+            (VERSION_ENCRYPTED, Some(e), Some(_)) => {
+                if e.aead != crate::crypto::AEAD {
+                    return Err(format!("encryption {:?} is not supported", e.aead));
+                }
+            }
+            (VERSION | VERSION_ENCRYPTED, _, _) => {
+                return Err("its encryption settings do not match its format version".into())
+            }
+            (v, _, _) => {
+                return Err(format!(
+                    "format version {v} is not supported by this holdfast (knows \
+                     {VERSION} and {VERSION_ENCRYPTED})"
+                ))
+            }
         }
         c.chunker.validate().map_err(|e| e.to_string())?;
         if c.compression.codec != "zstd" || !(-7..=22).contains(&c.compression.level) {
@@ -60,10 +99,13 @@ impl Config {
         if !(1 << 20..=256 << 20).contains(&c.pack_target) {
             return Err("pack_target must be between 1 MiB and 256 MiB".into());
         }
+        if c.encryption.is_some() {
+            return Ok((c, None));
+        }
         let mut key = [0u8; 32];
-        hex::decode_to_slice(&c.id_key, &mut key)
+        hex::decode_to_slice(c.id_key.as_deref().unwrap_or(""), &mut key)
             .map_err(|_| "id_key is not 64 hex digits".to_string())?;
-        Ok((c, key))
+        Ok((c, Some(key)))
     }
 }
 

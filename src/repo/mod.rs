@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod format;
+pub mod keys;
 mod sync;
 
 pub use config::{BackupStats, Config, DiskEntry, Manifest};
@@ -37,6 +38,8 @@ pub struct Repo {
     pub catalog: Catalog,
     pub config: Config,
     pub keyer: Keyer,
+    /// An encrypted store's keys (its packs and metadata are sealed with them).
+    pub keys: Option<Arc<crate::crypto::Keys>>,
     /// Set when the store is S3: where, and the requests this process made.
     pub remote: Option<Remote>,
 }
@@ -96,16 +99,52 @@ fn check_new_dir(dir: &Path) -> Result<()> {
 }
 
 impl Repo {
-    /// Create a new repository in `dir` (empty or missing).
+    /// Create a new unencrypted repository in `dir` (empty or missing).
     pub fn init(dir: &Path, chunker: chunk::ChunkerParams, level: i32) -> Result<Repo> {
+        Repo::init_with(dir, chunker, level, keys::Choice::None)
+    }
+
+    /// The config of a new store, and its keys put where `enc` says (a wrapped key into
+    /// `store`, or a key file into `dir`).
+    fn new_config(
+        dir: &Path,
+        store: &dyn ObjectStore,
+        chunker: chunk::ChunkerParams,
+        level: i32,
+        enc: keys::Choice,
+    ) -> Result<Config> {
+        let store_id = hex::encode(crate::crypto::random::<16>());
+        match keys::create(dir, enc, &store_id)? {
+            None => {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key).map_err(|e| {
+                    Error::internal(format!("no randomness for the store key: {e}"))
+                })?;
+                Ok(Config::new(chunker, level, key))
+            }
+            Some((_, encryption, wrapped)) => {
+                if let Some(w) = wrapped {
+                    keys::put(store, &w)?;
+                }
+                Ok(Config::new_encrypted(chunker, level, &store_id, encryption))
+            }
+        }
+    }
+
+    /// Create a new repository in `dir` (empty or missing), encrypted as `enc` says.
+    pub fn init_with(
+        dir: &Path,
+        chunker: chunk::ChunkerParams,
+        level: i32,
+        enc: keys::Choice,
+    ) -> Result<Repo> {
         chunker.validate()?;
         check_new_dir(dir)?;
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key)
-            .map_err(|e| Error::internal(format!("no randomness for the store key: {e}")))?;
-        let cfg = Config::new(chunker, level, key);
-        Catalog::create(&dir.join("catalog"))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         let store = LocalStore::new(dir);
+        let cfg = Repo::new_config(dir, &store, chunker, level, enc)?;
+        Catalog::create(&dir.join("catalog"))?;
         let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
         // The config goes last: a directory without it is not a repository yet.
         store.put("config", &json)?;
@@ -122,6 +161,7 @@ impl Repo {
         level: i32,
         cache_bytes: u64,
         existing: bool,
+        enc: keys::Choice,
     ) -> Result<Repo> {
         chunker.validate()?;
         let s3 = S3Store::open(&location, S3Options::from_env())?;
@@ -160,10 +200,7 @@ impl Repo {
             .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
         Catalog::create(&dir.join("catalog"))?;
         if !existing {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key)
-                .map_err(|e| Error::internal(format!("no randomness for the store key: {e}")))?;
-            let cfg = Config::new(chunker, level, key);
+            let cfg = Repo::new_config(dir, &s3, chunker, level, enc)?;
             let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
             s3.put("config", &json)?;
         }
@@ -230,6 +267,15 @@ impl Repo {
         Some(read_requests(&self.dir).plus(&r.requests.snapshot()))
     }
 
+    /// The store's config alone (clear in every format), without opening anything else.
+    pub fn open_config(dir: &Path) -> Result<Config> {
+        let (store, _, _) = Repo::open_store(dir)?;
+        let raw = store.get("config")?;
+        Config::parse(&raw)
+            .map(|(c, _)| c)
+            .map_err(|e| Error::damaged("config", format!("the store's config is damaged: {e}")))
+    }
+
     pub fn open(dir: &Path) -> Result<Repo> {
         let (store, uncached, remote) = Repo::open_store(dir)?;
         let where_ = remote
@@ -256,7 +302,7 @@ impl Repo {
             }
             Err(e) => return Err(e.into()),
         };
-        let (config, key) = Config::parse(&raw).map_err(|e| {
+        let (config, id_key) = Config::parse(&raw).map_err(|e| {
             Error::damaged(
                 "config",
                 format!(
@@ -265,6 +311,26 @@ impl Repo {
                 ),
             )
         })?;
+        // An encrypted store: its keys (a key file here, or a passphrase), and every object
+        // but packs sealed and opened on the way (packs seal their own blobs).
+        let (store, uncached, keys, key) = match (&config.encryption, &config.store_id, id_key) {
+            (Some(enc), Some(sid), _) => {
+                let k = keys::unlock(dir, uncached.as_ref(), sid, enc)?;
+                let sealed: Arc<dyn ObjectStore> =
+                    Arc::new(crate::store::sealed::SealedStore::new(store, k.clone()));
+                let sealed_uncached: Arc<dyn ObjectStore> =
+                    Arc::new(crate::store::sealed::SealedStore::new(uncached, k.clone()));
+                let id = k.id_key();
+                (sealed, sealed_uncached, Some(k), id)
+            }
+            (_, _, Some(key)) => (store, uncached, None, key),
+            _ => {
+                return Err(Error::damaged(
+                    "config",
+                    format!("{where_}/config has no key"),
+                ))
+            }
+        };
         // A catalog that is gone or unreadable is an error pointing at `catalog rebuild`,
         // never an empty catalog in its place (every backup would seem gone, and gc would
         // free their data).
@@ -285,6 +351,7 @@ impl Repo {
             catalog,
             config,
             keyer: Keyer::new(key),
+            keys,
             remote,
         })
     }
@@ -303,7 +370,8 @@ impl Repo {
         // catalog no longer lists; the pack stays until the next gc revives the blob. Look there.
         for (pack_id, _) in self.catalog.condemned()? {
             let key = pack::pack_key(&hex::encode(pack_id));
-            let Ok(entries) = pack::read_footer(self.store.as_ref(), &key) else {
+            let Ok(entries) = pack::read_footer(self.store.as_ref(), &key, self.keys.as_deref())
+            else {
                 continue;
             };
             if let Some(e) = entries.iter().find(|e| e.id == id.0) {
@@ -319,12 +387,36 @@ impl Repo {
         ))
     }
 
+    /// A blob's stored bytes as the codec wants them: an encrypted store's sealed blob opened
+    /// (bound to its kind and id: a blob swapped or altered in its pack is damage).
+    pub fn open_stored(&self, kind: BlobKind, id: &BlobId, stored: Vec<u8>) -> Result<Vec<u8>> {
+        let Some(k) = &self.keys else {
+            return Ok(stored);
+        };
+        k.open(
+            crate::crypto::Purpose::Blob,
+            &pack::blob_ad(kind as u8, &id.0),
+            &stored,
+        )
+        .map_err(|_| {
+            Error::damaged(
+                "blob",
+                format!(
+                    "blob {} does not authenticate (tampered with, swapped, or written with \
+                     another key); run `holdfast verify` to see what it affects",
+                    id.to_hex()
+                ),
+            )
+        })
+    }
+
     pub fn read_at(&self, kind: BlobKind, id: &BlobId, loc: &ChunkLoc) -> Result<Vec<u8>> {
         let stored = self.store.get_range(
             &pack::pack_key(&hex::encode(loc.pack)),
             loc.offset,
             loc.stored_len as usize,
         )?;
+        let stored = self.open_stored(kind, id, stored)?;
         let codec = codec_of(id, loc)?;
         Ok(chunk::decode_owned(
             &self.keyer,
@@ -337,6 +429,20 @@ impl Repo {
     }
 
     fn decode_at(
+        &self,
+        kind: BlobKind,
+        id: &BlobId,
+        loc: &ChunkLoc,
+        stored: &[u8],
+    ) -> Result<Vec<u8>> {
+        if self.keys.is_some() {
+            let opened = self.open_stored(kind, id, stored.to_vec())?;
+            return self.decode_at_plain(kind, id, loc, &opened);
+        }
+        self.decode_at_plain(kind, id, loc, stored)
+    }
+
+    fn decode_at_plain(
         &self,
         kind: BlobKind,
         id: &BlobId,

@@ -142,7 +142,7 @@ impl Repo {
         rep: &mut SyncReport,
     ) -> Result<()> {
         let key = pack::pack_key(&hex::encode(id));
-        let entries = match pack::read_footer(self.store.as_ref(), &key) {
+        let entries = match pack::read_footer(self.store.as_ref(), &key, self.keys.as_deref()) {
             Ok(e) => e,
             Err(StoreError::NotFound(_)) => return Ok(()), // deleted meanwhile
             Err(e @ StoreError::Corrupt { .. }) => {

@@ -12,6 +12,7 @@ mod local;
 pub mod pack;
 #[cfg(feature = "appliance")]
 pub mod s3;
+pub mod sealed;
 
 pub use cache::CachedStore;
 pub use local::LocalStore;

@@ -15,14 +15,39 @@
 //! ([`scan_blobs`]); packs of format 1 (`HFPACK01`, no blob headers) are still read through
 //! their footers.
 //! A pack is written once under `packs/<first two hex digits>/<pack id>` and never modified.
+//!
+//! Packs of an encrypted store (format 3, `HFPACK03`) have no blob headers: each blob is
+//! sealed on its own (`nonce || ciphertext || tag`, bound to its kind and id, so blobs cannot
+//! be swapped), and the entry table is sealed as a whole (bound to the pack id, so tables
+//! cannot move between packs); the trailer is the same, over the sealed table. Such a pack
+//! shows only its size and how many bytes each blob takes.
 //! Footers are parsed with checked arithmetic: a damaged pack is an error, never a panic.
 
 use super::{ObjectStore, StoreError, StoreResult};
+use crate::crypto::{Keys, Purpose};
+use std::sync::Arc;
 
 /// The header packs are written with.
 pub const HEADER: &[u8; 8] = b"HFPACK02";
 /// Packs of format 1: no blob headers.
 pub const HEADER_V1: &[u8; 8] = b"HFPACK01";
+/// Packs of an encrypted store: sealed blobs, a sealed entry table.
+pub const HEADER_SEALED: &[u8; 8] = b"HFPACK03";
+
+/// What a sealed blob is bound to: its kind and id.
+pub fn blob_ad(kind: u8, id: &[u8; 32]) -> Vec<u8> {
+    let mut ad = b"holdfast blob\0".to_vec();
+    ad.push(kind);
+    ad.extend_from_slice(id);
+    ad
+}
+
+/// What a sealed entry table is bound to: its pack.
+fn table_ad(pack_id: &[u8; 16]) -> Vec<u8> {
+    let mut ad = b"holdfast pack entries\0".to_vec();
+    ad.extend_from_slice(pack_id);
+    ad
+}
 pub const BLOB_MAGIC: &[u8; 4] = b"HFB1";
 pub const BLOB_HEADER_LEN: usize = 4 + 32 + 1 + 1 + 4 + 4 + 4;
 pub const END_MAGIC: &[u8; 8] = b"HFPKEND1";
@@ -79,6 +104,8 @@ pub fn pack_id_of_key(key: &str) -> Option<&str> {
 pub struct PackWriter {
     buf: Vec<u8>,
     entries: Vec<PackEntry>,
+    /// An encrypted store's keys: blobs and the entry table are sealed.
+    keys: Option<Arc<Keys>>,
 }
 
 impl Default for PackWriter {
@@ -89,19 +116,22 @@ impl Default for PackWriter {
 
 impl PackWriter {
     pub fn new() -> Self {
-        PackWriter {
-            buf: HEADER.to_vec(),
-            entries: Vec::new(),
-        }
+        Self::with_capacity(0, None)
     }
 
-    /// A writer whose buffer never reallocates below `bytes` (no doubling past the target).
-    pub fn with_capacity(bytes: usize) -> Self {
+    /// A writer whose buffer never reallocates below `bytes` (no doubling past the target);
+    /// with `keys`, a sealed pack.
+    pub fn with_capacity(bytes: usize, keys: Option<Arc<Keys>>) -> Self {
         let mut buf = Vec::with_capacity(bytes);
-        buf.extend_from_slice(HEADER);
+        buf.extend_from_slice(if keys.is_some() {
+            HEADER_SEALED
+        } else {
+            HEADER
+        });
         PackWriter {
             buf,
             entries: Vec::new(),
+            keys,
         }
     }
 
@@ -113,6 +143,20 @@ impl PackWriter {
         stored: &[u8],
         raw_len: u32,
     ) -> &PackEntry {
+        if let Some(k) = &self.keys {
+            let sealed = k.seal(Purpose::Blob, &blob_ad(kind, &id), stored);
+            let offset = self.buf.len() as u64;
+            self.buf.extend_from_slice(&sealed);
+            self.entries.push(PackEntry {
+                id,
+                kind,
+                codec,
+                offset,
+                stored_len: sealed.len() as u32,
+                raw_len,
+            });
+            return self.entries.last().expect("just pushed");
+        }
         let mut h = Vec::with_capacity(BLOB_HEADER_LEN);
         h.extend_from_slice(BLOB_MAGIC);
         h.extend_from_slice(&id);
@@ -144,11 +188,19 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// The finished pack bytes and its entries.
-    pub fn finish(mut self) -> (Vec<u8>, Vec<PackEntry>) {
+    /// The finished bytes of pack `pack_id` and its entries.
+    pub fn finish(mut self, pack_id: &[u8; 16]) -> (Vec<u8>, Vec<PackEntry>) {
         let start = self.buf.len();
+        let mut table = Vec::with_capacity(self.entries.len() * ENTRY_LEN);
         for e in &self.entries {
-            e.encode(&mut self.buf);
+            e.encode(&mut table);
+        }
+        match &self.keys {
+            Some(k) => {
+                let sealed = k.seal(Purpose::Meta, &table_ad(pack_id), &table);
+                self.buf.extend_from_slice(&sealed);
+            }
+            None => self.buf.extend_from_slice(&table),
         }
         let entries_len = (self.buf.len() - start) as u32;
         let digest = *blake3::hash(&self.buf[start..]).as_bytes();
@@ -208,20 +260,36 @@ pub fn parse_trailer(t: &[u8]) -> Option<(u32, [u8; 32])> {
     ))
 }
 
-/// Parse and check an entry table against the pack's size.
+/// Parse and check an entry table against the pack's size (with `keys`: a sealed table of
+/// pack `pack_id`).
 pub fn parse_entries(
-    table: &[u8],
+    stored: &[u8],
     digest: &[u8; 32],
     pack_size: u64,
+    sealed: Option<(&Keys, &[u8; 16])>,
 ) -> Result<Vec<PackEntry>, String> {
-    if blake3::hash(table).as_bytes() != digest {
+    if blake3::hash(stored).as_bytes() != digest {
         return Err("footer checksum mismatch".into());
     }
+    let opened;
+    let table = match sealed {
+        Some((k, pack_id)) => {
+            opened = k
+                .open(Purpose::Meta, &table_ad(pack_id), stored)
+                .map_err(|_| {
+                    "its entry table does not authenticate (tampered with, moved from another \
+                     pack, or written with another key)"
+                        .to_string()
+                })?;
+            &opened[..]
+        }
+        None => stored,
+    };
     if !table.len().is_multiple_of(ENTRY_LEN) {
         return Err("footer length is not a whole number of entries".into());
     }
     let data_end = pack_size
-        .checked_sub((table.len() + TRAILER_LEN) as u64)
+        .checked_sub((stored.len() + TRAILER_LEN) as u64)
         .ok_or("footer longer than the pack")?;
     let mut out = Vec::with_capacity(table.len() / ENTRY_LEN);
     for raw in table.chunks_exact(ENTRY_LEN) {
@@ -241,8 +309,13 @@ pub fn parse_entries(
     Ok(out)
 }
 
-/// Read a pack's footer from a store with two range reads.
-pub fn read_footer(store: &dyn ObjectStore, key: &str) -> StoreResult<Vec<PackEntry>> {
+/// Read a pack's footer from a store with two range reads (an encrypted store's `keys` open
+/// its sealed entry table).
+pub fn read_footer(
+    store: &dyn ObjectStore,
+    key: &str,
+    keys: Option<&Keys>,
+) -> StoreResult<Vec<PackEntry>> {
     let size = store.size(key)?;
     let corrupt = |what: String| StoreError::Corrupt {
         key: key.to_string(),
@@ -258,7 +331,16 @@ pub fn read_footer(store: &dyn ObjectStore, key: &str) -> StoreResult<Vec<PackEn
         .filter(|s| *s >= HEADER.len() as u64)
         .ok_or_else(|| corrupt("footer longer than the pack".into()))?;
     let table = store.get_range(key, table_start, len as usize)?;
-    parse_entries(&table, &digest, size).map_err(corrupt)
+    let pack_id = pack_id_of_key(key).and_then(|h| {
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(h, &mut id).ok().map(|_| id)
+    });
+    let sealed = match (keys, &pack_id) {
+        (Some(k), Some(id)) => Some((k, id)),
+        (Some(_), None) => return Err(corrupt("not a pack key".into())),
+        (None, _) => None,
+    };
+    parse_entries(&table, &digest, size, sealed).map_err(corrupt)
 }
 
 #[cfg(test)]
@@ -267,6 +349,57 @@ mod tests {
     use crate::store::LocalStore;
     use proptest::prelude::*;
 
+    const ID: [u8; 16] = [
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
+        0xff,
+    ];
+
+    #[test]
+    fn sealed_packs_show_no_ids_and_refuse_moved_tables_and_other_keys() {
+        let d = tempfile::tempdir().unwrap();
+        let s = LocalStore::new(d.path());
+        let keys = Arc::new(Keys::new_random());
+        let mut w = PackWriter::with_capacity(0, Some(keys.clone()));
+        w.add([0xab; 32], 0, 1, b"secret chunk bytes", 18);
+        w.add([0xcd; 32], 2, 1, b"another blob", 12);
+        let (bytes, entries) = w.finish(&ID);
+        assert_eq!(&bytes[..8], HEADER_SEALED);
+        let has = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        assert!(!has(&[0xab; 32]) && !has(b"secret") && !has(BLOB_MAGIC));
+        assert!(scan_blobs(&bytes).is_empty());
+        let key = pack_key(&hex::encode(ID));
+        s.put(&key, &bytes).unwrap();
+        assert_eq!(read_footer(&s, &key, Some(&keys)).unwrap(), entries);
+        let e = &entries[0];
+        let sealed = s.get_range(&key, e.offset, e.stored_len as usize).unwrap();
+        let plain = keys
+            .open(Purpose::Blob, &blob_ad(0, &[0xab; 32]), &sealed)
+            .unwrap();
+        assert_eq!(plain, b"secret chunk bytes");
+        // Bound to its id: read as the other blob, it does not open.
+        assert!(keys
+            .open(Purpose::Blob, &blob_ad(2, &[0xcd; 32]), &sealed)
+            .is_err());
+        // Another key, or the same table under another pack's name: damaged.
+        let other = Keys::new_random();
+        assert!(matches!(
+            read_footer(&s, &key, Some(&other)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        let moved = pack_key("ff112233445566778899aabbccddeeff");
+        s.put(&moved, &bytes).unwrap();
+        assert!(matches!(
+            read_footer(&s, &moved, Some(&keys)),
+            Err(StoreError::Corrupt { .. })
+        ));
+        // A clear pack in an encrypted store is refused too.
+        let mut w = PackWriter::new();
+        w.add([1; 32], 0, 1, b"abc", 3);
+        let clear = pack_key("00000000000000000000000000000001");
+        s.put(&clear, &w.finish(&ID).0).unwrap();
+        assert!(read_footer(&s, &clear, Some(&keys)).is_err());
+    }
+
     #[test]
     fn write_and_read_footer() {
         let d = tempfile::tempdir().unwrap();
@@ -274,10 +407,10 @@ mod tests {
         let mut w = PackWriter::new();
         w.add([1; 32], 0, 1, b"abc", 10);
         w.add([2; 32], 1, 0, b"defgh", 5);
-        let (bytes, entries) = w.finish();
+        let (bytes, entries) = w.finish(&ID);
         s.put(&pack_key("00112233445566778899aabbccddeeff"), &bytes)
             .unwrap();
-        let got = read_footer(&s, "packs/00/00112233445566778899aabbccddeeff").unwrap();
+        let got = read_footer(&s, "packs/00/00112233445566778899aabbccddeeff", None).unwrap();
         assert_eq!(got, entries);
         assert_eq!(
             s.get_range(
@@ -301,7 +434,7 @@ mod tests {
         for (i, b) in blobs.iter().enumerate() {
             w.add([i as u8; 32], 0, 1, b, 4000);
         }
-        let (bytes, entries) = w.finish();
+        let (bytes, entries) = w.finish(&ID);
         // Whole: every blob, as the footer says.
         assert_eq!(scan_blobs(&bytes), entries);
         // Cut in the middle of blob 3: blobs 0..3 come back, with the right bytes.
@@ -341,7 +474,7 @@ mod tests {
         #[test]
         fn hostile_footers(table in proptest::collection::vec(any::<u8>(), 0..300), size in 0u64..1000) {
             let digest = *blake3::hash(&table).as_bytes();
-            if let Ok(es) = parse_entries(&table, &digest, size) {
+            if let Ok(es) = parse_entries(&table, &digest, size, None) {
                 for e in es { prop_assert!(e.offset + u64::from(e.stored_len) <= size); }
             }
             let _ = parse_trailer(&table);

@@ -133,7 +133,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from(o: Output) -> Run {
+    pub fn from(o: Output) -> Run {
         Run {
             code: o.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&o.stdout).into(),
@@ -164,6 +164,9 @@ impl Run {
         line
     }
 }
+
+/// The passphrase of `Repo::new_encrypted` stores.
+pub const PASSPHRASE: &str = "correct horse battery staple";
 
 /// A repository in a temp dir, and the binary pointed at it.
 pub struct Repo {
@@ -203,6 +206,18 @@ impl Repo {
         std::fs::write(&path, text).unwrap();
     }
 
+    /// A repository encrypted as `mode` (`repokey`: with the passphrase of `PASSPHRASE`, given
+    /// to every run through HOLDFAST_PASSPHRASE).
+    pub fn new_encrypted(mode: &str) -> Repo {
+        let r = Repo {
+            dir: tempfile::tempdir().unwrap(),
+            env: vec![("HOLDFAST_PASSPHRASE", PASSPHRASE.to_string())],
+        };
+        r.run(&["init", "--encryption", mode]).ok();
+        r.keep_every_backup();
+        r
+    }
+
     /// A repository whose store is `s3://bkt/PREFIX` at `endpoint` (a test S3 server or proxy).
     pub fn new_s3(endpoint: &str, prefix: &str, extra: &[&str]) -> Repo {
         let r = Repo {
@@ -212,6 +227,9 @@ impl Repo {
         let url = format!("s3://{}/{prefix}", s3::BUCKET);
         let mut args = vec!["init", "--s3", &url, "--endpoint", endpoint, "--path-style"];
         args.extend_from_slice(extra);
+        if !extra.contains(&"--encryption") && !extra.contains(&"--existing") {
+            args.extend(["--encryption", "none"]);
+        }
         r.run(&args).ok();
         r.keep_every_backup();
         r
