@@ -13,6 +13,20 @@ fn clear_errors_for_bad_input() {
     let base = d.join("base.img");
     let disk = format!("root={}", base.display());
 
+    // No silent default for encryption: `init` asks for a choice and writes nothing.
+    let fresh = Repo {
+        dir: tempfile::tempdir().unwrap(),
+        env: Vec::new(),
+    };
+    let r = fresh.run(&["init"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.err().contains("--encryption repokey") && r.err().contains("keyfile"),
+        "{}",
+        r.stderr
+    );
+    assert!(!fresh.path().exists(), "a refused init writes nothing");
+
     let r = repo.run(&["backup", "vm1", "--disk", "root=/nonexistent/disk.img"]);
     assert!(
         r.err()
@@ -119,7 +133,7 @@ fn clear_errors_for_bad_input() {
         r.stderr
     );
     fs::write(&cfg, &good).unwrap();
-    let r = repo.run(&["init"]);
+    let r = repo.run(&["init", "--encryption", "none"]);
     assert!(
         r.err().contains("already holds a holdfast repository"),
         "{}",
@@ -213,7 +227,7 @@ fn disk_full_commits_nothing_and_says_so() {
             .output()
             .unwrap()
     };
-    assert!(run(&["init"]).status.success());
+    assert!(run(&["init", "--encryption", "none"]).status.success());
     let out = run(&[
         "--json",
         "backup",

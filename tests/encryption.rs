@@ -13,6 +13,7 @@ use common::*;
 use holdfast::crypto::Keys;
 use holdfast::store::pack::{self, PackEntry};
 use holdfast::store::LocalStore;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 const VM: &str = "secret-vm-name";
@@ -160,6 +161,21 @@ fn an_encrypted_bucket_shows_nothing_and_rebuilds_from_the_bucket_alone() {
         .run(&["restore", VM, "--to", out.to_str().unwrap()])
         .ok();
     assert_same(&out, &img);
+    // The restore filled the new machine's read cache: with ciphertext only.
+    let cached = walk(&other.path().join("cache"));
+    let bytes: u64 = cached
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    assert!(
+        bytes > 64 << 10,
+        "the cache holds {bytes} bytes: {cached:?}"
+    );
+    assert_eq!(
+        leaks(&cached, &marker),
+        Vec::<String>::new(),
+        "the read cache"
+    );
     // Wrong passphrase on the new machine: one line, exit 1, nothing written.
     let bad = other.run_env(
         &[
@@ -173,6 +189,69 @@ fn an_encrypted_bucket_shows_nothing_and_rebuilds_from_the_bucket_alone() {
     assert_eq!(bad.code, 1, "{}", bad.stderr);
     assert!(bad.err().contains("wrong passphrase"), "{}", bad.stderr);
     assert!(!other.tmp("bad.img").exists());
+}
+
+#[test]
+fn a_new_appliance_attaches_to_a_key_file_bucket_only_with_its_key() {
+    let srv = S3Server::start();
+    let url = format!("s3://{}/kf", s3::BUCKET);
+    let ep = srv.endpoint();
+    let base = ["init", "--s3", &url, "--endpoint", &ep, "--path-style"];
+    let repo = Repo {
+        dir: tempfile::tempdir().unwrap(),
+        env: s3::env(),
+    };
+    let mut a = base.to_vec();
+    a.extend(["--encryption", "keyfile"]);
+    repo.run(&a).ok();
+    let img = repo.tmp("root.img");
+    disk_with_marker(&img);
+    repo.backup(VM, &[("root", &img)]);
+    let paper = repo.tmp("paper.key");
+    std::fs::write(&paper, repo.run(&["key", "export"]).ok().stdout).unwrap();
+    let foreign = Repo::new_encrypted("keyfile");
+    let foreign_key = repo.tmp("foreign.key");
+    std::fs::write(&foreign_key, foreign.run(&["key", "export"]).ok().stdout).unwrap();
+    for f in [&paper, &foreign_key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let attach = |other: &Repo, key: Option<&Path>| {
+        let mut a = base.to_vec();
+        a.push("--existing");
+        if let Some(k) = key {
+            a.extend(["--key-file", k.to_str().unwrap()]);
+        }
+        other.run(&a)
+    };
+    let other = Repo {
+        dir: tempfile::tempdir().unwrap(),
+        env: s3::env(),
+    };
+    // No key, another store's key, a key file others can read: one line, exit 1, nothing here.
+    let r = attach(&other, None);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.err().contains("--key-file"), "{}", r.stderr);
+    let r = attach(&other, Some(&foreign_key));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+    std::fs::set_permissions(&paper, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = attach(&other, Some(&paper));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(!other.path().exists(), "a refused attach writes nothing");
+    // The right key: the catalog is rebuilt from the bucket and the backup restores.
+    std::fs::set_permissions(&paper, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let r = attach(&other, Some(&paper));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mode = std::fs::metadata(other.path().join("keyfile"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let out = other.tmp("out.img");
+    other
+        .run(&["restore", VM, "--to", out.to_str().unwrap()])
+        .ok();
+    assert_same(&out, &img);
 }
 
 /// The master key of an encrypted repository (from `key export`).
@@ -279,6 +358,17 @@ fn tampering_is_damage_never_data() {
     flip(&file, len - pack::TRAILER_LEN as u64 - 10);
     let s = LocalStore::new(repo.path());
     assert!(pack::read_footer(&s, &key, Some(&keys)).is_err());
+    damaged(&repo, "an entry table");
+    let v = repo.run(&["--json", "verify"]);
+    let report = v.json();
+    let bad = report["damaged_packs"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{}", v.stdout);
+    assert_eq!(
+        pack::pack_key(bad[0]["pack"].as_str().unwrap()),
+        key,
+        "verify names the pack"
+    );
+    assert_eq!(bad[0]["affects"][0]["vm"], VM, "{}", v.stdout);
     let r = repo.run(&["--json", "catalog", "rebuild"]);
     assert_eq!(r.code, 3, "an entry table: {} {}", r.stdout, r.stderr);
 }

@@ -99,6 +99,13 @@ fn request_errors_have_their_codes() {
     check(
         &repo,
         &["init"],
+        2,
+        "usage",
+        "choose how the store is encrypted: --encryption repokey",
+    );
+    check(
+        &repo,
+        &["init", "--encryption", "none"],
         1,
         "exists",
         "already holds a holdfast repository",

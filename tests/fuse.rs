@@ -462,21 +462,40 @@ fn umount_ctrl_c_and_stale_mounts() {
     );
 }
 
-/// Find `needle` in the store's packs and flip a byte of it: that chunk is damaged.
-fn damage_chunk_holding(repo: &Repo, needle: &[u8]) {
-    for p in walk(&repo.path().join("packs")) {
-        let path = repo.path().join("packs").join(&p);
-        if !path.is_file() {
-            continue;
+/// Flip a byte in the middle of the stored chunk that holds `needle` of disk image `img` in
+/// backup `spec` (found through the repository, so it works on encrypted stores too).
+fn damage_chunk_holding(repo: &Repo, spec: &str, img: &Path, needle: &[u8]) {
+    use holdfast::repo::format::SegEntry;
+    let bytes = std::fs::read(img).unwrap();
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("the needle is in the disk") as u64;
+    let r = holdfast::repo::Repo::open(&repo.path()).unwrap();
+    let m = r.resolve(spec).unwrap();
+    let d = &m.disks[0];
+    let seg = u64::from(d.segment_size);
+    let i = at / seg;
+    let sid = r.disk_segments(d).unwrap()[i as usize].unwrap();
+    let mut pos = i * seg;
+    for e in r.seglist(&sid, seg.min(d.size - pos)).unwrap() {
+        let len = u64::from(e.len());
+        if let SegEntry::Chunk(c, _) = e {
+            if (pos..pos + len).contains(&at) {
+                let loc = r.locate(&c).unwrap();
+                drop(r);
+                let pack = repo
+                    .path()
+                    .join(holdfast::store::pack::pack_key(&hex::encode(loc.pack)));
+                let mut p = std::fs::read(&pack).unwrap();
+                p[(loc.offset + u64::from(loc.stored_len) / 2) as usize] ^= 0x55;
+                std::fs::write(&pack, p).unwrap();
+                return;
+            }
         }
-        let mut bytes = std::fs::read(&path).unwrap();
-        if let Some(i) = bytes.windows(needle.len()).position(|w| w == needle) {
-            bytes[i + needle.len() / 2] ^= 0x55;
-            std::fs::write(&path, bytes).unwrap();
-            return;
-        }
+        pos += len;
     }
-    panic!("no pack holds the needle");
+    panic!("no chunk holds disk offset {at}");
 }
 
 #[test]
@@ -485,9 +504,13 @@ fn damaged_chunk_under_a_file_is_eio_and_the_rest_keeps_working() {
     let repo = Repo::new();
     let m = repo.backup("web", &[("whole", &d.join("whole.img"))]);
     let id = m["id"].as_str().unwrap();
-    // dir/random is incompressible, so its bytes sit in a pack as they are.
     let random = std::fs::read(d.join("trees/whole/dir/random")).unwrap();
-    damage_chunk_holding(&repo, &random[250_000..250_064]);
+    damage_chunk_holding(
+        &repo,
+        &format!("web@{id}"),
+        &d.join("whole.img"),
+        &random[250_000..250_064],
+    );
 
     let mnt = repo.tmp("mnt");
     let m = Mount::start(&repo, &mnt, &[]);

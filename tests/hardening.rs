@@ -274,7 +274,7 @@ fn the_repository_is_private_whatever_the_umask() {
         let script = format!("umask 022; exec {BIN} --repo {} {args}", repo_dir.display());
         Command::new("bash").arg("-c").arg(script).output().unwrap()
     };
-    assert!(run("init").status.success());
+    assert!(run("init --encryption none").status.success());
     assert!(run(&format!("backup vm1 --disk root={}", img.display()))
         .status
         .success());

@@ -50,6 +50,15 @@ fn restores_into_nbd_targets_of_any_format_and_refuses_small_or_read_only_ones()
             .ok()
             .json();
         assert_eq!(r["size"], IMG_SIZE, "{r}");
+        // Old data everywhere: holes are zeroed (fast where the server can), data written.
+        let n = &r["nbd"];
+        assert_eq!(n["target_read_zeros"], false, "{r}");
+        assert!(n["writes"].as_u64().unwrap() > 0, "{r}");
+        assert!(
+            n["zeroes"].as_u64().unwrap() + n["fast_zeroes"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        assert_eq!(n["holes_skipped"], 0, "{r}");
         drop(server);
         let cmp = qemu_img(&[
             "compare",
@@ -71,17 +80,42 @@ fn restores_into_nbd_targets_of_any_format_and_refuses_small_or_read_only_ones()
         );
         assert!(last.get("output").is_none(), "{last}");
     }
+    // A target that reads zeros throughout (a new sparse file): holes cost no request.
+    let fresh = repo.tmp("fresh.raw");
+    std::fs::File::create(&fresh)
+        .unwrap()
+        .set_len(IMG_SIZE)
+        .unwrap();
+    let sock = repo.tmp("fresh.sock");
+    let server = spawn_qemu_nbd(&sock, &["-f", "raw", "-t", fresh.to_str().unwrap()]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let r = repo
+        .run(&["--json", "restore", "web", "--to", &uri])
+        .ok()
+        .json();
+    drop(server);
+    let n = &r["nbd"];
+    assert_eq!(n["target_read_zeros"], true, "{r}");
+    assert_eq!(n["zeroes"], 0, "{r}");
+    assert_eq!(n["fast_zeroes"], 0, "{r}");
+    assert!(n["holes_skipped"].as_u64().unwrap() > 0, "{r}");
+    common::assert_same(&fresh, &img);
+
     // A new qcow2 image ("a new VM from this backup"): the same bytes, holes unallocated.
     let new = repo.tmp("new.qcow2");
-    repo.run(&[
-        "restore",
-        "web",
-        "--to",
-        new.to_str().unwrap(),
-        "--format",
-        "qcow2",
-    ])
-    .ok();
+    let r = repo
+        .run(&[
+            "--json",
+            "restore",
+            "web",
+            "--to",
+            new.to_str().unwrap(),
+            "--format",
+            "qcow2",
+        ])
+        .ok()
+        .json();
+    assert_eq!(r["nbd"]["target_read_zeros"], true, "{r}");
     let info: serde_json::Value =
         serde_json::from_str(&qemu_img(&["info", "--output=json", new.to_str().unwrap()])).unwrap();
     assert_eq!(info["format"], "qcow2");

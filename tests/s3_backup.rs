@@ -234,17 +234,30 @@ fn the_catalog_rebuilds_from_the_bucket_alone() {
     ]);
     assert!(e.err().contains("already holds a holdfast repository; attach to it with `holdfast init --s3 s3://bkt/site1 --existing`"), "{}", e.stderr);
     assert!(!other.path().exists(), "a refused init writes nothing");
-    other
-        .run(&[
-            "init",
-            "--s3",
-            &url,
-            "--endpoint",
-            &srv.endpoint(),
-            "--path-style",
-            "--existing",
-        ])
-        .ok();
+    let ep = srv.endpoint();
+    let mut attach = vec![
+        "init",
+        "--s3",
+        &url,
+        "--endpoint",
+        &ep,
+        "--path-style",
+        "--existing",
+    ];
+    // An encrypted suite run: the new appliance brings the key file's paper copy.
+    let key = repo.tmp("paper-key");
+    if common::test_encryption() == "keyfile" {
+        let e = other.run(&attach);
+        assert_eq!(e.code, 1, "{}", e.stderr);
+        assert!(e.err().contains("--key-file"), "{}", e.stderr);
+        assert!(!other.path().exists(), "a refused attach writes nothing");
+        let text = repo.run(&["key", "export"]).ok().stdout;
+        std::fs::write(&key, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        attach.extend(["--key-file", key.to_str().unwrap()]);
+    }
+    other.run(&attach).ok();
     check_all(&other);
     // It can back up on top; the first appliance sees it after its next sync.
     other.backup("vm-b", &[("root", &base)]);

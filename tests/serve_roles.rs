@@ -644,6 +644,21 @@ fn every_endpoint_as_every_role() {
     snap(&r, 2);
     let r = expect(
         &s,
+        "POST",
+        "/api/v1/vms/web/snapshots/pre-update/clone",
+        Some(json!({"to": restores.join("clone.qcow2")})),
+        &[unauth, (v, 403, "forbidden"), (o, 202, "")],
+    );
+    snap(&r, 2);
+    expect(
+        &s,
+        "POST",
+        "/api/v1/vms/web/snapshots/pre-update/clone",
+        Some(json!({"to": "/etc/holdfast-evil.img"})),
+        &[(o, 403, "forbidden")],
+    );
+    let r = expect(
+        &s,
         "DELETE",
         "/api/v1/vms/web/snapshots/pre-update",
         None,

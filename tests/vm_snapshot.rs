@@ -368,3 +368,192 @@ fn group_snapshots_are_reverted_and_deleted_as_a_group_and_orphans_can_be_forgot
     let all = repo.run(&["--json", "snapshot", "list"]).ok().json();
     assert!(all.as_array().unwrap().is_empty(), "{all}");
 }
+
+/// `qemu-img info` of an image, as JSON.
+fn info(image: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&common::qemu::run(
+        "qemu-img",
+        &["info", "-U", "--output=json", image.to_str().unwrap()],
+    ))
+    .unwrap()
+}
+
+#[test]
+fn snapshots_clone_to_new_independent_images_beside_the_running_vm() {
+    let repo = Repo::new();
+    // Internal (qcow2) snapshot of a running VM; the guest writes on after it.
+    let vm = Vm::start(&[("qcow2", 16)], false);
+    declare(&repo, &vm, "web", &[]);
+    vm.write(0, 0x31, 0, 64 << 10);
+    repo.run(&["snapshot", "create", "web", "Base"]).ok();
+    let at_snapshot = repo.tmp("at-snapshot.raw");
+    vm.snapshot_raw(0, &at_snapshot);
+    vm.write(0, 0x32, 0, 64 << 10);
+    vm.write(0, 0x33, 8 << 20, 64 << 10);
+
+    let q = repo.tmp("web-02.qcow2");
+    let r = repo
+        .run(&[
+            "--json",
+            "snapshot",
+            "clone",
+            "web",
+            "Base",
+            "--to",
+            q.to_str().unwrap(),
+        ])
+        .ok()
+        .json();
+    assert_eq!(r["format"], "qcow2", "a .qcow2 path gets qcow2: {r}");
+    assert_eq!(r["size"], 16 << 20);
+    let i = info(&q);
+    assert_eq!(i["format"], "qcow2");
+    assert!(i["backing-filename"].is_null(), "independent: {i}");
+    let raw = repo.tmp("web-02.img");
+    common::qemu::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-O",
+            "raw",
+            q.to_str().unwrap(),
+            raw.to_str().unwrap(),
+        ],
+    );
+    assert_same(&raw, &at_snapshot);
+    // Raw, explicitly: the same bytes, and holes stay holes.
+    let raw2 = repo.tmp("web-03.img");
+    repo.run(&[
+        "snapshot",
+        "clone",
+        "web",
+        "Base",
+        "--to",
+        raw2.to_str().unwrap(),
+        "--format",
+        "raw",
+    ])
+    .ok();
+    assert_same(&raw2, &at_snapshot);
+    let blocks = std::fs::metadata(&raw2).map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.blocks() * 512
+    });
+    assert!(blocks.unwrap() < 16 << 20, "sparse");
+    // The VM ran on and still holds the snapshot; the clone is a task like any other.
+    assert!(vm.running());
+    vm.io(0, "read -P 0x32 0 64k");
+    assert_eq!(list(&repo, "web")[0]["state"], "ok");
+    let tasks = repo.run(&["--json", "tasks"]).ok().json();
+    let t = tasks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["kind"] == "snapshot-clone")
+        .cloned()
+        .unwrap();
+    assert_eq!(t["state"], "ok", "{t}");
+    assert_eq!(t["progress"]["percent"], 100.0, "{t}");
+
+    // Targets: an existing file needs --force; a qcow2 or an image in use never.
+    err(
+        &repo,
+        &[
+            "snapshot",
+            "clone",
+            "web",
+            "Base",
+            "--to",
+            raw2.to_str().unwrap(),
+        ],
+        "exists",
+        "pass --force",
+    );
+    err(
+        &repo,
+        &[
+            "snapshot",
+            "clone",
+            "web",
+            "Base",
+            "--to",
+            q.to_str().unwrap(),
+            "--force",
+        ],
+        "conflict",
+        "is a qcow2 image",
+    );
+    let disk = vm.disks[0].file.to_str().unwrap().to_string();
+    err(
+        &repo,
+        &[
+            "snapshot", "clone", "web", "Base", "--to", &disk, "--force", "--format", "raw",
+        ],
+        "conflict",
+        "is in use",
+    );
+    let none = repo.tmp("none.img");
+    err(
+        &repo,
+        &[
+            "snapshot",
+            "clone",
+            "web",
+            "Nope",
+            "--to",
+            none.to_str().unwrap(),
+        ],
+        "not-found",
+        "Nope",
+    );
+    assert!(!none.exists());
+    let other = repo.tmp("x.vmdk");
+    err(
+        &repo,
+        &[
+            "snapshot",
+            "clone",
+            "web",
+            "Base",
+            "--to",
+            other.to_str().unwrap(),
+            "--format",
+            "vmdk",
+        ],
+        "usage",
+        "raw or qcow2",
+    );
+    assert!(!other.exists());
+
+    // External (overlay) snapshot of a raw disk: the base under the overlay is the state.
+    let legacy = Vm::start(&[("raw", 16)], false);
+    declare(&repo, &legacy, "legacy", &[]);
+    legacy.write(0, 0x51, 0, 64 << 10);
+    let before = repo.tmp("legacy-before.raw");
+    legacy.snapshot_raw(0, &before);
+    repo.run(&["snapshot", "create", "legacy", "X"]).ok();
+    legacy.write(0, 0x52, 0, 64 << 10);
+    let out = repo.tmp("legacy-clone.img");
+    let r = repo
+        .run(&[
+            "--json",
+            "snapshot",
+            "clone",
+            "legacy",
+            "X",
+            "--to",
+            out.to_str().unwrap(),
+        ])
+        .ok()
+        .json();
+    assert_eq!(r["format"], "raw");
+    assert_same(&out, &before);
+    legacy.io(0, "read -P 0x52 0 64k");
+    // No partial file is left anywhere.
+    let left: Vec<_> = std::fs::read_dir(repo.tmp(""))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

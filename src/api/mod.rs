@@ -222,6 +222,7 @@ pub fn router(s: Shared) -> axum::Router {
         .route("/vms/{vm}/snapshots/{name}", delete(snapshots::delete))
         .route("/vms/{vm}/snapshots/{name}/revert", post(snapshots::revert))
         .route("/vms/{vm}/snapshots/{name}/rename", post(snapshots::rename))
+        .route("/vms/{vm}/snapshots/{name}/clone", post(snapshots::clone))
         .route("/exports", get(backups::exports))
         .route("/tasks", get(tasks::list))
         .route("/tasks/{id}", get(tasks::show))

@@ -101,7 +101,7 @@ impl Modify for Security {
         super::backups::forget, super::backups::protect, super::backups::restore,
         super::backups::export, super::backups::exports, super::backups::verify,
         super::snapshots::list, super::snapshots::create, super::snapshots::revert,
-        super::snapshots::rename, super::snapshots::delete,
+        super::snapshots::rename, super::snapshots::clone, super::snapshots::delete,
         super::tasks::list, super::tasks::show, super::tasks::cancel, super::tasks::events,
         super::stats::total, super::stats::vm, super::stats::gc,
         super::users::list, super::users::show, super::users::add, super::users::update,

@@ -185,6 +185,56 @@ pub async fn rename(
     accepted(r?.task)
 }
 
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotClone {
+    /// The new image: a file inside one of the restore directories (`[service] restore_dirs`).
+    pub to: String,
+    /// The disk (may be left out when the snapshot has one).
+    #[serde(default)]
+    pub disk: Option<String>,
+    /// Default: qcow2 for a `.qcow2` name, else raw.
+    #[serde(default)]
+    pub format: Option<super::backups::RestoreFormat>,
+    /// Overwrite an existing file (never an image in use or a container).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Write a snapshot's disk state to a new image in a restore directory: a new server from
+/// this snapshot (a task).
+#[utoipa::path(post, path = "/api/v1/vms/{vm}/snapshots/{name}/clone", tag = "snapshots",
+    params(("vm" = String, Path), ("name" = String, Path)), request_body = SnapshotClone,
+    responses((status = 202, body = TaskRef), (status = 400, body = ErrorReply),
+        (status = 401, body = ErrorReply), (status = 403, body = ErrorReply),
+        (status = 404, body = ErrorReply), (status = 409, body = ErrorReply),
+        (status = 413, body = ErrorReply), (status = 422, body = ErrorReply)))]
+pub async fn clone(
+    State(s): State<Shared>,
+    Caller(p): Caller,
+    Path((vm, name)): Path<(String, String)>,
+    Body(b): Body<SnapshotClone>,
+) -> ApiResult<Response> {
+    check(&p, Need::Operate, &vm)?;
+    crate::jobs::snapshot::check_name(&name)?;
+    let req = crate::ops::SnapshotCloneRequest {
+        vm,
+        name,
+        disk: b.disk,
+        to: super::backups::confine(&b.to, &s.settings.restore_dirs)?,
+        format: b.format.map(|f| match f {
+            super::backups::RestoreFormat::Raw => "raw".to_string(),
+            super::backups::RestoreFormat::Qcow2 => "qcow2".to_string(),
+        }),
+        force: b.force,
+    };
+    let r = jobs::start(&s, &p, false, move |app, ev| {
+        app.snapshot_clone(&req, ev).map(|_| ())
+    })
+    .await;
+    accepted(r?.task)
+}
+
 /// Delete a snapshot (a task).
 #[utoipa::path(delete, path = "/api/v1/vms/{vm}/snapshots/{name}", tag = "snapshots",
     params(("vm" = String, Path), ("name" = String, Path)),

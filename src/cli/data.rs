@@ -45,11 +45,15 @@ pub struct InitArgs {
     /// losing this machine): the catalog is rebuilt from the bucket alone
     #[arg(long, requires = "s3")]
     existing: bool,
+    /// Attaching (--existing) to a store encrypted with a key file: the copy `holdfast key
+    /// export` printed (mode 0600); it is checked against the bucket and kept as REPO/keyfile
+    #[arg(long, value_name = "FILE", requires = "existing")]
+    key_file: Option<PathBuf>,
     /// How the store is encrypted: `repokey` (the key in the store, wrapped by a passphrase:
     /// HOLDFAST_PASSPHRASE, --passphrase-file or a terminal), `keyfile` (the key in
     /// REPO/keyfile on this appliance, mode 0600: keep `holdfast key export`'s copy safe) or
-    /// `none` (whoever reads the store reads every disk). An S3 store needs it said; a local
-    /// store is `none` unless told
+    /// `none` (whoever reads the store reads every disk). Required: there is no default
+    /// (`--existing` takes the bucket's)
     #[arg(long, value_name = "repokey|keyfile|none")]
     encryption: Option<String>,
 }
@@ -63,6 +67,7 @@ pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
             path_style: a.path_style,
             cache_bytes: parse_size(&a.cache_size)?,
             existing: a.existing,
+            key_file: a.key_file,
         }),
         None => None,
     };
@@ -74,11 +79,13 @@ pub fn init(cx: &Cmdline, a: InitArgs) -> Result<i32> {
                     "--encryption {e:?}: choose repokey, keyfile or none"
                 ))
             })?,
-            (None, Some(s)) if !s.existing => return Err(crate::Error::usage(
-                "an S3 store needs --encryption: repokey (a passphrase), keyfile (a key file on \
-                 this appliance) or none (whoever can read the bucket reads every disk)",
+            // Attaching: the bucket's config says how it is encrypted.
+            (None, Some(s)) if s.existing => Choice::None,
+            (None, _) => return Err(crate::Error::usage(
+                "choose how the store is encrypted: --encryption repokey (the key in the store, \
+                 under a passphrase), keyfile (the key in REPO/keyfile on this appliance) or \
+                 none (whoever can read the store reads every disk)",
             )),
-            (None, _) => Choice::None,
         };
     let clear = encryption == Choice::None && !s3.as_ref().is_some_and(|s| s.existing);
     let req = InitRequest {

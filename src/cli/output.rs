@@ -195,12 +195,8 @@ impl Out {
     }
 
     pub fn verify(&self, r: &VerifyReport) {
-        if self.json(r) {
-            return;
-        }
-        for d in &r.damaged {
-            note!("DAMAGED {} {}: {}", d.kind, d.blob, d.error);
-            for a in &d.affects {
+        let affects = |list: &[crate::jobs::verify::Affected]| {
+            for a in list {
                 note!(
                     "  affects {}@{} disk {} bytes {}..{}",
                     a.vm,
@@ -210,6 +206,22 @@ impl Out {
                     a.offset + a.len
                 );
             }
+        };
+        if self.json(r) {
+            return;
+        }
+        for d in &r.damaged {
+            note!("DAMAGED {} {}: {}", d.kind, d.blob, d.error);
+            affects(&d.affects);
+        }
+        for d in &r.damaged_packs {
+            note!(
+                "DAMAGED pack {}: {}; restores that read it are refused: back up the VMs it \
+                 affects again",
+                d.pack,
+                d.error
+            );
+            affects(&d.affects);
         }
         for d in &r.damaged_manifests {
             let fix = match (d.repaired, d.repairable) {
@@ -235,6 +247,9 @@ impl Out {
         let mut problems = Vec::new();
         if !r.damaged.is_empty() {
             problems.push(format!("{} damaged blob(s)", r.damaged.len()));
+        }
+        if !r.damaged_packs.is_empty() {
+            problems.push(format!("{} damaged pack(s)", r.damaged_packs.len()));
         }
         let bad_manifests = r.damaged_manifests.iter().filter(|d| !d.repaired).count();
         if bad_manifests > 0 {

@@ -102,6 +102,30 @@ to dirty bitmaps)."
         #[arg(long = "vm", value_name = "VM")]
         vms: Vec<String>,
     },
+    /// Write a snapshot's disk state to a new image: a new server from this snapshot
+    #[command(
+        after_help = "Examples:\n  holdfast snapshot clone web-01 PreUpdate --to /var/lib/images/web-02.qcow2\n  \
+holdfast snapshot clone db-01 PreMigration --disk data --to /srv/db-data.img --format raw\n\n\
+The VM may be running: a snapshot's state never changes, and it is read beside QEMU. Internal\n\
+(qcow2) and external (overlay) snapshots both work; the new image is complete and independent\n\
+(no backing file). It is written under a partial name and appears only when whole."
+    )]
+    Clone {
+        vm: String,
+        name: String,
+        /// The new image file
+        #[arg(long)]
+        to: PathBuf,
+        /// Which disk (may be left out when the snapshot has one)
+        #[arg(long)]
+        disk: Option<String>,
+        /// raw (sparse) or qcow2 [default: qcow2 for a .qcow2 path, else raw]
+        #[arg(long, value_name = "raw|qcow2")]
+        format: Option<String>,
+        /// Overwrite an existing file (never one in use, nor a qcow2 or other container)
+        #[arg(long)]
+        force: bool,
+    },
     /// Give a snapshot another name (QEMU's tag stays)
     Rename {
         vm: String,
@@ -273,6 +297,38 @@ pub fn snapshot(cx: &Cmdline, cmd: SnapshotCmd) -> Result<i32> {
                 } else {
                     say!("VM {vm}'s disks reverted to snapshot {name} (the VM was shut down); start it again");
                 }
+            }
+        }
+        SnapshotCmd::Clone {
+            vm,
+            name,
+            to,
+            disk,
+            format,
+            force,
+        } => {
+            let req = crate::ops::SnapshotCloneRequest {
+                vm,
+                name,
+                disk,
+                to,
+                format,
+                force,
+            };
+            let r = cx.app.snapshot_clone(&req, &cx.term())?;
+            if cx.json {
+                print_json(serde_json::to_value(&r).unwrap_or_default());
+            } else {
+                say!(
+                    "wrote disk {} of snapshot {} of VM {} to {} ({}, {} virtual, {:.1} s)",
+                    r.disk,
+                    r.snapshot,
+                    r.vm,
+                    r.to,
+                    r.format,
+                    HumanBytes(r.size),
+                    r.seconds
+                );
             }
         }
         SnapshotCmd::Rename { vm, old, new } => {

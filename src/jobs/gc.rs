@@ -288,7 +288,7 @@ fn copy_live(
             .store
             .get_range(&key, loc.offset, loc.stored_len as usize)?;
         // Sealed again in the new pack (a fresh nonce), so opened here.
-        let stored = repo.open_stored(kind, &bid, stored)?;
+        let stored = repo.open_stored(kind, &bid, &stored)?;
         let codec = Codec::from_u8(loc.codec).unwrap_or(Codec::Raw);
         // The old location is still in the catalog, so add directly (not through the dedup check).
         sink.add_unchecked(NewBlobRef {

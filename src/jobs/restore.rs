@@ -4,6 +4,7 @@
 //! the partial file is removed: wrong bytes are never left behind. A regular-file target is
 //! written to a hidden temp file beside it and renamed into place at the end.
 
+use crate::catalog::PackId;
 use crate::chunk::{BlobId, BlobKind};
 use crate::error::What;
 use crate::repo::format::SegEntry;
@@ -11,6 +12,7 @@ use crate::repo::{DiskEntry, Manifest, Repo};
 use crate::task::{Ctx, Events};
 use crate::{Error, Result};
 use serde::Serialize;
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -27,6 +29,22 @@ pub struct RestoreReport {
     pub size: u64,
     pub data_bytes: u64,
     pub seconds: f64,
+    /// What went to an NBD target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<NbdCounts>,
+}
+
+/// Requests a restore sent to an NBD target, and the holes it skipped.
+#[derive(Debug, Serialize, Default, Clone)]
+pub struct NbdCounts {
+    pub writes: u64,
+    /// WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO that the server did fast.
+    pub fast_zeroes: u64,
+    /// Plain WRITE_ZEROES (no fast zero offered, or the server said it would be slow).
+    pub zeroes: u64,
+    /// The target read zeros throughout (base:allocation), so holes were skipped.
+    pub target_read_zeros: bool,
+    pub holes_skipped: u64,
 }
 
 /// Pick the disk to restore: the named one, or the only one.
@@ -68,11 +86,128 @@ enum Sink {
 }
 
 /// An NBD export written to (qemu-nbd or qemu-storage-daemon serving raw or qcow2, RBD, …):
-/// data runs are written, holes become WRITE_ZEROES (the target may hold old data), and the
-/// end is a flush.
+/// data runs are written, several requests in flight while the next segments are decoded;
+/// holes are skipped on a target that reads zeros throughout (base:allocation says so), else
+/// become WRITE_ZEROES (with NBD_CMD_FLAG_FAST_ZERO where offered, plain ones once the server
+/// says fast zeroing is not available); the end waits for every request, then flushes.
 struct NbdSink {
     rt: tokio::runtime::Runtime,
     client: std::sync::Arc<crate::nbd::Client>,
+    /// Permits for requests in flight.
+    inflight: std::sync::Arc<tokio::sync::Semaphore>,
+    /// The first failed request's error.
+    failed: std::sync::Arc<Mutex<Option<String>>>,
+    /// The whole target reads zeros: holes need no request.
+    zeroed: bool,
+    /// Try NBD_CMD_FLAG_FAST_ZERO (offered, and not yet refused as slow).
+    fast_zero: AtomicBool,
+    writes: AtomicU64,
+    fast_zeroes: AtomicU64,
+    zeroes: AtomicU64,
+    holes_skipped: AtomicU64,
+}
+
+/// Requests a restore keeps in flight to an NBD target.
+const NBD_INFLIGHT: u32 = 16;
+
+/// What a restore sends to an NBD target.
+enum NbdOp {
+    Write(Vec<u8>),
+    Zero(u32),
+}
+
+impl NbdSink {
+    /// Send `op` at `off` without waiting for its reply (at most NBD_INFLIGHT in flight); a
+    /// failure is kept and returned by the next call, and by [`NbdSink::drain`].
+    fn send(&self, off: u64, op: NbdOp, what: &Path) -> Result<()> {
+        self.check(what)?;
+        if let NbdOp::Zero(len) = op {
+            // Fast zero waits for its reply: a server that says "slow" once gets plain
+            // WRITE_ZEROES from then on.
+            if self.fast_zero.load(Ordering::Relaxed) {
+                match self.rt.block_on(self.client.write_zeroes_fast(off, len)) {
+                    Ok(true) => {
+                        self.fast_zeroes.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Ok(false) => self.fast_zero.store(false, Ordering::Relaxed),
+                    Err(e) => {
+                        return Err(Error::io(
+                            format!("zero {} at {off}", what.display()),
+                            std::io::Error::other(e.to_string()),
+                        ))
+                    }
+                }
+            }
+        }
+        let permit = self
+            .rt
+            .block_on(self.inflight.clone().acquire_owned())
+            .map_err(|e| Error::internal(format!("NBD request slots: {e}")))?;
+        let counter = match op {
+            NbdOp::Write(_) => &self.writes,
+            NbdOp::Zero(_) => &self.zeroes,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let client = self.client.clone();
+        let failed = self.failed.clone();
+        self.rt.spawn(async move {
+            let r = match op {
+                NbdOp::Write(data) => client.write(off, &data).await,
+                NbdOp::Zero(len) => client.write_zeroes(off, len, false).await,
+            };
+            if let Err(e) = r {
+                crate::sys::lock(&failed).get_or_insert(format!("at {off}: {e}"));
+            }
+            drop(permit);
+        });
+        Ok(())
+    }
+
+    fn check(&self, what: &Path) -> Result<()> {
+        match crate::sys::lock(&self.failed).clone() {
+            None => Ok(()),
+            Some(e) => Err(Error::io(
+                format!("write {}", what.display()),
+                std::io::Error::other(e),
+            )),
+        }
+    }
+
+    /// Wait for every request in flight; the first failure is the error.
+    fn drain(&self, what: &Path) -> Result<()> {
+        let all = self
+            .rt
+            .block_on(self.inflight.acquire_many(NBD_INFLIGHT))
+            .map_err(|e| Error::internal(format!("NBD request slots: {e}")))?;
+        drop(all);
+        self.check(what)
+    }
+}
+
+/// Whether the whole NBD export reads zeros (base:allocation says ZERO everywhere): a bounded
+/// walk that stops at the first extent that is not.
+async fn reads_zeros(client: &crate::nbd::Client) -> bool {
+    use crate::nbd::proto::STATE_ZERO;
+    let size = client.size();
+    let mut at = 0u64;
+    for _ in 0..100_000 {
+        if at >= size {
+            return true;
+        }
+        let len = (size - at).min(1 << 30) as u32;
+        let Ok(extents) = client.block_status_for(at, len, "base:allocation").await else {
+            return false;
+        };
+        let Some(last) = extents.last() else {
+            return false;
+        };
+        if extents.iter().any(|e| e.flags & STATE_ZERO == 0) {
+            return false;
+        }
+        at = last.offset + u64::from(last.len);
+    }
+    false
 }
 
 struct Target {
@@ -82,6 +217,8 @@ struct Target {
     /// Holes are written too (zeros on a block device, WRITE_ZEROES over NBD): the target is
     /// not a new sparse file.
     is_block: bool,
+    /// The packs the restore read from (their entry tables are checked before the commit).
+    read_from: Mutex<BTreeSet<PackId>>,
 }
 
 /// `nbd://…` or `nbd+unix://…`: an NBD export, not a file path.
@@ -99,12 +236,7 @@ impl Target {
                 let max = crate::nbd::proto::MAX_PAYLOAD as usize;
                 for (i, part) in b.chunks(max).enumerate() {
                     let off = at + (i * max) as u64;
-                    n.rt.block_on(n.client.write(off, part)).map_err(|e| {
-                        Error::io(
-                            format!("write {} at {off}", self.final_path.display()),
-                            std::io::Error::other(e.to_string()),
-                        )
-                    })?;
+                    n.send(off, NbdOp::Write(part.to_vec()), &self.final_path)?;
                 }
                 Ok(())
             }
@@ -115,14 +247,12 @@ impl Target {
     /// has none); on a block device plain zeros; nothing in a new sparse file.
     fn zero(&self, at: u64, len: u64, zeros: &[u8]) -> Result<()> {
         match &self.sink {
+            Sink::Nbd(n) if n.zeroed => {
+                n.holes_skipped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
             Sink::Nbd(n) if n.client.flags() & crate::nbd::proto::FLAG_SEND_WRITE_ZEROES != 0 => {
-                let r = n.rt.block_on(n.client.write_zeroes(at, len as u32, false));
-                r.map_err(|e| {
-                    Error::io(
-                        format!("zero {} at {at}", self.final_path.display()),
-                        std::io::Error::other(e.to_string()),
-                    )
-                })
+                n.send(at, NbdOp::Zero(len as u32), &self.final_path)
             }
             _ if self.is_block => self.write(&zeros[..len as usize], at),
             _ => Ok(()),
@@ -140,8 +270,8 @@ fn open_nbd(uri: &str, size: u64) -> Result<Target> {
         .map_err(|e| Error::io("start the NBD client", e))?;
     let opts = crate::nbd::ConnectOptions {
         structured_replies: true,
-        meta_contexts: Vec::new(),
-        max_in_flight: 16,
+        meta_contexts: vec!["base:allocation".into()],
+        max_in_flight: NBD_INFLIGHT as usize,
     };
     let client = rt
         .block_on(crate::nbd::Client::connect(uri, &opts))
@@ -163,14 +293,25 @@ fn open_nbd(uri: &str, size: u64) -> Result<Target> {
             client.size()
         )));
     }
+    let zeroed = rt.block_on(reads_zeros(&client));
+    let fast_zero = client.flags() & crate::nbd::proto::FLAG_SEND_FAST_ZERO != 0;
     Ok(Target {
         sink: Sink::Nbd(NbdSink {
             rt,
             client: std::sync::Arc::new(client),
+            inflight: std::sync::Arc::new(tokio::sync::Semaphore::new(NBD_INFLIGHT as usize)),
+            failed: Default::default(),
+            zeroed,
+            fast_zero: AtomicBool::new(fast_zero),
+            writes: AtomicU64::new(0),
+            fast_zeroes: AtomicU64::new(0),
+            zeroes: AtomicU64::new(0),
+            holes_skipped: AtomicU64::new(0),
         }),
         final_path: PathBuf::from(uri),
         temp: None,
         is_block: true,
+        read_from: Default::default(),
     })
 }
 
@@ -355,6 +496,7 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
                 final_path: to.into(),
                 temp: None,
                 is_block: true,
+                read_from: Default::default(),
             });
         }
         check_target(to, force)?;
@@ -373,6 +515,7 @@ fn open_target(to: &Path, size: u64, force: bool) -> Result<Target> {
         final_path: to.into(),
         temp: Some(temp),
         is_block: false,
+        read_from: Default::default(),
     })
 }
 
@@ -404,6 +547,32 @@ pub(super) fn partial_beside(to: &Path) -> Result<PathBuf> {
         partial_prefix(&name.to_string_lossy()),
         std::process::id()
     )))
+}
+
+/// A partial file, removed unless whatever writes it completes (and forgets the guard).
+pub(super) struct Partial(pub(super) PathBuf);
+
+impl Partial {
+    /// The partial file is whole: sync it, rename it to `to`, sync the directory.
+    pub(super) fn commit(self, to: &Path) -> Result<()> {
+        let what = |e| Error::io(format!("write {}", to.display()), e);
+        File::open(&self.0)
+            .and_then(|f| f.sync_all())
+            .map_err(what)?;
+        fs::rename(&self.0, to).map_err(what)?;
+        std::mem::forget(self);
+        let dir = to
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        File::open(dir).and_then(|d| d.sync_all()).map_err(what)
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// The name a restore to a file named `name` writes first: `.NAME.holdfast-partial.PID`.
@@ -443,6 +612,7 @@ impl Target {
         match &self.sink {
             Sink::File(f) => f.sync_all().map_err(|e| Error::io(what(), e))?,
             Sink::Nbd(n) => {
+                n.drain(&self.final_path)?;
                 if n.client.flags() & crate::nbd::proto::FLAG_SEND_FLUSH != 0 {
                     n.rt.block_on(n.client.flush())
                         .map_err(|e| Error::io(what(), std::io::Error::other(e.to_string())))?;
@@ -520,8 +690,20 @@ pub fn restore(
     if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e); // Target's drop removes the partial file
     }
+    check_packs(repo, &crate::sys::lock(&target.read_from))?;
+    let nbd = match &target.sink {
+        Sink::Nbd(n) => Some(NbdCounts {
+            writes: n.writes.load(Ordering::Relaxed),
+            fast_zeroes: n.fast_zeroes.load(Ordering::Relaxed),
+            zeroes: n.zeroes.load(Ordering::Relaxed),
+            target_read_zeros: n.zeroed,
+            holes_skipped: n.holes_skipped.load(Ordering::Relaxed),
+        }),
+        Sink::File(_) => None,
+    };
     target.commit()?;
     Ok(RestoreReport {
+        nbd,
         vm: m.vm.clone(),
         backup: m.id.clone(),
         disk: disk.name.clone(),
@@ -562,10 +744,23 @@ fn restore_segment(
         }
         at += u64::from(e.len());
     }
-    let mut chunks = repo
-        .read_blobs(BlobKind::Chunk, &ids)
-        .map_err(|(i, e)| located(e, start + offsets[i]))?
-        .into_iter();
+    let mut items = Vec::with_capacity(ids.len());
+    for (i, id) in ids.iter().enumerate() {
+        let loc = repo
+            .locate(id)
+            .map_err(|e| located(e, start + offsets[i]))?;
+        items.push((*id, loc));
+    }
+    crate::sys::lock(&t.read_from).extend(items.iter().map(|(_, l)| l.pack));
+    let mut chunks = Vec::with_capacity(items.len());
+    for (i, r) in repo
+        .read_located(repo.store.as_ref(), BlobKind::Chunk, &items)
+        .into_iter()
+        .enumerate()
+    {
+        chunks.push(r.map_err(|e| located(e, start + offsets[i]))?);
+    }
+    let mut chunks = chunks.into_iter();
     let mut at = 0usize;
     let mut run: Option<usize> = None; // start of the current data run inside buf
                                        // Over NBD, data runs are written and holes zeroed, each as it ends; a block device
@@ -595,6 +790,27 @@ fn restore_segment(
         (_, false) => write(buf, start),
         (Some(r), true) => write(&buf[r..at], start + r as u64),
         (None, true) => Ok(()),
+    }
+}
+
+/// Before a restore is committed: the entry tables of every pack it read from check out. A
+/// pack that was tampered with is damage even where the blobs read still authenticate, and
+/// the restore is refused (its partial file removed) rather than trusted.
+pub(super) fn check_packs(repo: &Repo, packs: &BTreeSet<PackId>) -> Result<()> {
+    match repo
+        .check_pack_tables(repo.store.as_ref(), packs)
+        .into_iter()
+        .next()
+    {
+        None => Ok(()),
+        Some((p, e)) => Err(Error::damaged(
+            "pack",
+            format!(
+                "pack {} is damaged ({e}); nothing was restored: run `holdfast verify` to see \
+                 what it affects",
+                hex::encode(p)
+            ),
+        )),
     }
 }
 

@@ -3,12 +3,12 @@
 //! private socket and stops (the NBD target of [`super::restore`]), so the image's format is
 //! QEMU's business and its write lock refuses an image that is in use.
 
-use super::restore::{check_target, lock_holder, partial_beside, restore, RestoreReport};
+use super::restore::{check_target, lock_holder, partial_beside, restore, Partial, RestoreReport};
 use crate::error::What;
 use crate::repo::{DiskEntry, Manifest, Repo};
 use crate::task::Ctx;
 use crate::{Error, Result};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -36,15 +36,7 @@ pub fn restore_qcow2(
     )?;
     let result = through_qemu_nbd(&temp, "qcow2", |uri| restore(repo, m, disk, uri, true, ctx));
     let mut report = result?;
-    let what = |e| Error::io(format!("write {}", to.display()), e);
-    File::open(&temp).and_then(|f| f.sync_all()).map_err(what)?;
-    fs::rename(&temp, to).map_err(what)?;
-    std::mem::forget(guard);
-    let dir = to
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir).and_then(|d| d.sync_all()).map_err(what)?;
+    guard.commit(to)?;
     report.to = to.display().to_string();
     Ok(report)
 }
@@ -203,15 +195,6 @@ pub fn restore_in_place(
         }
     }
     Ok(done)
-}
-
-/// A partial file removed unless the restore completed.
-struct Partial(PathBuf);
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 /// Run a tool to completion; its stderr is the error.

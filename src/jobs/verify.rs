@@ -5,14 +5,14 @@
 //! pass 3, only when something is damaged, maps each damaged blob to the backups, disks and
 //! byte ranges that use it.
 
-use crate::catalog::ChunkLoc;
+use crate::catalog::{ChunkLoc, PackId};
 use crate::chunk::{BlobId, BlobKind};
 use crate::repo::format::SegEntry;
 use crate::repo::{Manifest, Repo};
 use crate::task::Ctx;
 use crate::Result;
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 
 #[derive(Debug, Serialize, Clone)]
@@ -29,6 +29,17 @@ pub struct Damage {
     pub blob: String,
     pub kind: &'static str,
     pub error: String,
+    pub affects: Vec<Affected>,
+}
+
+/// A pack whose entry table does not check out (altered, cut, moved from another pack or
+/// written with another key): the blobs in it may still authenticate one by one, but the pack
+/// was tampered with, restores that read it are refused and `catalog rebuild` cannot list it.
+#[derive(Debug, Serialize)]
+pub struct DamagedPack {
+    pub pack: String,
+    pub error: String,
+    /// The byte ranges of the checked backups with data in the pack (neighbours merged).
     pub affects: Vec<Affected>,
 }
 
@@ -51,6 +62,9 @@ pub struct VerifyReport {
     pub chunks_checked: u64,
     pub bytes_checked: u64,
     pub damaged: Vec<Damage>,
+    /// Packs holding the checked blobs whose entry tables were read and checked.
+    pub packs_checked: u64,
+    pub damaged_packs: Vec<DamagedPack>,
     /// Manifests in the store read and checked.
     pub manifests_checked: u64,
     pub damaged_manifests: Vec<DamagedManifest>,
@@ -65,6 +79,7 @@ impl VerifyReport {
     /// True when nothing is damaged or missing (after any repair).
     pub fn is_clean(&self) -> bool {
         self.damaged.is_empty()
+            && self.damaged_packs.is_empty()
             && self.damaged_manifests.iter().all(|d| d.repaired)
             && self.missing_manifests.len() == self.restored_manifests.len()
     }
@@ -197,10 +212,92 @@ pub fn verify(
     for (id, e) in check_chunks(repo, &todo, ctx)? {
         bad.insert(id, (BlobKind::Chunk, e));
     }
+    // The entry tables of every pack holding a checked blob: metadata and chunks.
+    let mut packs: BTreeSet<PackId> = todo.iter().map(|(l, _)| l.pack).collect();
+    let meta = seglists.keys().copied().chain(
+        backups
+            .iter()
+            .flat_map(|m| &m.disks)
+            .flat_map(|d| &d.index)
+            .filter_map(|h| BlobId::parse(h).ok()),
+    );
+    packs.extend(meta.filter_map(|id| repo.locate(&id).ok()).map(|l| l.pack));
+    rep.packs_checked = packs.len() as u64;
+    let bad_packs = repo.check_pack_tables(repo.uncached.as_ref(), &packs);
+    if !bad_packs.is_empty() {
+        rep.damaged_packs = pack_damage(repo, backups, &seglists, bad_packs);
+    }
     if !bad.is_empty() {
         rep.damaged = locate_damage(repo, backups, &seglists, bad);
     }
     Ok(rep)
+}
+
+/// Which backups, disks and byte ranges have data in each damaged pack (adjacent ranges of a
+/// disk merged).
+fn pack_damage(
+    repo: &Repo,
+    backups: &[Manifest],
+    seglists: &HashMap<BlobId, Vec<SegEntry>>,
+    bad: Vec<(PackId, String)>,
+) -> Vec<DamagedPack> {
+    let bad_packs: HashSet<PackId> = bad.iter().map(|(p, _)| *p).collect();
+    let pack_of = |id: &BlobId| repo.locate(id).ok().map(|l| l.pack);
+    let mut affects: HashMap<PackId, Vec<Affected>> = HashMap::new();
+    for m in backups {
+        for d in &m.disks {
+            let mut hit = |pack: PackId, offset: u64, len: u64| {
+                let list = affects.entry(pack).or_default();
+                if let Some(last) = list.last_mut() {
+                    let same = last.backup == m.id && last.vm == m.vm && last.disk == d.name;
+                    if same && last.offset + last.len == offset {
+                        last.len += len;
+                        return;
+                    }
+                }
+                list.push(Affected {
+                    vm: m.vm.clone(),
+                    backup: m.id.clone(),
+                    disk: d.name.clone(),
+                    offset,
+                    len,
+                });
+            };
+            for id in d.index.iter().filter_map(|h| BlobId::parse(h).ok()) {
+                if let Some(p) = pack_of(&id).filter(|p| bad_packs.contains(p)) {
+                    hit(p, 0, d.size);
+                }
+            }
+            let Ok(segs) = repo.disk_segments(d) else {
+                continue;
+            };
+            let seg = u64::from(d.segment_size);
+            for (i, s) in segs.iter().enumerate() {
+                let Some(sid) = s else { continue };
+                let start = i as u64 * seg;
+                if let Some(p) = pack_of(sid).filter(|p| bad_packs.contains(p)) {
+                    hit(p, start, seg.min(d.size - start));
+                    continue;
+                }
+                let mut at = start;
+                for e in seglists.get(sid).map(|v| v.as_slice()).unwrap_or(&[]) {
+                    if let SegEntry::Chunk(c, l) = e {
+                        if let Some(p) = pack_of(c).filter(|p| bad_packs.contains(p)) {
+                            hit(p, at, u64::from(*l));
+                        }
+                    }
+                    at += u64::from(e.len());
+                }
+            }
+        }
+    }
+    bad.into_iter()
+        .map(|(p, error)| DamagedPack {
+            pack: hex::encode(p),
+            error,
+            affects: affects.remove(&p).unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// Pass 1: every index and segment list of `backups`; the segment lists read and the unique

@@ -310,6 +310,31 @@ impl Client {
             .map(drop)
     }
 
+    /// WRITE_ZEROES with NBD_CMD_FLAG_FAST_ZERO (the server must offer it): Ok(false) when the
+    /// server says zeroing would be slow (ENOTSUP), so the caller picks another way.
+    pub async fn write_zeroes_fast(&self, offset: u64, len: u32) -> Result<bool, ClientError> {
+        if self.flags & FLAG_SEND_FAST_ZERO == 0 || self.flags & FLAG_SEND_WRITE_ZEROES == 0 {
+            return Err(ClientError::Unsupported("server does not offer fast zero"));
+        }
+        let r = self
+            .send(
+                CMD_WRITE_ZEROES,
+                CMD_FLAG_FAST_ZERO,
+                offset,
+                len,
+                &[],
+                OpKind::Plain,
+            )
+            .await?
+            .output()
+            .await;
+        match r {
+            Ok(_) => Ok(true),
+            Err(ClientError::Server { errno, .. }) if errno == ENOTSUP => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Block status for every negotiated context, keyed by context name.
     pub async fn block_status(
         &self,

@@ -45,6 +45,9 @@ pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+/// The server fails a WRITE_ZEROES with CMD_FLAG_FAST_ZERO at once (ENOTSUP) when zeroing
+/// would be no faster than writing zeros.
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // ---- options ----
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -93,6 +96,7 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 pub const CMD_FLAG_DF: u16 = 1 << 2;
 pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 // ---- structured reply ----
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;

@@ -25,6 +25,8 @@ pub struct S3Init {
     pub cache_bytes: u64,
     /// Attach to a repository that exists in the bucket (the catalog is rebuilt from it).
     pub existing: bool,
+    /// Attaching to a store encrypted with a key file: the copy `key export` printed.
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -91,8 +93,12 @@ impl Appliance {
                     req.chunker,
                     req.compression_level,
                     s3.cache_bytes,
-                    s3.existing,
-                    req.encryption,
+                    match s3.existing {
+                        true => crate::repo::Attach::Existing {
+                            key_file: s3.key_file.as_deref(),
+                        },
+                        false => crate::repo::Attach::New(req.encryption),
+                    },
                 )?
             }
             None => Repo::init_with(
@@ -204,6 +210,7 @@ impl Appliance {
                     size: rs.iter().map(|r| r.size).sum(),
                     data_bytes: rs.iter().map(|r| r.data_bytes).sum(),
                     seconds: rs.iter().map(|r| r.seconds).sum(),
+                    nbd: None,
                 })
             },
             |r| {
@@ -312,8 +319,8 @@ impl Appliance {
 
 fn verify_outcome(r: &VerifyReport) -> Outcome {
     let line = format!(
-        "verified {} backup(s): {} of {} chunks re-hashed, {} manifest(s) read",
-        r.backups, r.chunks_checked, r.chunks_total, r.manifests_checked
+        "verified {} backup(s): {} of {} chunks re-hashed, {} pack(s) and {} manifest(s) read",
+        r.backups, r.chunks_checked, r.chunks_total, r.packs_checked, r.manifests_checked
     );
     if r.is_clean() {
         return summary(format!("{line}: OK"));
@@ -321,8 +328,10 @@ fn verify_outcome(r: &VerifyReport) -> Outcome {
     let e = Error::damaged(
         "blob",
         format!(
-            "{line}: {} damaged blob(s), {} damaged and {} missing manifest(s)",
+            "{line}: {} damaged blob(s), {} damaged pack(s), {} damaged and {} missing \
+             manifest(s)",
             r.damaged.len(),
+            r.damaged_packs.len(),
             r.damaged_manifests.iter().filter(|d| !d.repaired).count(),
             r.missing_manifests.len() - r.restored_manifests.len()
         ),

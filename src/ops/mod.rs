@@ -26,8 +26,8 @@ pub use prune::{schedules, NextRun, PolicyShow, PruneReport, PruneRequest, VmPru
 pub use serve::{CatRequest, ExportRequest, MountRequest, RestoreFilesRequest, UmountReport};
 pub use tasks::TaskFilter;
 pub use vms::{
-    expire_error, DoctorReport, ExpireReport, SnapshotCreateRequest, VmAddRequest, VmList,
-    VmRemoved,
+    expire_error, DoctorReport, ExpireReport, SnapshotCloneRequest, SnapshotCreateRequest,
+    VmAddRequest, VmList, VmRemoved,
 };
 
 use crate::jobs::vms::VmsFile;

@@ -62,6 +62,19 @@ pub struct SnapshotCreateRequest {
     pub ttl: Option<Duration>,
 }
 
+/// `snapshot clone`: one disk of a snapshot written to a new image.
+#[derive(Clone, Debug)]
+pub struct SnapshotCloneRequest {
+    pub vm: String,
+    pub name: String,
+    /// None: the snapshot's only disk.
+    pub disk: Option<String>,
+    pub to: PathBuf,
+    /// `raw` or `qcow2`; None: qcow2 for a `.qcow2` path, else raw.
+    pub format: Option<String>,
+    pub force: bool,
+}
+
 #[derive(Debug, Serialize)]
 pub struct ExpireReport {
     pub deleted: Vec<Snapshot>,
@@ -324,6 +337,52 @@ impl Appliance {
             events,
             |_, _| snapshot::revert(&repo, &v, name),
             |_| summary(format!("reverted VM {vm} to snapshot {name}")),
+        )
+    }
+
+    /// Write one disk of a snapshot to a new image, beside the running (or stopped) VM.
+    pub fn snapshot_clone(
+        &self,
+        req: &SnapshotCloneRequest,
+        events: &dyn Events,
+    ) -> Result<snapshot::CloneReport> {
+        let v = self.declared(&req.vm)?;
+        snapshot::check_name(&req.name)?;
+        let format = match req.format.as_deref() {
+            Some(f) => f,
+            None if req.to.extension().is_some_and(|e| e == "qcow2") => "qcow2",
+            None => "raw",
+        };
+        snapshot::check_clone_format(format)?;
+        crate::jobs::restore::check_target(&req.to, req.force)?;
+        let repo = self.open()?;
+        let mut spec = self.spec(
+            Kind::SnapshotClone,
+            vec![v.name.clone()],
+            format!("{} to {}", req.name, req.to.display()),
+        );
+        spec.output = Some(std::path::absolute(&req.to).unwrap_or_else(|_| req.to.clone()));
+        self.run_spec(
+            spec,
+            events,
+            |_, ctx| {
+                snapshot::clone(
+                    &repo,
+                    &v,
+                    &req.name,
+                    req.disk.as_deref(),
+                    &req.to,
+                    format,
+                    req.force,
+                    ctx,
+                )
+            },
+            |r| {
+                summary(format!(
+                    "wrote disk {} of snapshot {} of VM {} to {} ({})",
+                    r.disk, r.snapshot, r.vm, r.to, r.format
+                ))
+            },
         )
     }
 

@@ -122,7 +122,7 @@ pub struct KeyFile {
 
 const KEY_FORMAT: &str = "holdfast-key";
 
-fn key_error(msg: impl Into<String>) -> Error {
+pub fn key_error(msg: impl Into<String>) -> Error {
     Error::Key(msg.into())
 }
 

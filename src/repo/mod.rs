@@ -63,6 +63,15 @@ struct RemoteFile {
     cache_bytes: u64,
 }
 
+/// How `init --s3` meets the bucket.
+#[derive(Clone, Copy, Debug)]
+pub enum Attach<'a> {
+    /// A new store, encrypted as chosen.
+    New(keys::Choice),
+    /// A store already in the bucket; its key file when it is encrypted with one.
+    Existing { key_file: Option<&'a Path> },
+}
+
 /// True when `dir` holds a repository (a local store, or a pointer to an S3 one).
 pub fn is_repo(dir: &Path) -> bool {
     dir.join("config").exists() || dir.join(REMOTE_FILE).exists()
@@ -160,9 +169,12 @@ impl Repo {
         chunker: chunk::ChunkerParams,
         level: i32,
         cache_bytes: u64,
-        existing: bool,
-        enc: keys::Choice,
+        how: Attach<'_>,
     ) -> Result<Repo> {
+        let (existing, enc, key_file) = match how {
+            Attach::New(enc) => (false, enc, None),
+            Attach::Existing { key_file } => (true, keys::Choice::None, key_file),
+        };
         chunker.validate()?;
         let s3 = S3Store::open(&location, S3Options::from_env())?;
         s3.check()?;
@@ -189,26 +201,90 @@ impl Repo {
                 ),
             ));
         }
-        check_new_dir(dir)?;
-        let remote = RemoteFile {
-            s3: location,
-            cache_bytes,
+        // Attaching to a store encrypted with a key file: the key is checked against the
+        // bucket's config before anything is written here.
+        let key = match existing {
+            true => Repo::attach_key(&s3, &location, key_file)?,
+            false => None,
         };
-        let json = serde_json::to_vec_pretty(&remote).map_err(Error::internal)?;
-        let path = dir.join(REMOTE_FILE);
-        crate::sys::write_atomic(&path, &json, true)
-            .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
-        Catalog::create(&dir.join("catalog"))?;
-        if !existing {
-            let cfg = Repo::new_config(dir, &s3, chunker, level, enc)?;
-            let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
-            s3.put("config", &json)?;
+        let fresh = !dir.exists();
+        check_new_dir(dir)?;
+        let made = (|| {
+            let remote = RemoteFile {
+                s3: location,
+                cache_bytes,
+            };
+            let json = serde_json::to_vec_pretty(&remote).map_err(Error::internal)?;
+            let path = dir.join(REMOTE_FILE);
+            crate::sys::write_atomic(&path, &json, true)
+                .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+            if let Some((k, sid)) = &key {
+                keys::write_keyfile(dir, k, sid)?;
+            }
+            Catalog::create(&dir.join("catalog"))?;
+            if !existing {
+                let cfg = Repo::new_config(dir, &s3, chunker, level, enc)?;
+                let json = serde_json::to_vec_pretty(&cfg).map_err(Error::internal)?;
+                s3.put("config", &json)?;
+            }
+            let repo = Repo::open(dir)?;
+            if existing {
+                repo.sync()?;
+            }
+            Ok(repo)
+        })();
+        if made.is_err() {
+            // Nothing half-made is left: a wrong passphrase or key, a server that went away.
+            if fresh {
+                let _ = std::fs::remove_dir_all(dir);
+            } else if let Ok(rd) = std::fs::read_dir(dir) {
+                for e in rd.flatten() {
+                    let _ = std::fs::remove_dir_all(e.path())
+                        .or_else(|_| std::fs::remove_file(e.path()));
+                }
+            }
         }
-        let repo = Repo::open(dir)?;
-        if existing {
-            repo.sync()?;
+        made
+    }
+
+    /// For `init --existing`: the bucket's key from `file` when its store is encrypted with a
+    /// key file (required then), checked against the bucket's config; None otherwise.
+    fn attach_key(
+        s3: &S3Store,
+        location: &S3Location,
+        file: Option<&Path>,
+    ) -> Result<Option<(crate::crypto::Keys, String)>> {
+        let raw = s3.get("config")?;
+        let (config, _) = Config::parse(&raw).map_err(|e| {
+            Error::damaged(
+                "config",
+                format!("{}/config is damaged: {e}", location.url()),
+            )
+        })?;
+        let (Some(enc), Some(sid)) = (&config.encryption, &config.store_id) else {
+            return match file {
+                Some(_) => Err(Error::usage(format!(
+                    "{} is not encrypted: it takes no --key-file",
+                    location.url()
+                ))),
+                None => Ok(None),
+            };
+        };
+        match (enc.mode.as_str(), file) {
+            ("keyfile", None) => Err(keys::key_error(format!(
+                "{} is encrypted with a key file: attach with --key-file FILE (the copy `holdfast \
+                 key export` printed)",
+                location.url()
+            ))),
+            (_, None) => Ok(None),
+            (_, Some(f)) => {
+                keys::check_secret_file(f)?;
+                let text = std::fs::read_to_string(f)
+                    .map_err(|e| Error::io(format!("read {}", f.display()), e))?;
+                let k = keys::parse_keyfile(&text, f, sid, enc)?;
+                Ok(Some((k, sid.clone())))
+            }
         }
-        Ok(repo)
     }
 
     /// The store a repository directory points at: itself, or an S3 bucket behind a read cache.
@@ -389,15 +465,21 @@ impl Repo {
 
     /// A blob's stored bytes as the codec wants them: an encrypted store's sealed blob opened
     /// (bound to its kind and id: a blob swapped or altered in its pack is damage).
-    pub fn open_stored(&self, kind: BlobKind, id: &BlobId, stored: Vec<u8>) -> Result<Vec<u8>> {
+    pub fn open_stored<'a>(
+        &self,
+        kind: BlobKind,
+        id: &BlobId,
+        stored: &'a [u8],
+    ) -> Result<std::borrow::Cow<'a, [u8]>> {
         let Some(k) = &self.keys else {
-            return Ok(stored);
+            return Ok(std::borrow::Cow::Borrowed(stored));
         };
         k.open(
             crate::crypto::Purpose::Blob,
             &pack::blob_ad(kind as u8, &id.0),
-            &stored,
+            stored,
         )
+        .map(std::borrow::Cow::Owned)
         .map_err(|_| {
             Error::damaged(
                 "blob",
@@ -416,7 +498,10 @@ impl Repo {
             loc.offset,
             loc.stored_len as usize,
         )?;
-        let stored = self.open_stored(kind, id, stored)?;
+        let stored = match self.keys {
+            Some(_) => self.open_stored(kind, id, &stored)?.into_owned(), // owned: no copy
+            None => stored,
+        };
         let codec = codec_of(id, loc)?;
         Ok(chunk::decode_owned(
             &self.keyer,
@@ -435,11 +520,8 @@ impl Repo {
         loc: &ChunkLoc,
         stored: &[u8],
     ) -> Result<Vec<u8>> {
-        if self.keys.is_some() {
-            let opened = self.open_stored(kind, id, stored.to_vec())?;
-            return self.decode_at_plain(kind, id, loc, &opened);
-        }
-        self.decode_at_plain(kind, id, loc, stored)
+        let opened = self.open_stored(kind, id, stored)?;
+        self.decode_at_plain(kind, id, loc, &opened)
     }
 
     fn decode_at_plain(
@@ -503,6 +585,37 @@ impl Repo {
         out.into_iter()
             .map(|r| r.expect("every item was read"))
             .collect()
+    }
+
+    /// Read and check the entry tables of `packs` from `store` (the read cache, or past it),
+    /// in parallel: the
+    /// packs whose tables cannot be read or do not check out (a flipped byte, a table moved
+    /// from another pack, another key), with the reason, in pack order. A blob in such a pack
+    /// still authenticates on its own, but a pack that was tampered with is damage, and
+    /// `catalog rebuild` could not recover it.
+    pub fn check_pack_tables(
+        &self,
+        store: &dyn ObjectStore,
+        packs: &std::collections::BTreeSet<PackId>,
+    ) -> Vec<(PackId, String)> {
+        let packs: Vec<&PackId> = packs.iter().collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let bad = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for _ in 0..self.io_workers().min(packs.len()) {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(p) = packs.get(i) else { break };
+                    let key = pack::pack_key(&hex::encode(p));
+                    if let Err(e) = pack::read_footer(store, &key, self.keys.as_deref()) {
+                        crate::sys::lock(&bad).push((**p, e.to_string()));
+                    }
+                });
+            }
+        });
+        let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+        bad.sort();
+        bad
     }
 
     /// Read many blobs by id, fetched together where they share a pack; the error names the

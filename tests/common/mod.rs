@@ -175,13 +175,22 @@ pub struct Repo {
     pub env: Vec<(&'static str, String)>,
 }
 
+/// How the tests' stores are encrypted: `none`, unless HOLDFAST_TEST_ENCRYPTION=keyfile runs
+/// the whole suite on encrypted stores (every reader unchanged on them).
+pub fn test_encryption() -> &'static str {
+    match std::env::var("HOLDFAST_TEST_ENCRYPTION").as_deref() {
+        Ok("keyfile") => "keyfile",
+        _ => "none",
+    }
+}
+
 impl Repo {
     pub fn new() -> Repo {
         let r = Repo {
             dir: tempfile::tempdir().unwrap(),
             env: Vec::new(),
         };
-        r.run(&["init"]).ok();
+        r.run(&["init", "--encryption", test_encryption()]).ok();
         r.keep_every_backup();
         r
     }
@@ -193,7 +202,7 @@ impl Repo {
             dir: tempfile::tempdir().unwrap(),
             env: Vec::new(),
         };
-        r.run(&["init"]).ok();
+        r.run(&["init", "--encryption", test_encryption()]).ok();
         r
     }
 
@@ -228,7 +237,7 @@ impl Repo {
         let mut args = vec!["init", "--s3", &url, "--endpoint", endpoint, "--path-style"];
         args.extend_from_slice(extra);
         if !extra.contains(&"--encryption") && !extra.contains(&"--existing") {
-            args.extend(["--encryption", "none"]);
+            args.extend(["--encryption", test_encryption()]);
         }
         r.run(&args).ok();
         r.keep_every_backup();

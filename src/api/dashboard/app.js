@@ -101,6 +101,7 @@
     'snapshot-create': 'Taking Snapshot',
     'snapshot-revert': 'Reverting Snapshot',
     'snapshot-rename': 'Renaming Snapshot',
+    'snapshot-clone': 'Cloning Snapshot',
     'snapshot-delete': 'Deleting Snapshot',
     'snapshot-expire': 'Expiring Snapshot',
     verify: 'Verifying Backups',

@@ -16,11 +16,13 @@
 //! snapshot of several VMs is all or nothing (created ones are deleted again on failure);
 //! every operation runs under the VM's lock, which the caller (the task) holds.
 
+mod clone;
 mod create;
 mod offline;
 pub mod records;
 mod revert;
 
+pub use clone::{check_format as check_clone_format, clone, CloneReport};
 pub use create::{check_room, create, CreateArgs};
 pub use records::{check_name, record, records, Kind, SnapDisk, Snapshot};
 pub use revert::{revert, RevertReport};
