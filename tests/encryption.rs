@@ -317,8 +317,21 @@ fn tampering_is_damage_never_data() {
     let manifest = walk(&repo.path().join("backups")).remove(0);
     let len = std::fs::metadata(&manifest).unwrap().len();
     flip(&manifest, len / 2);
+    damaged(&repo, "a manifest");
     let r = repo.run(&["--json", "verify"]);
-    assert_eq!(r.code, 3, "a manifest: {} {}", r.stdout, r.stderr);
+    let bad = r.json()["damaged_manifests"].clone();
+    assert_eq!(
+        bad[0]["backup"].as_str().unwrap().split('@').next(),
+        Some(VM),
+        "{bad}"
+    );
+    assert_eq!(bad[0]["repairable"], true, "{bad}");
+    // The catalog's good copy goes back; the backup restores again.
+    repo.run(&["verify", "--repair"]).ok();
+    let out = repo.tmp("repaired.img");
+    repo.run(&["restore", VM, "--to", out.to_str().unwrap()])
+        .ok();
+    assert_same(&out, &img);
 
     // Two blobs of equal size swapped in their pack: each opens only as itself.
     let repo = Repo::new_encrypted("keyfile");

@@ -54,6 +54,8 @@ struct NewBlob {
     codec: Codec,
     stored: Vec<u8>,
     raw_len: u32,
+    /// Sealed on the worker (an encrypted store).
+    sealed: bool,
 }
 
 struct SegResult {
@@ -312,6 +314,7 @@ fn backup_disk(
                         codec: b.codec,
                         stored: &b.stored,
                         raw_len: b.raw_len,
+                        sealed: b.sealed,
                     })?;
                 }
                 sink.stats.read_bytes += r.read;
@@ -340,6 +343,7 @@ fn backup_disk(
             codec,
             stored: &stored,
             raw_len: bytes.len() as u32,
+            sealed: false,
         })?;
         index.push(id.to_hex());
     }
@@ -492,6 +496,33 @@ fn read_segments(
 
 /// Cut a segment's bytes into chunks: holes for all-zero chunks, the rest hashed and, when
 /// new, compressed into `r.blobs`. Returns the segment list's entries.
+/// A new blob as a worker hands it over: sealed here on an encrypted store, so that sealing
+/// runs on every worker rather than in the one thread that fills packs.
+fn new_blob(
+    repo: &Repo,
+    id: BlobId,
+    kind: BlobKind,
+    codec: Codec,
+    stored: Vec<u8>,
+    raw_len: usize,
+) -> NewBlob {
+    let (stored, sealed) = match &repo.keys {
+        Some(k) => (
+            crate::store::pack::seal_blob(k, kind as u8, &id.0, &stored),
+            true,
+        ),
+        None => (stored, false),
+    };
+    NewBlob {
+        id,
+        kind,
+        codec,
+        stored,
+        raw_len: raw_len as u32,
+        sealed,
+    }
+}
+
 fn cut_segment(repo: &Repo, data: &[u8], r: &mut SegResult) -> Result<Vec<SegEntry>> {
     let level = repo.config.compression.level;
     let mut entries: Vec<SegEntry> = Vec::new();
@@ -513,13 +544,8 @@ fn cut_segment(repo: &Repo, data: &[u8], r: &mut SegResult) -> Result<Vec<SegEnt
             continue;
         }
         let (codec, stored) = chunk::encode(bytes, level);
-        r.blobs.push(NewBlob {
-            id,
-            kind: BlobKind::Chunk,
-            codec,
-            stored,
-            raw_len: len as u32,
-        });
+        r.blobs
+            .push(new_blob(repo, id, BlobKind::Chunk, codec, stored, len));
     }
     Ok(entries)
 }
@@ -568,13 +594,14 @@ fn process_segment(repo: &Repo, sg: Segment, data: Option<&[u8]>) -> Result<SegR
     let id = repo.keyer.id(BlobKind::SegList, &bytes);
     if repo.catalog.chunk(&id.0)?.is_none() {
         let (codec, stored) = chunk::encode(&bytes, repo.config.compression.level);
-        r.blobs.push(NewBlob {
+        r.blobs.push(new_blob(
+            repo,
             id,
-            kind: BlobKind::SegList,
+            BlobKind::SegList,
             codec,
             stored,
-            raw_len: bytes.len() as u32,
-        });
+            bytes.len(),
+        ));
     }
     r.seglist = Some(id);
     let chunks = entries

@@ -297,6 +297,7 @@ fn copy_live(
             codec,
             stored: &stored,
             raw_len: loc.raw_len,
+            sealed: false,
         })?;
     }
     Ok(())

@@ -72,8 +72,11 @@ impl<'a> PackSink<'a> {
 
     /// Add without the dedup check (gc copies blobs that the catalog still lists elsewhere).
     pub(crate) fn add_unchecked(&mut self, b: NewBlobRef<'_>) -> Result<bool> {
-        self.writer
-            .add(b.id.0, b.kind as u8, b.codec as u8, b.stored, b.raw_len);
+        let (id, kind, codec) = (b.id.0, b.kind as u8, b.codec as u8);
+        match b.sealed {
+            true => self.writer.add_sealed(id, kind, codec, b.stored, b.raw_len),
+            false => self.writer.add(id, kind, codec, b.stored, b.raw_len),
+        };
         self.pending.insert(b.id.0);
         self.stats.new_raw_bytes += u64::from(b.raw_len);
         self.stats.new_stored_bytes += b.stored.len() as u64;
@@ -178,4 +181,6 @@ pub(crate) struct NewBlobRef<'b> {
     pub codec: Codec,
     pub stored: &'b [u8],
     pub raw_len: u32,
+    /// `stored` is sealed already (an encrypted store's workers seal in parallel).
+    pub sealed: bool,
 }

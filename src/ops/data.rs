@@ -130,6 +130,7 @@ impl Appliance {
         }
         let repo = self.open_synced()?;
         let m = repo.resolve(&req.spec)?;
+        repo.check_manifest(&m)?;
         let disk = pick_disk(&m, req.disk.as_deref())?.clone();
         let qcow2 = match req.format.as_deref() {
             None | Some("raw") => false,
@@ -185,6 +186,7 @@ impl Appliance {
         }
         let repo = self.open_synced()?;
         let m = repo.resolve(&req.spec)?;
+        repo.check_manifest(&m)?;
         let vm = self.declared(&m.vm)?;
         let target = format!("{}@{} in place", m.vm, m.id);
         self.run(

@@ -71,6 +71,17 @@ fn store_manifests(repo: &Repo) -> Result<HashSet<(String, String)>> {
 }
 
 /// Why manifest bytes `raw` stored for `vm@id` are not that backup's manifest, if they are not.
+fn altered(m: &Manifest, why: &str) -> Error {
+    Error::damaged(
+        "manifest",
+        format!(
+            "the store's manifest of {}@{} is damaged ({why}); nothing was restored: `holdfast \
+             verify --repair` writes the catalog's good copy back",
+            m.vm, m.id
+        ),
+    )
+}
+
 fn manifest_problem(vm: &str, id: &str, raw: &[u8]) -> Option<String> {
     match serde_json::from_slice::<Manifest>(raw) {
         Ok(m) if m.vm == vm && m.id == id => None,
@@ -254,6 +265,32 @@ impl Repo {
 
     /// Read every manifest in the store and check it against the catalog (verify does; gc
     /// does before it deletes anything).
+    /// Before a restore: the store's copy of `m`'s manifest is whole and says what the
+    /// catalog says. One that was altered is damage (exit 3): `verify --repair` writes the
+    /// catalog's good copy back. One that is gone from the store is not checked.
+    pub fn check_manifest(&self, m: &Manifest) -> Result<()> {
+        let raw = match self.store.get(&Manifest::key(&m.vm, &m.id)) {
+            Ok(r) => r,
+            Err(StoreError::NotFound(_)) => return Ok(()),
+            Err(StoreError::Corrupt { what, .. }) => return Err(altered(m, &what)),
+            Err(e) => return Err(e.into()),
+        };
+        let ours = self
+            .catalog
+            .backups(Some(&m.vm))?
+            .into_iter()
+            .find(|(_, id, _)| *id == m.id)
+            .map(|(_, _, json)| json);
+        let problem = manifest_problem(&m.vm, &m.id, &raw).or_else(|| {
+            (ours.as_deref() != Some(raw.as_slice()))
+                .then(|| "it differs from the catalog's copy".into())
+        });
+        match problem {
+            Some(why) => Err(altered(m, &why)),
+            None => Ok(()),
+        }
+    }
+
     pub fn check_manifests(&self) -> Result<ManifestCheck> {
         let in_store = store_manifests(self)?;
         let catalog: std::collections::HashMap<(String, String), Vec<u8>> = self
@@ -269,6 +306,12 @@ impl Repo {
             let raw = match self.store.get(&Manifest::key(vm, id)) {
                 Ok(r) => r,
                 Err(StoreError::NotFound(_)) => continue, // forgotten meanwhile
+                // Sealed and altered (or written with another key): damaged, not fatal.
+                Err(StoreError::Corrupt { what, .. }) => {
+                    rep.checked += 1;
+                    rep.damaged.push((format!("{vm}@{id}"), what));
+                    continue;
+                }
                 Err(e) => return Err(e.into()),
             };
             rep.checked += 1;

@@ -135,6 +135,30 @@ impl PackWriter {
         }
     }
 
+    /// Add a blob an encrypting pack's caller sealed already ([`seal_blob`], on its worker
+    /// threads: sealing in the one thread that fills packs would make it the bottleneck).
+    pub fn add_sealed(
+        &mut self,
+        id: [u8; 32],
+        kind: u8,
+        codec: u8,
+        sealed: &[u8],
+        raw_len: u32,
+    ) -> &PackEntry {
+        debug_assert!(self.keys.is_some(), "a sealed blob in a clear pack");
+        let offset = self.buf.len() as u64;
+        self.buf.extend_from_slice(sealed);
+        self.entries.push(PackEntry {
+            id,
+            kind,
+            codec,
+            offset,
+            stored_len: sealed.len() as u32,
+            raw_len,
+        });
+        self.entries.last().expect("just pushed")
+    }
+
     pub fn add(
         &mut self,
         id: [u8; 32],
@@ -145,17 +169,7 @@ impl PackWriter {
     ) -> &PackEntry {
         if let Some(k) = &self.keys {
             let sealed = k.seal(Purpose::Blob, &blob_ad(kind, &id), stored);
-            let offset = self.buf.len() as u64;
-            self.buf.extend_from_slice(&sealed);
-            self.entries.push(PackEntry {
-                id,
-                kind,
-                codec,
-                offset,
-                stored_len: sealed.len() as u32,
-                raw_len,
-            });
-            return self.entries.last().expect("just pushed");
+            return self.add_sealed(id, kind, codec, &sealed, raw_len);
         }
         let mut h = Vec::with_capacity(BLOB_HEADER_LEN);
         h.extend_from_slice(BLOB_MAGIC);
@@ -247,6 +261,11 @@ pub fn scan_blobs(pack: &[u8]) -> Vec<PackEntry> {
         pos = end;
     }
     out
+}
+
+/// A blob's stored bytes sealed for a pack of an encrypted store (bound to its kind and id).
+pub fn seal_blob(keys: &Keys, kind: u8, id: &[u8; 32], stored: &[u8]) -> Vec<u8> {
+    keys.seal(Purpose::Blob, &blob_ad(kind, id), stored)
 }
 
 /// Parse the trailer (the last TRAILER_LEN bytes): the length of the entry table.
