@@ -1,6 +1,8 @@
 //! Authenticated encryption of what a store holds (format version 2): one random master key
 //! per store, subkeys derived from it with blake3's `derive_key` (each purpose its own
-//! context string), XChaCha20-Poly1305 with random 192-bit nonces for blobs and metadata, and
+//! context string), AES-256-GCM for blobs under a key of each blob's own (derived from its
+//! kind and id, with a random 96-bit nonce), XChaCha20-Poly1305 with random 192-bit nonces
+//! for metadata, and
 //! a deterministic, reversible encryption of the names in object keys (SIV: the nonce is a
 //! keyed hash of the padded name) so that listing by VM still works while the bucket shows no
 //! VM or snapshot name. The scheme and its threat model: docs/encryption.md.
@@ -12,21 +14,26 @@ use zeroize::Zeroizing;
 
 pub const NONCE_LEN: usize = 24;
 pub const TAG_LEN: usize = 16;
-/// What sealing adds to a plaintext.
+/// What sealing metadata adds to a plaintext.
 pub const OVERHEAD: usize = NONCE_LEN + TAG_LEN;
+/// A blob's nonce (AES-256-GCM).
+pub const BLOB_NONCE_LEN: usize = 12;
+/// What sealing a blob adds to it.
+pub const BLOB_OVERHEAD: usize = BLOB_NONCE_LEN + TAG_LEN;
 /// Names in object keys are padded to this many bytes before they are encrypted (so their
 /// length does not show); longer names are refused by the callers' name rules.
 pub const NAME_PAD: usize = 64;
 const SIV_LEN: usize = 16;
 
-/// The AEAD the store is written with (recorded in its config).
-pub const AEAD: &str = "xchacha20-poly1305";
+/// The AEADs the store is written with, blobs/metadata (recorded in its config).
+pub const AEAD: &str = "aes-256-gcm/xchacha20-poly1305";
 
 /// A store's keys. Never printed, zeroed when dropped.
 pub struct Keys {
     master: Zeroizing<[u8; 32]>,
     id: Zeroizing<[u8; 32]>,
-    blob: XChaCha20Poly1305,
+    /// Each blob's AES-256-GCM key is a keyed blake3 of its associated data under this.
+    blob: Zeroizing<[u8; 32]>,
     meta: XChaCha20Poly1305,
     name_mac: Zeroizing<[u8; 32]>,
     name_enc: Zeroizing<[u8; 32]>,
@@ -72,7 +79,7 @@ impl Keys {
         let meta = derive("holdfast 2026-12 metadata encryption", &m);
         Keys {
             id: derive("holdfast 2026-12 chunk ids", &m),
-            blob: XChaCha20Poly1305::new((&*blob).into()),
+            blob,
             meta: XChaCha20Poly1305::new((&*meta).into()),
             name_mac: derive("holdfast 2026-12 name siv", &m),
             name_enc: derive("holdfast 2026-12 name encryption", &m),
@@ -89,20 +96,64 @@ impl Keys {
         *self.id
     }
 
-    fn aead(&self, p: Purpose) -> &XChaCha20Poly1305 {
-        match p {
-            Purpose::Blob => &self.blob,
-            Purpose::Meta => &self.meta,
+    /// The AES-256-GCM key of the blob whose associated data is `ad` (its kind and id): a
+    /// key per blob keeps every key's count of random 96-bit nonces tiny however many blobs
+    /// a fleet writes (a blob is sealed again only by gc or a codec change).
+    fn blob_key(&self, ad: &[u8]) -> ring::aead::LessSafeKey {
+        let k = Zeroizing::new(*blake3::keyed_hash(&self.blob, ad).as_bytes());
+        let unbound = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &*k)
+            .expect("AES-256-GCM takes a 32-byte key");
+        ring::aead::LessSafeKey::new(unbound)
+    }
+
+    /// A blob: `nonce || ciphertext || tag` (AES-256-GCM), bound to `ad`.
+    fn seal_blob(&self, ad: &[u8], plain: &[u8]) -> Vec<u8> {
+        let nonce: [u8; BLOB_NONCE_LEN] = random();
+        let mut out = Vec::with_capacity(plain.len() + BLOB_OVERHEAD);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = self
+            .blob_key(ad)
+            .seal_in_place_separate_tag(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(ad),
+                &mut out[BLOB_NONCE_LEN..],
+            )
+            .expect("AES-256-GCM seals any length this store writes");
+        out.extend_from_slice(tag.as_ref());
+        out
+    }
+
+    fn open_blob(&self, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Damaged> {
+        if sealed.len() < BLOB_OVERHEAD {
+            return Err(Damaged);
         }
+        let (nonce, ct) = sealed.split_at(BLOB_NONCE_LEN);
+        let nonce: [u8; BLOB_NONCE_LEN] = nonce.try_into().map_err(|_| Damaged)?;
+        let mut buf = ct.to_vec();
+        let n = self
+            .blob_key(ad)
+            .open_in_place(
+                ring::aead::Nonce::assume_unique_for_key(nonce),
+                ring::aead::Aad::from(ad),
+                &mut buf,
+            )
+            .map_err(|_| Damaged)?
+            .len();
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// `nonce || ciphertext || tag`, bound to `ad`.
     pub fn seal(&self, p: Purpose, ad: &[u8], plain: &[u8]) -> Vec<u8> {
+        if let Purpose::Blob = p {
+            return self.seal_blob(ad, plain);
+        }
         let nonce: [u8; NONCE_LEN] = random();
         let mut out = Vec::with_capacity(plain.len() + OVERHEAD);
         out.extend_from_slice(&nonce);
         let ct = self
-            .aead(p)
+            .meta
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
@@ -116,11 +167,14 @@ impl Keys {
     }
 
     pub fn open(&self, p: Purpose, ad: &[u8], sealed: &[u8]) -> Result<Vec<u8>, Damaged> {
+        if let Purpose::Blob = p {
+            return self.open_blob(ad, sealed);
+        }
         if sealed.len() < OVERHEAD {
             return Err(Damaged);
         }
         let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        self.aead(p)
+        self.meta
             .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: ad })
             .map_err(|_| Damaged)
     }
@@ -180,26 +234,30 @@ mod tests {
     #[test]
     fn sealed_bytes_open_only_with_their_key_purpose_and_associated_data() {
         let k = Keys::new_random();
-        let s = k.seal(Purpose::Blob, b"id-1", b"hello");
-        assert_eq!(s.len(), 5 + OVERHEAD);
-        assert_eq!(k.open(Purpose::Blob, b"id-1", &s).unwrap(), b"hello");
-        assert_eq!(k.open(Purpose::Blob, b"id-2", &s), Err(Damaged));
-        assert_eq!(k.open(Purpose::Meta, b"id-1", &s), Err(Damaged));
-        assert_eq!(
-            Keys::new_random().open(Purpose::Blob, b"id-1", &s),
-            Err(Damaged)
-        );
-        for i in 0..s.len() {
-            let mut t = s.clone();
-            t[i] ^= 1;
-            assert_eq!(k.open(Purpose::Blob, b"id-1", &t), Err(Damaged), "byte {i}");
+        for (p, other, overhead) in [
+            (Purpose::Blob, Purpose::Meta, BLOB_OVERHEAD),
+            (Purpose::Meta, Purpose::Blob, OVERHEAD),
+        ] {
+            let s = k.seal(p, b"id-1", b"hello");
+            assert_eq!(s.len(), 5 + overhead);
+            assert_eq!(k.open(p, b"id-1", &s).unwrap(), b"hello");
+            assert_eq!(k.open(p, b"id-2", &s), Err(Damaged));
+            assert_eq!(k.open(other, b"id-1", &s), Err(Damaged));
+            assert_eq!(Keys::new_random().open(p, b"id-1", &s), Err(Damaged));
+            for i in 0..s.len() {
+                let mut t = s.clone();
+                t[i] ^= 1;
+                assert_eq!(k.open(p, b"id-1", &t), Err(Damaged), "byte {i}");
+            }
+            assert_eq!(k.open(p, b"id-1", &s[..s.len() - 1]), Err(Damaged));
+            assert_eq!(k.open(p, b"id-1", &s[..3]), Err(Damaged));
+            // Random nonces: the same plaintext seals differently.
+            assert_ne!(k.seal(p, b"id-1", b"hello"), s);
         }
-        assert_eq!(
-            k.open(Purpose::Blob, b"id-1", &s[..s.len() - 1]),
-            Err(Damaged)
-        );
-        // Random nonces: the same plaintext seals differently.
-        assert_ne!(k.seal(Purpose::Blob, b"id-1", b"hello"), s);
+        // A large blob round-trips (AES-GCM over many blocks).
+        let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let s = k.seal(Purpose::Blob, b"id-big", &big);
+        assert_eq!(k.open(Purpose::Blob, b"id-big", &s).unwrap(), big);
     }
 
     #[test]
