@@ -99,8 +99,9 @@ fn backup_restore_verify_and_stats_in_a_bucket() {
         first_gets > 5,
         "the first restore fetches from the bucket: {first_gets}"
     );
+    // One GET is the store's copy of the manifest, checked before every restore.
     assert!(
-        again_gets <= 2,
+        again_gets <= 3,
         "the second restore must come from the cache, made {again_gets} GETs"
     );
     let cached: u64 = walk(&repo.path().join("cache"))
