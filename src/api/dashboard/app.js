@@ -413,6 +413,7 @@
     const { name, panel } = ctx;
     const counter = h('span', { class: 'counter', id: 'slot-counter', 'aria-label': 'Backup slots used' });
     const create = canOperate() ? h('button', { type: 'button', class: 'primary', id: 'create-backup', 'aria-describedby': 'create-reason' }, 'Create Backup') : null;
+    if (create) create.disabled = true; // until the first refresh knows the slots and the VM's state
     const reason = h('p', { class: 'reason', id: 'create-reason' });
     const body = h('tbody');
     const next = h('p', { class: 'muted', id: 'next-backup' });
