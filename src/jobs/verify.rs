@@ -242,31 +242,55 @@ fn pack_damage(
     bad: Vec<(PackId, String)>,
 ) -> Vec<DamagedPack> {
     let bad_packs: HashSet<PackId> = bad.iter().map(|(p, _)| *p).collect();
-    let pack_of = |id: &BlobId| repo.locate(id).ok().map(|l| l.pack);
     let mut affects: HashMap<PackId, Vec<Affected>> = HashMap::new();
+    uses(repo, backups, seglists, |id, a| {
+        let Some(p) = repo.locate(id).ok().map(|l| l.pack) else {
+            return false;
+        };
+        if !bad_packs.contains(&p) {
+            return false;
+        }
+        let list = affects.entry(p).or_default();
+        match list.last_mut() {
+            Some(last)
+                if (&last.vm, &last.backup, &last.disk) == (&a.vm, &a.backup, &a.disk)
+                    && last.offset + last.len == a.offset =>
+            {
+                last.len += a.len
+            }
+            _ => list.push(a),
+        }
+        true
+    });
+    bad.into_iter()
+        .map(|(p, error)| DamagedPack {
+            pack: hex::encode(p),
+            error,
+            affects: affects.remove(&p).unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// Every blob `backups` use, with the byte range it covers: a disk index covers the whole
+/// disk, a segment list its segment, a chunk its bytes. `hit` says whether the blob is one
+/// looked for; a segment list that is is not descended into.
+fn uses(
+    repo: &Repo,
+    backups: &[Manifest],
+    seglists: &HashMap<BlobId, Vec<SegEntry>>,
+    mut hit: impl FnMut(&BlobId, Affected) -> bool,
+) {
     for m in backups {
         for d in &m.disks {
-            let mut hit = |pack: PackId, offset: u64, len: u64| {
-                let list = affects.entry(pack).or_default();
-                if let Some(last) = list.last_mut() {
-                    let same = last.backup == m.id && last.vm == m.vm && last.disk == d.name;
-                    if same && last.offset + last.len == offset {
-                        last.len += len;
-                        return;
-                    }
-                }
-                list.push(Affected {
-                    vm: m.vm.clone(),
-                    backup: m.id.clone(),
-                    disk: d.name.clone(),
-                    offset,
-                    len,
-                });
+            let at = |offset: u64, len: u64| Affected {
+                vm: m.vm.clone(),
+                backup: m.id.clone(),
+                disk: d.name.clone(),
+                offset,
+                len,
             };
             for id in d.index.iter().filter_map(|h| BlobId::parse(h).ok()) {
-                if let Some(p) = pack_of(&id).filter(|p| bad_packs.contains(p)) {
-                    hit(p, 0, d.size);
-                }
+                hit(&id, at(0, d.size));
             }
             let Ok(segs) = repo.disk_segments(d) else {
                 continue;
@@ -275,29 +299,19 @@ fn pack_damage(
             for (i, s) in segs.iter().enumerate() {
                 let Some(sid) = s else { continue };
                 let start = i as u64 * seg;
-                if let Some(p) = pack_of(sid).filter(|p| bad_packs.contains(p)) {
-                    hit(p, start, seg.min(d.size - start));
+                if hit(sid, at(start, seg.min(d.size - start))) {
                     continue;
                 }
-                let mut at = start;
+                let mut pos = start;
                 for e in seglists.get(sid).map(|v| v.as_slice()).unwrap_or(&[]) {
                     if let SegEntry::Chunk(c, l) = e {
-                        if let Some(p) = pack_of(c).filter(|p| bad_packs.contains(p)) {
-                            hit(p, at, u64::from(*l));
-                        }
+                        hit(c, at(pos, u64::from(*l)));
                     }
-                    at += u64::from(e.len());
+                    pos += u64::from(e.len());
                 }
             }
         }
     }
-    bad.into_iter()
-        .map(|(p, error)| DamagedPack {
-            pack: hex::encode(p),
-            error,
-            affects: affects.remove(&p).unwrap_or_default(),
-        })
-        .collect()
 }
 
 /// Pass 1: every index and segment list of `backups`; the segment lists read and the unique
@@ -408,47 +422,13 @@ fn locate_damage(
     bad: BTreeMap<BlobId, (BlobKind, String)>,
 ) -> Vec<Damage> {
     let mut affects: HashMap<BlobId, Vec<Affected>> = HashMap::new();
-    let bad_ids: HashSet<BlobId> = bad.keys().copied().collect();
-    for m in backups {
-        for d in &m.disks {
-            let hit = |offset: u64, len: u64| Affected {
-                vm: m.vm.clone(),
-                backup: m.id.clone(),
-                disk: d.name.clone(),
-                offset,
-                len,
-            };
-            for id in d.index.iter().filter_map(|h| BlobId::parse(h).ok()) {
-                if bad_ids.contains(&id) {
-                    affects.entry(id).or_default().push(hit(0, d.size));
-                }
-            }
-            let Ok(segs) = repo.disk_segments(d) else {
-                continue;
-            };
-            let seg = u64::from(d.segment_size);
-            for (i, s) in segs.iter().enumerate() {
-                let Some(sid) = s else { continue };
-                let start = i as u64 * seg;
-                if bad_ids.contains(sid) {
-                    affects
-                        .entry(*sid)
-                        .or_default()
-                        .push(hit(start, seg.min(d.size - start)));
-                    continue;
-                }
-                let mut at = start;
-                for e in seglists.get(sid).map(|v| v.as_slice()).unwrap_or(&[]) {
-                    if let SegEntry::Chunk(c, l) = e {
-                        if bad_ids.contains(c) {
-                            affects.entry(*c).or_default().push(hit(at, u64::from(*l)));
-                        }
-                    }
-                    at += u64::from(e.len());
-                }
-            }
+    uses(repo, backups, seglists, |id, a| {
+        let found = bad.contains_key(id);
+        if found {
+            affects.entry(*id).or_default().push(a);
         }
-    }
+        found
+    });
     bad.into_iter()
         .map(|(id, (kind, error))| Damage {
             blob: id.to_hex(),

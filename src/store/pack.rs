@@ -146,14 +146,26 @@ impl PackWriter {
         raw_len: u32,
     ) -> &PackEntry {
         debug_assert!(self.keys.is_some(), "a sealed blob in a clear pack");
+        self.push(id, kind, codec, sealed, raw_len)
+    }
+
+    /// Append a blob's bytes (after any header) and its entry.
+    fn push(
+        &mut self,
+        id: [u8; 32],
+        kind: u8,
+        codec: u8,
+        bytes: &[u8],
+        raw_len: u32,
+    ) -> &PackEntry {
         let offset = self.buf.len() as u64;
-        self.buf.extend_from_slice(sealed);
+        self.buf.extend_from_slice(bytes);
         self.entries.push(PackEntry {
             id,
             kind,
             codec,
             offset,
-            stored_len: sealed.len() as u32,
+            stored_len: bytes.len() as u32,
             raw_len,
         });
         self.entries.last().expect("just pushed")
@@ -181,17 +193,7 @@ impl PackWriter {
         let crc = crc32fast::hash(&h);
         h.extend_from_slice(&crc.to_le_bytes());
         self.buf.extend_from_slice(&h);
-        let offset = self.buf.len() as u64;
-        self.buf.extend_from_slice(stored);
-        self.entries.push(PackEntry {
-            id,
-            kind,
-            codec,
-            offset,
-            stored_len: stored.len() as u32,
-            raw_len,
-        });
-        self.entries.last().expect("just pushed")
+        self.push(id, kind, codec, stored, raw_len)
     }
 
     pub fn len(&self) -> usize {
